@@ -1,0 +1,162 @@
+"""Adapter configurations: one dataclass per method, a registry by method name, JSON round-trip.
+
+A config says *what* to adapt (targets) and *how* (the method's few hyper-parameters). The method
+file registers its config class with `@register`; `config_for("lora", r=8)` builds one by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from torch import nn
+
+from .errors import ConfigError, UnknownMethodError
+
+if TYPE_CHECKING:
+    from .layer import Delta
+
+TargetSpec = str | list[str]
+_REGISTRY: dict[str, type[AdapterConfig]] = {}
+C = TypeVar("C", bound="type[AdapterConfig]")
+
+
+def register(cls: C) -> C:
+    """Class decorator: make a config class reachable by its `method` name."""
+    if not cls.method or cls.method in _REGISTRY:
+        raise ConfigError(f"cannot register {cls.__name__}: method name {cls.method!r} is empty or taken")
+    _REGISTRY[cls.method] = cls
+    return cls
+
+
+def methods() -> list[str]:
+    """Registered method names."""
+    return sorted(_REGISTRY)
+
+
+def config_class(method: str) -> type[AdapterConfig]:
+    try:
+        return _REGISTRY[method.lower()]
+    except (KeyError, AttributeError):
+        raise UnknownMethodError(
+            f"unknown method {method!r}; choose one of {', '.join(methods())}"
+        ) from None
+
+
+def config_for(method: str | AdapterConfig, **kwargs: Any) -> AdapterConfig:
+    """A config from a method name and keyword arguments, or a given config (then no kwargs)."""
+    if isinstance(method, AdapterConfig):
+        if kwargs:
+            raise ConfigError(
+                f"got a config object and keyword arguments {sorted(kwargs)}; "
+                "set the fields on the config (dataclasses.replace) instead"
+            )
+        method.validate()
+        return method
+    cls = config_class(method)
+    unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {sorted(unknown)} for method {cls.method!r}; "
+            f"valid options: {', '.join(f.name for f in dataclasses.fields(cls))}"
+        )
+    return cls(**kwargs)
+
+
+def _check_spec(field: str, spec: Any, allow_none: bool) -> None:
+    if spec is None and allow_none:
+        return
+    if isinstance(spec, str):
+        if spec not in KEYWORDS:
+            try:
+                re.compile(spec)
+            except re.error as e:
+                raise ConfigError(f"{field}={spec!r} is not a valid regular expression ({e})") from None
+        return
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, str) and s for s in spec):
+        return
+    raise ConfigError(
+        f"{field}={spec!r} is not a target spec; use a non-empty list of module names, a regex string, "
+        f"or one of {', '.join(repr(k) for k in KEYWORDS)}"
+    )
+
+
+KEYWORDS = ("all-linear", "all-conv", "all")
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every method shares: which modules to adapt.
+
+    targets: a list of module names (each matching exactly or as a dotted suffix), a regex
+      (full match against the module's dotted name), "all-linear" (every Linear / HF Conv1D except
+      the output head), "all-conv" (every Conv1d/2d/3d) or "all" (both).
+    exclude: same forms, removed from what `targets` selected.
+    layers: keep only modules whose name holds one of these layer indices (`model.layers.3.…`).
+    """
+
+    method: ClassVar[str] = ""
+    targets: TargetSpec = "all-linear"
+    exclude: TargetSpec | None = None
+    layers: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if isinstance(self.exclude, tuple):
+            self.exclude = list(self.exclude)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first bad field. Subclasses extend it."""
+        _check_spec("targets", self.targets, allow_none=False)
+        _check_spec("exclude", self.exclude, allow_none=True)
+        if self.layers is not None:
+            if isinstance(self.layers, int) and not isinstance(self.layers, bool):
+                self.layers = [self.layers]
+            if not (isinstance(self.layers, (list, tuple)) and self.layers
+                    and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
+                raise ConfigError(f"layers={self.layers!r} must be a non-empty list of layer indices >= 0")
+            self.layers = list(self.layers)
+
+    # -- what a method must provide -------------------------------------------------------------
+    def supports(self, module: nn.Module) -> str | None:
+        """None if this method can wrap `module`, else the reason it cannot."""
+        raise NotImplementedError
+
+    def make_delta(self, module: nn.Module) -> Delta:
+        """A fresh delta for `module`; raise `UnsupportedModuleError` if the layout cannot work."""
+        raise NotImplementedError
+
+    # -- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> AdapterConfig:
+        """Inverse of `to_dict`; unknown keys and bad values raise `ConfigError`."""
+        if not isinstance(data, dict) or not isinstance(data.get("method"), str):
+            raise ConfigError(f"an adapter config must be a JSON object with a 'method' string, got {data!r:.200}")
+        fields = {k: v for k, v in data.items() if k != "method"}
+        try:
+            return config_for(data["method"], **fields)
+        except TypeError as e:  # a value of the wrong type deep inside a dataclass
+            raise ConfigError(f"bad config for method {data['method']!r}: {e}") from None
+
+
+def check_number(cfg: AdapterConfig, name: str, *, low: float, high: float = float("inf"),
+                 low_open: bool = False, integer: bool = False, hint: str = "") -> None:
+    """Range/type check for one numeric field, with a message that names the value and the range."""
+    value = getattr(cfg, name)
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        rng = f"{bracket}{low}, {high}]" if high != float("inf") else f"{'>' if low_open else '>='} {low}"
+        raise ConfigError(
+            f"{cfg.method}: {name}={value!r} is out of range; it must be {'an integer' if integer else 'a number'} "
+            f"{rng}{'. ' + hint if hint else ''}"
+        )

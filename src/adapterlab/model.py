@@ -1,0 +1,231 @@
+"""The model-level API: inject, activate, disable, merge, unload, delete, summarise.
+
+The model is changed in place and returned (no outer wrapper, so state-dict keys stay the model's
+own, with `.base_layer.` and `.deltas.<name>.` inserted at adapted modules).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, config_for
+from .errors import AdapterNameError, MergeError, TargetError
+from .layer import AdapterLayer, Delta
+from .targeting import find_targets
+
+Plan = list[tuple[str, nn.Module, Delta]]
+_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+_FLAGS = "_adapterlab_requires_grad"  # the base parameters' requires_grad before the first inject
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield path, module
+
+
+def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
+    """{adapter name: config} for every adapter on the model, in the order they were added."""
+    found: dict[str, AdapterConfig] = {}
+    for _, layer in adapter_layers(model):
+        for name, delta in layer.deltas.items():
+            found.setdefault(name, delta.config)
+    return found
+
+
+def active(model: nn.Module) -> dict[str, float]:
+    """{adapter name: weight} of the adapters that apply in the forward pass."""
+    found: dict[str, float] = {}
+    for _, layer in adapter_layers(model):
+        for name, w in layer.active.items():
+            found.setdefault(name, w)
+    return found
+
+
+def _require(model: nn.Module, names: Any) -> list[str]:
+    known = adapters(model)
+    names = [names] if isinstance(names, str) else list(names)
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise AdapterNameError(f"no adapter named {missing} on this model; adapters: {sorted(known) or 'none'}")
+    return names
+
+
+def plan(model: nn.Module, config: AdapterConfig, name: str) -> Plan:
+    """Validate and build every delta `inject` would add, without touching the model."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdapterNameError(f"adapter name {name!r} is invalid; use letters, digits, '_' or '-' (e.g. 'default')")
+    if name in adapters(model):
+        raise AdapterNameError(f"an adapter named {name!r} exists already; choose another name or al.delete it first")
+    targets = find_targets(model, config)
+    if any(path == "" for path, _ in targets):
+        raise TargetError("the model itself is a target; wrap it in a container, e.g. nn.Sequential(module)")
+    return [(path, module, config.make_delta(module)) for path, module in targets]
+
+
+def apply_plan(model: nn.Module, name: str, steps: Plan, *, trainable: bool = True) -> None:
+    """Wrap the planned modules and add the deltas; freeze everything but the new adapter."""
+    if not hasattr(model, _FLAGS):
+        object.__setattr__(model, _FLAGS, {n: p.requires_grad for n, p in model.named_parameters()})
+    for path, module, delta in steps:
+        current = model.get_submodule(path)
+        if not isinstance(current, AdapterLayer):
+            parent_path, _, leaf = path.rpartition(".")
+            current = AdapterLayer(module)
+            setattr(model.get_submodule(parent_path), leaf, current)
+        delta.train(current.base_layer.training)
+        current.deltas[name] = delta
+        current.active[name] = 1.0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, _, delta in steps:
+        delta.requires_grad_(trainable)
+
+
+def inject(model: nn.Module, method: str | AdapterConfig = "lora", name: str = "default", **options: Any) -> nn.Module:
+    """Add adapter `name` of `method` to the targeted modules of `model`; return `model`.
+
+    `method` is a registered name ("lora", "convlora", …) with its options as keyword arguments,
+    or a config object. Atomic: everything is validated and built before the model changes.
+    The new adapter joins the active set and is the only trainable part of the model.
+    """
+    config = config_for(method, **options)
+    apply_plan(model, name, plan(model, config, name))
+    return model
+
+
+def set_active(model: nn.Module, names: str | list[str] | dict[str, float]) -> None:
+    """Choose which adapters apply, and with what weight; several stack (their deltas add)."""
+    weights = dict(names) if isinstance(names, dict) else {n: 1.0 for n in _require(model, names)}
+    _require(model, list(weights))
+    if any(layer.merged for _, layer in adapter_layers(model)):
+        raise MergeError("adapters are merged into the weights; call al.unmerge(model) before changing the active set")
+    for _, layer in adapter_layers(model):
+        layer.active = {n: float(w) for n, w in weights.items() if n in layer.deltas}
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone: `with al.disabled(model): model(x)`. Merged adapters are unmerged
+    for the duration and merged back afterwards."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    merged = [dict(layer.merged) for layer in layers]
+    for layer in layers:
+        layer.unmerge()
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, weights in zip(layers, merged):
+            layer.disabled = False
+            if weights:
+                layer.merge(weights)
+
+
+def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -> None:
+    """Fold active adapters (all of them, or `names`) into the base weights, with their active
+    weights. `safe` checks every merged weight for NaN/Inf before any weight is written."""
+    current = active(model)
+    chosen = list(current) if names is None else _require(model, names)
+    inactive = [n for n in chosen if n not in current]
+    if inactive:
+        raise MergeError(f"adapter(s) {inactive} are not active; al.set_active them before merging")
+    layers = [(path, layer, {n: layer.active[n] for n in chosen if n in layer.active})
+              for path, layer in adapter_layers(model)]
+    layers = [(p, layer, w) for p, layer, w in layers if w]
+    for path, layer, weights in layers:
+        twice = [n for n in weights if n in layer.merged]
+        if twice:
+            raise MergeError(f"adapter(s) {twice} are merged already (at {path!r}); call al.unmerge(model) first")
+        unmergeable = [n for n in weights if not layer.deltas[n].mergeable]
+        if unmergeable:
+            raise MergeError(f"adapter(s) {unmergeable} cannot be merged into weights; keep them unmerged")
+    if safe:
+        for path, layer, weights in layers:
+            if not torch.isfinite(layer.merged_weight(weights)).all():
+                raise MergeError(f"merging {sorted(weights)} into {path!r} gives NaN/Inf; nothing was merged. "
+                                 "Check the adapter weights (al.save and inspect them) or pass safe=False")
+    for _, layer, weights in layers:
+        layer.merge(weights)
+
+
+_merge = merge  # `unload` takes a flag of the same name
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore every merged base weight (exactly, for dtypes that cannot round-trip)."""
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+
+
+def _unwrap(model: nn.Module, path: str, layer: AdapterLayer) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), leaf, layer.base_layer)
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove every wrapper. With `merge=True` the active adapters are merged first (safely);
+    otherwise merged adapters are unmerged, giving back the original model."""
+    if merge:
+        merged = {n for _, layer in adapter_layers(model) for n in layer.merged}
+        pending = [n for n in active(model) if n not in merged]
+        if pending:
+            _merge(model, pending)
+    else:
+        unmerge(model)
+    for path, layer in list(adapter_layers(model)):
+        _unwrap(model, path, layer)
+    flags = model.__dict__.pop(_FLAGS, {})
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    return model
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`; wrappers left without deltas are removed too."""
+    _require(model, name)
+    if any(name in layer.merged for _, layer in adapter_layers(model)):
+        raise MergeError(f"adapter {name!r} is merged; call al.unmerge(model) before deleting it")
+    for path, layer in list(adapter_layers(model)):
+        if name in layer.deltas:
+            del layer.deltas[name]
+            layer.active.pop(name, None)
+            if not layer.deltas:
+                _unwrap(model, path, layer)
+
+
+@dataclass
+class Summary:
+    """Parameter counts: `trainable`, `total`, and per adapter (params, bytes)."""
+
+    trainable: int
+    total: int
+    per_adapter: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"trainable params: {self.trainable:,} / {self.total:,} ({100 * self.fraction:.3f}%)"]
+        for name, (n, b) in self.per_adapter.items():
+            lines.append(f"  adapter {name!r}: {n:,} params, {b / 2**20:.2f} MiB")
+        return "\n".join(lines)
+
+
+def trainable_summary(model: nn.Module) -> Summary:
+    """How many parameters train, in all and per adapter."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    per: dict[str, tuple[int, int]] = {}
+    for _, layer in adapter_layers(model):
+        for name, delta in layer.deltas.items():
+            n, b = per.get(name, (0, 0))
+            ps = list(delta.parameters())
+            per[name] = (n + sum(p.numel() for p in ps), b + sum(p.numel() * p.element_size() for p in ps))
+    return Summary(sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique), per)
