@@ -10,7 +10,6 @@ A saved adapter is a directory with two files:
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -247,10 +246,8 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     unchanged). Reads adapterlab directories and PEFT LoRA directories."""
     block, tensors = read_adapter(directory)
     config = AdapterConfig.from_dict(block.get("config"))
-    exact = "|".join(re.escape(p) for p in _module_paths(model, tensors, directory))
-    config = dataclasses.replace(config, targets=f"(?:{exact})", exclude=None, layers=None)
     check_fingerprint(model, block.get("fingerprint") or {})
-    steps = plan(model, config, name)
+    steps = plan(model, config, name, paths=_module_paths(model, tensors, directory))
     expected = {f"{PREFIX}{path}.{key}": (delta, key) for path, _, delta in steps
                 for key in delta.state_dict()}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

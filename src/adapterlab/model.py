@@ -5,6 +5,7 @@ own, with `.base_layer.` and `.deltas.<name>.` inserted at adapted modules).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,13 +58,18 @@ def _require(model: nn.Module, names: Any) -> list[str]:
     return names
 
 
-def plan(model: nn.Module, config: AdapterConfig, name: str) -> Plan:
-    """Validate and build every delta `inject` would add, without touching the model."""
+def plan(model: nn.Module, config: AdapterConfig, name: str, paths: list[str] | None = None) -> Plan:
+    """Validate and build every delta `inject` would add, without touching the model.
+    `paths` (exact module paths) replaces the config's targeting, as when loading a file."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise AdapterNameError(f"adapter name {name!r} is invalid; use letters, digits, '_' or '-' (e.g. 'default')")
     if name in adapters(model):
         raise AdapterNameError(f"an adapter named {name!r} exists already; choose another name or al.delete it first")
-    targets = find_targets(model, config)
+    if paths is not None:
+        exact = "|".join(re.escape(p) for p in paths)
+        targets = find_targets(model, dataclasses.replace(config, targets=f"(?:{exact})", exclude=None, layers=None))
+    else:
+        targets = find_targets(model, config)
     if any(path == "" for path, _ in targets):
         raise TargetError("the model itself is a target; wrap it in a container, e.g. nn.Sequential(module)")
     return [(path, module, config.make_delta(module)) for path, module in targets]

@@ -30,8 +30,8 @@ def is_conv(module: nn.Module) -> bool:
 
 
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(path, module) pairs as the user sees them: a wrapped module appears as its base layer,
-    at its original path, and the wrapper's internals are hidden."""
+    """(path, module) pairs as the user sees them, the model itself first at path "": a wrapped
+    module appears as its base layer, at its original path, and the wrapper's internals are hidden."""
     from .layer import AdapterLayer
 
     def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -44,6 +44,7 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
                 yield path, child
                 yield from walk(path, child)
 
+    yield "", model
     yield from walk("", model)
 
 
