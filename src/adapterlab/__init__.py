@@ -4,6 +4,7 @@
     model = al.inject(model, "lora", r=16, alpha=32, targets="all-linear")
 """
 from . import methods  # noqa: F401  (registers the methods)
+from .compose import CombineReport, combine
 from .config import AdapterConfig, config_for
 from .errors import (
     AdapterFileError,
@@ -12,6 +13,7 @@ from .errors import (
     ConfigError,
     FingerprintMismatchError,
     MergeError,
+    RoutingError,
     TargetError,
     UnknownMethodError,
     UnsupportedModuleError,
@@ -26,6 +28,7 @@ from .model import (
     disabled,
     inject,
     merge,
+    routing,
     set_active,
     trainable_summary,
     unload,
@@ -33,8 +36,9 @@ from .model import (
 )
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "AdapterNameError", "AdapterlabError", "ConfigError", "ConvLoRAConfig",
-    "FingerprintMismatchError", "LoRAConfig", "MergeError", "TargetError", "UnknownMethodError",
-    "UnsupportedModuleError", "__version__", "active", "adapters", "config_for", "delete", "disabled", "inject",
-    "load", "merge", "save", "set_active", "trainable_summary", "unload", "unmerge",
+    "active", "AdapterConfig", "AdapterFileError", "AdapterlabError", "AdapterNameError", "adapters",
+    "combine", "CombineReport", "config_for", "ConfigError", "ConvLoRAConfig", "delete", "disabled",
+    "FingerprintMismatchError", "inject", "load", "LoRAConfig", "merge", "MergeError", "routing",
+    "RoutingError", "save", "set_active", "TargetError", "trainable_summary", "UnknownMethodError", "unload",
+    "unmerge", "UnsupportedModuleError", "__version__",
 ]

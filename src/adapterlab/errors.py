@@ -39,6 +39,10 @@ class MergeError(AdapterlabError, RuntimeError):
     """Merging or unmerging is impossible in the current state (already merged, NaN, not mergeable)."""
 
 
+class RoutingError(AdapterlabError, ValueError):
+    """Per-sample routing ids do not fit the batch or name unknown adapters."""
+
+
 class AdapterFileError(AdapterlabError, OSError):
     """An adapter directory is missing, corrupted, unsafe (pickle), or from a newer format."""
 

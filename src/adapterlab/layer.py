@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import MergeError
+from .errors import MergeError, RoutingError
 
 EXACT_DTYPES = (torch.float32, torch.float64)  # W + d - d returns W to well under 1e-6
 
@@ -45,6 +45,7 @@ class AdapterLayer(nn.Module):
         self.active: dict[str, float] = {}   # adapter name -> weight, in the order they apply
         self.merged: dict[str, float] = {}   # adapter name -> weight it was merged with
         self.disabled = False
+        self.routes: tuple[int, list[tuple[str, Tensor]]] | None = None  # (batch size, [(name, rows)])
         self._original: Tensor | None = None  # pre-merge weight, kept only for inexact dtypes
 
     def __getattr__(self, name: str) -> Any:
@@ -59,9 +60,23 @@ class AdapterLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
+        if self.routes is not None:
+            return self._routed(x, out)
         for name, w in self.active.items():
             if name not in self.merged:
                 out = self.deltas[name](x, out, w)
+        return out
+
+    def _routed(self, x: Tensor, out: Tensor) -> Tensor:
+        """Per-sample adapters: each adapter's rows of the batch get its delta, others none."""
+        size, routes = self.routes  # type: ignore[misc]
+        if x.shape[0] != size:
+            raise RoutingError(f"routing ids have length {size} but the batch has {x.shape[0]} samples "
+                               "(dim 0); pass one adapter name or None per sample")
+        for name, rows in routes:
+            rows = rows.to(x.device)
+            # `out` is this layer's fresh output and no op saves it, so rows are written in place
+            out.index_copy_(0, rows, self.deltas[name](x.index_select(0, rows), out.index_select(0, rows)))
         return out
 
     # -- merge ----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,8 +75,9 @@ def plan(model: nn.Module, config: AdapterConfig, name: str, paths: list[str] | 
     return [(path, module, config.make_delta(module)) for path, module in targets]
 
 
-def apply_plan(model: nn.Module, name: str, steps: Plan, *, trainable: bool = True) -> None:
-    """Wrap the planned modules and add the deltas; freeze everything but the new adapter."""
+def apply_plan(model: nn.Module, name: str, steps: Plan, *, trainable: bool = True, activate: bool = True) -> None:
+    """Wrap the planned modules and add the deltas (active unless `activate=False`); freeze
+    everything but the new adapter (and that too unless `trainable`)."""
     if not hasattr(model, _FLAGS):
         object.__setattr__(model, _FLAGS, {n: p.requires_grad for n, p in model.named_parameters()})
     for path, module, delta in steps:
@@ -87,7 +88,8 @@ def apply_plan(model: nn.Module, name: str, steps: Plan, *, trainable: bool = Tr
             setattr(model.get_submodule(parent_path), leaf, current)
         delta.train(current.base_layer.training)
         current.deltas[name] = delta
-        current.active[name] = 1.0
+        if activate:
+            current.active[name] = 1.0
     for p in model.parameters():
         p.requires_grad_(False)
     for _, _, delta in steps:
@@ -132,6 +134,30 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = False
             if weights:
                 layer.merge(weights)
+
+
+@contextmanager
+def routing(model: nn.Module, ids: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Per-sample adapters for one batch: `ids[i]` names the adapter sample i (batch dim 0) runs
+    with, or None for the base model alone. Works for training too; the active set is ignored
+    inside the block."""
+    ids = list(ids)
+    _require(model, sorted({n for n in ids if n is not None}))
+    if any(layer.merged for _, layer in adapter_layers(model)):
+        raise MergeError("adapters are merged into the weights; call al.unmerge(model) before routing")
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(ids):
+        if name is not None:
+            rows.setdefault(name, []).append(i)
+    index = {name: torch.tensor(r, dtype=torch.long) for name, r in rows.items()}
+    layers = [layer for _, layer in adapter_layers(model)]
+    for layer in layers:
+        layer.routes = (len(ids), [(n, r) for n, r in index.items() if n in layer.deltas])
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.routes = None
 
 
 def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -> None:

@@ -98,7 +98,33 @@ def _factors(a_shape: tuple[int, ...], b_shape: tuple[int, ...], like: Tensor) -
     return Factor(a), Factor(torch.zeros(b_shape, dtype=dtype, device=like.device))
 
 
-class LinearLoRA(Delta):
+class LowRankDelta(Delta):
+    """What every LoRA layout shares: ΔW, seen as a matrix, is B_m·A_m with B_m = s·B reshaped to
+    (rows, inner) and A_m = A reshaped to (inner, cols). `compose` concatenates and re-factors
+    in this matrix view, so it never averages A and B separately."""
+
+    lora_A: Factor
+    lora_B: Factor
+    scaling: float
+    refactorable = True  # False where the layout is not one product (grouped kernel-mode convs)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        b, a = self.lora_B.weight, self.lora_A.weight
+        return b.reshape(b.shape[0], -1) * self.scaling, a.reshape(a.shape[0], -1)
+
+    def matrix(self, delta_weight: Tensor) -> Tensor:
+        """A base-layout ΔW in this layout's matrix view (rows × cols)."""
+        dw = delta_weight.t() if getattr(self, "transposed", False) else delta_weight
+        return dw.reshape(self.lora_B.weight.shape[0], -1)
+
+    @torch.no_grad()
+    def set_factors(self, b_m: Tensor, a_m: Tensor) -> None:
+        """Set B, A so that ΔW's matrix view is b_m·a_m (inner dim = this delta's A rows)."""
+        self.lora_A.weight.copy_(a_m.reshape(self.lora_A.weight.shape))
+        self.lora_B.weight.copy_((b_m / self.scaling).reshape(self.lora_B.weight.shape))
+
+
+class LinearLoRA(LowRankDelta):
     """x ↦ s·B·A·drop(x). The base may be nn.Linear (W: out×in) or HF Conv1D (W: in×out)."""
 
     def __init__(self, config: LoRAConfig, base: nn.Module) -> None:
@@ -139,7 +165,7 @@ def conv_like(base: nn.Module):
                              base.dilation, base.groups)
 
 
-class _ConvLoRA(Delta):
+class _ConvLoRA(LowRankDelta):
     def __init__(self, config: LoRAConfig, base: nn.Module) -> None:
         super().__init__(config)
         self.conv = conv_like(base)
@@ -162,6 +188,7 @@ class KernelConvLoRA(_ConvLoRA):
                 f"{config.method}: rank r={r} is not divisible by the conv's groups={g}; use r a multiple "
                 f"of {g} (e.g. r={g * max(1, round(r / g))}) or conv_mode='reshape'")
         self.lora_A, self.lora_B = _factors((r, c_in_g, *k), (c_out, r // g, *[1] * len(k)), base.weight)
+        self.refactorable = g == 1
         # PEFT's A ignores groups and dilation and pads with zeros: same layout only without them
         self.peft_compatible = g == 1 and set(base.dilation) == {1} and base.padding_mode == "zeros"
 

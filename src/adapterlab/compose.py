@@ -1,0 +1,190 @@
+"""Combine adapters into a new one: task arithmetic, TIES, DARE, magnitude pruning, LoRA concat, SVD.
+
+Every `how` works on the dense ΔW of each input (any delta kind), target by target, except `cat`,
+which concatenates LoRA factors exactly. The result is re-expressed as a new adapter of `kind`.
+Formulas (τᵢ = ΔWᵢ of input i, wᵢ its weight):
+
+- linear:          Σ wᵢ τᵢ (task arithmetic; negative weights subtract)
+- magnitude_prune: Σ wᵢ trim(τᵢ)                  trim keeps the top `density` of |τ|
+- ties:            τ'ᵢ = wᵢ trim(τᵢ); γ = sign(Σ τ'ᵢ); Σ_{i: sign τ'ᵢ = γ} τ'ᵢ / #{i: sign τ'ᵢ = γ}
+- dare_linear:     Σ wᵢ mᵢ τᵢ / (1 − p),  mᵢ ~ Bernoulli(1 − p)
+- dare_ties:       the TIES sign election and disjoint mean on wᵢ mᵢ τᵢ / (1 − p)
+- svd:             linear, then re-factored to a rank-`rank` LoRA (the discarded energy is reported)
+- cat:             LoRA only: B = [w₁s₁B₁ … wₙsₙBₙ], A = [A₁; …; Aₙ] — exact, ranks add
+
+DARE masks come from one `torch.Generator` seeded with `seed`: target by target in model order,
+and within a target input by input in the order of `weights`, each `torch.rand(τ.shape) >= p`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .errors import AdapterNameError, ConfigError, UnsupportedModuleError
+from .layer import AdapterLayer
+from .methods.lora import LoRAConfig, LowRankDelta
+from .model import adapter_layers, adapters, apply_plan, plan
+
+HOWS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd")
+KINDS = ("lora",)
+
+
+@dataclass
+class CombineReport:
+    """What `combine` made. `discarded[path]` is Σ of the squared singular values dropped there
+    (the squared Frobenius error of the re-factoring); `discarded_fraction` is over all targets."""
+
+    name: str
+    how: str
+    kind: str
+    rank: int | None
+    discarded: dict[str, float] = field(default_factory=dict)
+    discarded_fraction: float = 0.0
+
+
+def trim(tau: Tensor, density: float, threshold: float | None = None) -> Tensor:
+    """Keep the `density` fraction of entries with the largest |τ| (exactly ⌈density·n⌉ of them),
+    or, given a `threshold`, every entry with |τ| ≥ threshold."""
+    if threshold is not None:
+        return tau * (tau.abs() >= threshold)
+    k = math.ceil(density * tau.numel())
+    keep = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
+    keep[tau.abs().flatten().topk(k).indices] = True
+    return tau * keep.view(tau.shape)
+
+
+def disjoint_mean(taus: list[Tensor]) -> Tensor:
+    """TIES: elect the sign of the sum per entry, average the entries that agree with it."""
+    stacked = torch.stack(taus)
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def dare(tau: Tensor, p: float, gen: torch.Generator) -> Tensor:
+    keep = torch.rand(tau.shape, generator=gen, device=tau.device) >= p
+    return tau * keep / (1.0 - p)
+
+
+def _check_options(how: str, kind: str, density: float, p: float, trim_scope: str, rank: int | None) -> None:
+    if how not in HOWS:
+        raise ConfigError(f"how={how!r} is not a combination method; choose one of {', '.join(HOWS)}")
+    if kind not in KINDS:
+        raise ConfigError(f"kind={kind!r} is not an output kind; choose one of {', '.join(KINDS)}")
+    if how in ("cat", "svd") and kind != "lora":
+        raise ConfigError(f"how={how!r} produces a LoRA; use kind='lora' (or how='linear' for kind={kind!r})")
+    if not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise ConfigError(f"density={density!r} must be in (0, 1]; e.g. 0.2 keeps the top 20% of each task vector")
+    if not (isinstance(p, (int, float)) and 0 <= p < 1):
+        raise ConfigError(f"p={p!r} is the DARE drop probability; it must be in [0, 1), e.g. 0.9")
+    if trim_scope not in ("tensor", "global"):
+        raise ConfigError(f"trim={trim_scope!r}; use 'tensor' (top-k per weight) or 'global' (top-k per adapter)")
+    if rank is not None and not (isinstance(rank, int) and rank >= 1):
+        raise ConfigError(f"rank={rank!r} must be a positive integer")
+
+
+def _global_thresholds(layers, names: list[str], density: float) -> dict[str, float]:
+    """Per input: the |τ| of its ⌈density·n⌉-th largest entry over all its targets."""
+    out = {}
+    for name in names:
+        flat = torch.cat([layer.deltas[name].delta_weight().detach().float().abs().flatten() for _, layer in layers])
+        k = math.ceil(density * flat.numel())
+        out[name] = flat.topk(k).values[-1].item()
+    return out
+
+
+def _combined_delta(layer: AdapterLayer, weights: dict[str, float], how: str, density: float, p: float,
+                    thresholds: dict[str, float] | None, gen: torch.Generator) -> Tensor:
+    taus = {n: layer.deltas[n].delta_weight().detach().float() for n in weights}
+    if how in ("linear", "svd"):
+        return sum(w * taus[n] for n, w in weights.items())
+    if how in ("dare_linear", "dare_ties"):
+        dropped = [w * dare(taus[n], p, gen) for n, w in weights.items()]
+        return sum(dropped) if how == "dare_linear" else disjoint_mean(dropped)
+    trimmed = [w * trim(taus[n], density, thresholds[n] if thresholds else None) for n, w in weights.items()]
+    return sum(trimmed) if how == "magnitude_prune" else disjoint_mean(trimmed)
+
+
+def _common_targets(model: nn.Module, names: list[str]) -> list[tuple[str, AdapterLayer]]:
+    layers = [(path, layer) for path, layer in adapter_layers(model) if any(n in layer.deltas for n in names)]
+    for path, layer in layers:
+        missing = [n for n in names if n not in layer.deltas]
+        if missing:
+            raise UnsupportedModuleError(
+                f"adapters {names} do not cover the same modules: {missing} have no delta at {path!r}; "
+                "combine adapters trained on the same targets")
+    return layers
+
+
+def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", into: str = "combined",
+            kind: str = "lora", *, density: float = 0.2, trim_scope: str = "tensor", p: float = 0.9,
+            seed: int = 0, rank: int | None = None) -> CombineReport:
+    """Add adapter `into`, combining the adapters in `weights` ({name: weight}) by `how`.
+
+    `density`: fraction kept by `ties` / `magnitude_prune` (per tensor, or per adapter with
+    `trim_scope="global"`); `p`, `seed`: DARE's drop probability and mask seed; `rank`: the LoRA
+    rank of the result (default: the largest input rank; `cat` makes the sum of the ranks).
+    The new adapter is added inactive and frozen (`al.set_active(model, into)` to use it); on any
+    error the model is unchanged.
+    """
+    _check_options(how, kind, density, p, trim_scope, rank)
+    if not isinstance(weights, dict) or not weights:
+        raise ConfigError(f"weights={weights!r} must be a non-empty {{adapter name: weight}} dict")
+    known = adapters(model)
+    unknown = [n for n in weights if n not in known]
+    if unknown:
+        raise AdapterNameError(f"weights name unknown adapter(s) {unknown}; adapters: {sorted(known) or 'none'}")
+    bad = {n: w for n, w in weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w))}
+    if bad:
+        raise ConfigError(f"weights {bad} must be finite numbers")
+    names = list(weights)
+    layers = _common_targets(model, names)
+    lora_inputs = all(isinstance(layer.deltas[n], LowRankDelta) for _, layer in layers for n in names)
+    if how == "cat" and not lora_inputs:
+        kinds = sorted({type(layer.deltas[n]).__name__ for _, layer in layers for n in names})
+        raise UnsupportedModuleError(f"how='cat' concatenates LoRA factors; inputs include {kinds}. "
+                                     "Use how='svd' (or 'linear' with kind='lora') instead")
+    input_ranks = [known[n].r for n in names if isinstance(known[n], LoRAConfig)]
+    if how == "cat":
+        rank = sum(input_ranks)
+    elif rank is None:
+        if not input_ranks:
+            raise ConfigError("rank=None: no input is a LoRA to take the rank from; pass rank=…")
+        rank = max(input_ranks)
+    modes = {known[n].conv_mode for n in names if isinstance(known[n], LoRAConfig)}
+    config = LoRAConfig(r=rank, alpha=float(rank), targets=[path for path, _ in layers],
+                        conv_mode=modes.pop() if len(modes) == 1 else "kernel")
+    if how == "cat" and len({known[n].conv_mode for n in names}) > 1:
+        raise UnsupportedModuleError("how='cat' needs inputs of one conv_mode; use how='svd'")
+    steps = plan(model, config, into, paths=[path for path, _ in layers])
+    thresholds = _global_thresholds(layers, names, density) if trim_scope == "global" and how in (
+        "ties", "magnitude_prune") else None
+    gen = torch.Generator().manual_seed(seed)
+    report = CombineReport(into, how, kind, rank)
+    total = 0.0
+    for (path, layer), (_, _, out) in zip(layers, steps):
+        if not out.refactorable:
+            raise UnsupportedModuleError(f"{path!r} is a grouped conv in kernel mode: its ΔW is not one low-rank "
+                                         "product; use conv_mode='reshape' adapters")
+        if how == "cat":
+            parts = [layer.deltas[n].factors() for n in names]
+            b = torch.cat([w * bm for w, (bm, _) in zip(weights.values(), parts)], dim=1)
+            out.set_factors(b, torch.cat([am for _, am in parts], dim=0))
+            continue
+        matrix = out.matrix(_combined_delta(layer, weights, how, density, p, thresholds, gen))
+        inner = out.lora_A.weight.shape[0]
+        if inner > min(matrix.shape):
+            raise ConfigError(f"rank={rank} gives inner dimension {inner} at {path!r}, larger than "
+                              f"min{tuple(matrix.shape)}; use rank <= {min(matrix.shape) * rank // inner}")
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        root = s[:inner].sqrt()
+        out.set_factors((u[:, :inner] * root).float(), (root[:, None] * vh[:inner]).float())
+        report.discarded[path] = float((s[inner:] ** 2).sum())
+        total += float((s ** 2).sum())
+    if total:
+        report.discarded_fraction = sum(report.discarded.values()) / total
+    apply_plan(model, into, steps, trainable=False, activate=False)
+    return report
