@@ -1,6 +1,8 @@
 """Plain-torch implementations: the CPU backend and the oracle the Triton kernels are tested against."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,11 @@ def dropout_mask(like: Tensor, p: float, seed: int) -> Tensor:
 
 
 class LoRAAdd(torch.autograd.Function):
-    """out + scale · dropout(x) Aᵀ Bᵀ, saving only x, A, B and the small x·Aᵀ."""
+    """out + scale · dropout(x) Aᵀ Bᵀ, saving only x, A, B and the small x·Aᵀ.
+
+    The update is added into `out` in place (`mark_dirty`) when `out` is contiguous and of the
+    adapter's dtype: `out` is the base layer's fresh output, which no op saves, and a new
+    activation-sized buffer per adapted layer costs measurable time on CPU."""
 
     @staticmethod
     def forward(ctx, out: Tensor, x: Tensor, A: Tensor, B: Tensor,  # type: ignore[override]
@@ -26,14 +32,13 @@ class LoRAAdd(torch.autograd.Function):
         if p > 0:
             xa = xa * dropout_mask(xa, p, seed)
         h = xa @ A.t()
-        out2 = out.reshape(-1, out.shape[-1])
-        if out2.dtype == h.dtype:
-            y = torch.addmm(out2, h, B.t(), alpha=scale)
-        else:
-            y = out2 + (h @ B.t()).mul_(scale).to(out2.dtype)
         ctx.save_for_backward(x, A, B, h)
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
-        return y.view(out.shape)
+        if out.dtype == h.dtype and out.is_contiguous() and not (out.is_leaf and out.requires_grad):
+            out.view(-1, out.shape[-1]).addmm_(h, B.t(), alpha=scale)
+            ctx.mark_dirty(out)
+            return out
+        return out + (h @ B.t()).mul_(scale).to(out.dtype).view(out.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -64,3 +69,88 @@ def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: floa
              seed: int = 0) -> Tensor:
     """Reference low-rank update for Linear layouts: out + scale · drop_p(x) Aᵀ Bᵀ."""
     return LoRAAdd.apply(out, x, A, B, scale, p, seed)
+
+
+# -- sparse updates ---------------------------------------------------------------------------------
+def scatter_dense(shape: tuple[int, ...], values: Tensor, indices: Tensor,
+                  fixed_values: Tensor | None = None, fixed_indices: Tensor | None = None) -> Tensor:
+    """The dense tensor of `shape` that holds `values` at the flat positions `indices` (and
+    `fixed_values` at `fixed_indices`) and zeros elsewhere. Differentiable in the values."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    dense = values.new_zeros(numel).index_put((indices.long(),), values)
+    if fixed_values is not None and fixed_indices is not None and fixed_indices.numel():
+        dense = dense.index_put((fixed_indices.long(),), fixed_values.to(values.dtype))
+    return dense.view(shape)
+
+
+def sampled_matmul(left_t: Tensor, right: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
+    """(left_t @ right).flatten()[indices] without forming the product: one dot product per index
+    (an SDDMM). `left_t` is (a, N), `right` (N, b), `indices` sorted flat positions in (a, b)."""
+    a, b = shape
+    if indices.numel() == 0:
+        return right.new_zeros(0)
+    rows, cols = torch.div(indices, b, rounding_mode="floor"), indices % b
+    crow = torch.zeros(a + 1, dtype=indices.dtype, device=indices.device)
+    crow[1:] = torch.bincount(rows, minlength=a).cumsum(0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": not actionable for users
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, cols, right.new_zeros(indices.numel()), (a, b),
+                                          check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, left_t, right, beta=0.0).values()
+
+
+class SparseLinearAdd(torch.autograd.Function):
+    """out + scale · x·ΔWᵀ for a Linear layout (ΔW stored (out, in)), or out + scale · x·ΔW for HF
+    Conv1D's transposed layout (stored (in, out)), where the stored ΔW is zero except at the sorted
+    flat `indices`, which hold `values` (trainable) and at `fixed_indices`, which hold
+    `fixed_values` (not trained).
+
+    ΔW is built densely only for the duration of forward and of backward; nothing dense is saved.
+    The gradient of `values` is the sampled product dvalues[i] = scale · Σ_t dY[t, r_i]·X[t, c_i]
+    (an SDDMM), never the dense dW.
+    """
+
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor, values: Tensor, indices: Tensor,  # type: ignore[override]
+                shape: tuple[int, int], transposed: bool, scale: float,
+                fixed_values: Tensor | None, fixed_indices: Tensor | None) -> Tensor:
+        stored = scatter_dense(shape, values, indices, fixed_values, fixed_indices)
+        w = stored if transposed else stored.t()            # (in, out): y = x @ w
+        x2 = x.reshape(-1, x.shape[-1])
+        xv = x2 if x2.dtype == values.dtype else x2.to(values.dtype)
+        out2 = out.reshape(-1, out.shape[-1])
+        if out2.dtype == xv.dtype:
+            y = torch.addmm(out2, xv, w, alpha=scale)
+        else:
+            y = out2 + (xv @ w).mul_(scale).to(out2.dtype)
+        ctx.save_for_backward(x, values, indices, fixed_values, fixed_indices)
+        ctx.shape, ctx.transposed, ctx.scale = shape, transposed, scale
+        return y.view(out.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, values, indices, fixed_values, fixed_indices = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        if g2.dtype != values.dtype:
+            g2 = g2.to(values.dtype)
+        dx = dvalues = None
+        if ctx.needs_input_grad[1]:
+            stored = scatter_dense(ctx.shape, values.detach(), indices, fixed_values, fixed_indices)
+            w = stored if ctx.transposed else stored.t()
+            dx = (g2 @ w.t()).mul_(ctx.scale).to(x.dtype).view(x.shape)
+        if ctx.needs_input_grad[2]:
+            x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+            # the stored layout's gradient is leftᵀ·right: dYᵀ·X (Linear) or Xᵀ·dY (Conv1D)
+            left, right = (x2, g2) if ctx.transposed else (g2, x2)
+            dvalues = sampled_matmul(left.t(), right, indices, ctx.shape).mul_(ctx.scale)
+        return grad, dx, dvalues, None, None, None, None, None, None
+
+
+def sparse_linear_add(out: Tensor, x: Tensor, values: Tensor, indices: Tensor, shape: tuple[int, int],
+                      transposed: bool = False, scale: float = 1.0, fixed_values: Tensor | None = None,
+                      fixed_indices: Tensor | None = None) -> Tensor:
+    """Reference sparse update for Linear / HF Conv1D layouts; see `SparseLinearAdd`."""
+    return SparseLinearAdd.apply(out, x, values, indices, tuple(shape), transposed, scale,
+                                 fixed_values, fixed_indices)
