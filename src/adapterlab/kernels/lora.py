@@ -1,0 +1,136 @@
+"""Triton kernels for the low-rank update, behind the same call as `reference.lora_add`.
+
+Every op of LoRA's forward and backward is one matrix product with, at most, the dropout mask
+applied to one operand or to the result — so one kernel, `_mm`, serves all six of them:
+
+    forward   h  = drop(x) Aᵀ                  (mask on the left operand)
+              out += s · h Bᵀ                  (accumulate into the base output, in place)
+    backward  dh = s · dY B
+              dB = s · dYᵀ h
+              dA = dhᵀ drop(x)                 (mask on the right operand)
+              dx = drop'(dh A)                 (mask on the result)
+
+The mask is never stored: entry (t, k) of x is kept when `tl.rand(seed, t·K + k) >= p`, so each
+kernel regenerates exactly the entries it touches. Strides make every transpose free.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+NO_MASK, MASK_A, MASK_B, MASK_C = 0, 1, 2, 3
+
+
+@triton.jit
+def _mm(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, alpha, p, seed, mask_ld,
+        MASK: tl.constexpr, ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """C (+)= alpha · op(A) @ op(B); the dropout keep-mask is indexed token-major with row length
+    `mask_ld`, tokens being the rows of A (MASK_A), of B (MASK_B) or of C (MASK_C)."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn,
+                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if MASK == 1:
+            keep = tl.rand(seed, rm.to(tl.int64)[:, None] * mask_ld + rk[None, :]) >= p
+            a = tl.where(keep, a, 0.0)
+        if MASK == 2:
+            keep = tl.rand(seed, rk.to(tl.int64)[:, None] * mask_ld + rn[None, :]) >= p
+            b = tl.where(keep, b, 0.0)
+        if IEEE:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, b.to(a.dtype))
+    if MASK == 3:
+        keep = tl.rand(seed, rm.to(tl.int64)[:, None] * mask_ld + rn[None, :]) >= p
+        acc = tl.where(keep, acc, 0.0)
+    acc = acc * alpha
+    c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
+    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _block(n: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+def matmul(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0, accumulate: bool = False,
+           mask: int = NO_MASK, p: float = 0.0, seed: int = 0, mask_ld: int = 0) -> Tensor:
+    """c (+)= alpha · a @ b for 2-D views of any strides, in one launch; returns c."""
+    (m, k), (k2, n) = a.shape, b.shape
+    assert k == k2 and c.shape == (m, n), (a.shape, b.shape, c.shape)
+    ieee = torch.float32 in (a.dtype, b.dtype) or a.dtype != b.dtype
+    bm, bn, bk = _block(m, 64), _block(n, 64), _block(k, 32)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _mm[grid](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+              alpha, p, seed, mask_ld, MASK=mask, ACCUMULATE=accumulate, IEEE=ieee, BM=bm, BN=bn, BK=bk)
+    return c
+
+
+@triton.jit
+def _keep_mask(out_ptr, n, p, seed, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = tl.rand(seed, offs) >= p
+    tl.store(out_ptr + offs, keep.to(tl.int8), mask=offs < n)
+
+
+def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
+    """The boolean keep-mask the kernels use for an input of `shape` (for tests and debugging)."""
+    n = int(torch.tensor(shape).prod()) if shape else 1
+    out = torch.empty(n, dtype=torch.int8, device=device)
+    _keep_mask[(triton.cdiv(n, 1024),)](out, n, p, seed, BLOCK=1024)
+    return out.view(shape).bool()
+
+
+class TritonLoRAAdd(torch.autograd.Function):
+    """Same contract as `reference.LoRAAdd`: out + scale · drop(x) Aᵀ Bᵀ, added in place into
+    `out` when it can be; saves x, A, B and the small x·Aᵀ."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor, A: Tensor, B: Tensor,  # type: ignore[override]
+                scale: float, p: float, seed: int) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        keep = 1.0 / (1.0 - p) if p > 0 else 1.0
+        h = torch.empty(x2.shape[0], A.shape[0], dtype=A.dtype, device=x.device)
+        matmul(x2, A.t(), h, alpha=keep, mask=MASK_A if p > 0 else NO_MASK, p=p, seed=seed, mask_ld=x2.shape[1])
+        ctx.save_for_backward(x, A, B, h)
+        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        in_place = out.is_contiguous() and not (out.is_leaf and out.requires_grad)
+        target = out if in_place else out.contiguous().clone()
+        matmul(h, B.t(), target.view(-1, target.shape[-1]), alpha=scale, accumulate=True)
+        if in_place:
+            ctx.mark_dirty(out)
+        return target
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, A, B, h = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        p, seed, m, k = ctx.p, ctx.seed, x2.shape[0], x2.shape[1]
+        keep = 1.0 / (1.0 - p) if p > 0 else 1.0
+        dh = matmul(g2, B, torch.empty(m, A.shape[0], dtype=A.dtype, device=x.device), alpha=ctx.scale)
+        dA = dB = dx = None
+        if ctx.needs_input_grad[3]:
+            dB = matmul(g2.t(), h, torch.empty_like(B), alpha=ctx.scale)
+        if ctx.needs_input_grad[2]:
+            dA = matmul(dh.t(), x2, torch.empty_like(A), alpha=keep, mask=MASK_B if p > 0 else NO_MASK,
+                        p=p, seed=seed, mask_ld=k)
+        if ctx.needs_input_grad[1]:
+            dx2 = matmul(dh, A, torch.empty(m, k, dtype=x.dtype, device=x.device), alpha=keep,
+                         mask=MASK_C if p > 0 else NO_MASK, p=p, seed=seed, mask_ld=k)
+            dx = dx2.view(x.shape)
+        return grad, dx, dA, dB, None, None, None
+
+
+def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float = 0.0, seed: int = 0) -> Tensor:
+    return TritonLoRAAdd.apply(out, x, A, B, scale, p, seed)
