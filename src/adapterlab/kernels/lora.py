@@ -134,3 +134,86 @@ class TritonLoRAAdd(torch.autograd.Function):
 
 def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float = 0.0, seed: int = 0) -> Tensor:
     return TritonLoRAAdd.apply(out, x, A, B, scale, p, seed)
+
+
+# -- several adapters in one batch --------------------------------------------------------------------
+@triton.jit
+def _grouped_mm(a_ptr, b_ptr, c_ptr, order_ptr, table_ptr, scale_ptr, N, K,
+                s_am, s_ak, s_bg, s_bk, s_bn, s_cm, s_cn,
+                SHRINK: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One block of rows of one adapter. SHRINK: h[i] = x[order[i]] @ A_gᵀ (rows gathered);
+    else out[order[i]] += s_g · h[i] @ B_gᵀ (rows scattered, each row written by one block)."""
+    blk = tl.program_id(0)
+    g = tl.load(table_ptr + blk * 3)
+    start = tl.load(table_ptr + blk * 3 + 1)
+    end = tl.load(table_ptr + blk * 3 + 2)
+    rm = start + tl.arange(0, BM)
+    valid = rm < end
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    token = tl.load(order_ptr + rm, mask=valid, other=0)
+    a_rows = token if SHRINK else rm
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + a_rows.to(tl.int64)[:, None] * s_am + rk[None, :] * s_ak,
+                    mask=valid[:, None] & (rk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + g.to(tl.int64) * s_bg + rk[:, None] * s_bk + rn[None, :] * s_bn,
+                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if IEEE:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, b.to(a.dtype))
+    c_mask = valid[:, None] & (rn[None, :] < N)
+    if SHRINK:
+        tl.store(c_ptr + rm.to(tl.int64)[:, None] * s_cm + rn[None, :] * s_cn,
+                 acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        c_ptrs = c_ptr + token.to(tl.int64)[:, None] * s_cm + rn[None, :] * s_cn
+        acc = acc * tl.load(scale_ptr + g) + tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _block_table(ids: Tensor, groups: int, bm: int) -> tuple[Tensor, Tensor, int]:
+    """Tokens sorted by adapter id (-1 first, skipped) and (adapter, start, end) per block of ≤ bm rows."""
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids.clamp(min=-1) + 1, minlength=groups + 1)
+    seg_end = counts.cumsum(0)[1:]
+    seg_start = seg_end - counts[1:]
+    blocks = (counts[1:] + bm - 1) // bm
+    total = int(blocks.sum())
+    group = torch.repeat_interleave(torch.arange(groups, device=ids.device), blocks)
+    first = torch.cumsum(blocks, 0) - blocks
+    start = seg_start[group] + (torch.arange(total, device=ids.device) - first[group]) * bm
+    end = torch.minimum(start + bm, seg_end[group])
+    return order, torch.stack([group, start, end], 1).to(torch.int64).contiguous(), total
+
+
+def grouped_lora_add(out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor], Bs: list[Tensor],
+                     scales: list[float]) -> Tensor:
+    """out[t] += scales[g]·x[t]·A_gᵀ·B_gᵀ for the adapter g = token_ids[t] (-1: none), in place,
+    for all adapters in two launches (ranks may differ: factors are zero-padded)."""
+    x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    r_max, dtype = max(a.shape[0] for a in As), As[0].dtype
+    a_all = torch.zeros(len(As), r_max, x2.shape[1], dtype=dtype, device=x.device)
+    b_all = torch.zeros(len(Bs), out2.shape[1], r_max, dtype=dtype, device=x.device)
+    for g, (a, b) in enumerate(zip(As, Bs)):
+        a_all[g, : a.shape[0]] = a
+        b_all[g, :, : b.shape[1]] = b
+    scale = torch.tensor(scales, dtype=torch.float32, device=x.device)
+    bm = 64 if x2.shape[0] >= 4096 else 32
+    order, table, total = _block_table(token_ids.to(x.device), len(As), bm)
+    if total == 0:
+        return out
+    h = torch.empty(x2.shape[0], r_max, dtype=dtype, device=x.device)
+    ieee = torch.float32 in (x2.dtype, dtype) or x2.dtype != dtype
+    bk = _block(x2.shape[1], 64)
+    _grouped_mm[(total, triton.cdiv(r_max, _block(r_max, 64)))](
+        x2, a_all, h, order, table, scale, r_max, x2.shape[1], x2.stride(0), x2.stride(1),
+        a_all.stride(0), a_all.stride(2), a_all.stride(1), h.stride(0), h.stride(1),
+        SHRINK=True, IEEE=ieee, BM=bm, BN=_block(r_max, 64), BK=bk)
+    bn = _block(out2.shape[1], 128)
+    _grouped_mm[(total, triton.cdiv(out2.shape[1], bn))](
+        h, b_all, out2, order, table, scale, out2.shape[1], r_max, h.stride(0), h.stride(1),
+        b_all.stride(0), b_all.stride(2), b_all.stride(1), out2.stride(0), out2.stride(1),
+        SHRINK=False, IEEE=ieee, BM=bm, BN=bn, BK=_block(r_max, 64))
+    return out
