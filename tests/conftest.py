@@ -9,6 +9,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module impor
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Kernel tests run interpreted on CPU; with TRITON_INTERPRET=0 on a CUDA machine they run compiled there.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu")
+
 settings.register_profile("ci", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile("ci")
@@ -65,3 +68,13 @@ def llama():
 @pytest.fixture
 def ids():
     return torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tests of tiny models: their ops are too small to split, and on a
+    busy machine OpenMP's waiting threads make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,7 +20,15 @@ from .errors import (
 )
 from .io import VERSION as __version__
 from .io import load, save
+from .methods import hft, levi, locft
+from .methods.hft import HFTConfig
+from .methods.levi import LEVIConfig
+from .methods.locft import LocFTConfig
 from .methods.lora import ConvLoRAConfig, LoRAConfig
+from .methods import sara, sft
+from .methods.sara import SaRAConfig
+from .methods.sft import SFTConfig, train_lt_sft
+from .methods.sparse import SparseDelta
 from .model import (
     active,
     adapters,
@@ -41,4 +49,6 @@ __all__ = [
     "FingerprintMismatchError", "inject", "load", "LoRAConfig", "merge", "MergeError", "routing",
     "RoutingError", "save", "set_active", "TargetError", "trainable_summary", "UnknownMethodError", "unload",
     "unmerge", "UnsupportedModuleError", "__version__",
+    "hft", "HFTConfig", "levi", "LEVIConfig", "locft", "LocFTConfig",
+    "sara", "SaRAConfig", "sft", "SFTConfig", "SparseDelta", "train_lt_sft",
 ]

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import ConfigError, UnknownMethodError
 
@@ -128,6 +128,19 @@ class AdapterConfig:
     def make_delta(self, module: nn.Module) -> Delta:
         """A fresh delta for `module`; raise `UnsupportedModuleError` if the layout cannot work."""
         raise NotImplementedError
+
+    def loaded_delta(self, module: nn.Module, built: Delta, tensors: dict[str, Tensor]) -> Delta:
+        """The delta `load` copies `tensors` into (this module's tensors from the file, keyed as in
+        the delta's state_dict); `built` is `make_delta(module)`. Methods whose delta sizes or kinds
+        come from training (a sparse support, a dense head) return one that fits the tensors, or
+        raise an `AdapterlabError` saying why none can. The default is `built`."""
+        return built
+
+    def resolve(self, model: nn.Module) -> AdapterConfig:
+        """The config `inject` applies to `model`. A method whose targets depend on the model (HFT's
+        seeded half, LocFT's layer) returns a copy with `targets` the exact module paths, so the
+        saved config names them; others return self."""
+        return self
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .config import AdapterConfig
-from .errors import AdapterFileError, FingerprintMismatchError
+from .errors import AdapterFileError, AdapterlabError, FingerprintMismatchError
 from .layer import Delta
 from .methods.lora import LoRAConfig
 from .model import adapter_layers, apply_plan, plan
@@ -241,13 +241,25 @@ def _module_paths(model: nn.Module, tensors: dict[str, torch.Tensor], directory:
     return sorted(paths)
 
 
+def _loaded_delta(config: AdapterConfig, path: str, module: nn.Module, built: Delta,
+                  tensors: dict[str, torch.Tensor], directory: Any) -> Delta:
+    """`config.loaded_delta` with this module's tensors (keys relative to the module)."""
+    prefix = f"{PREFIX}{path}."
+    own = {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
+    try:
+        return config.loaded_delta(module, built, own)
+    except AdapterlabError as e:
+        raise AdapterFileError(f"{str(directory)!r} does not fit {path!r}: {e}") from None
+
+
 def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", trainable: bool = False) -> nn.Module:
     """Add the adapter saved in `directory` to `model` as `name` (atomic: on any error the model is
     unchanged). Reads adapterlab directories and PEFT LoRA directories."""
     block, tensors = read_adapter(directory)
     config = AdapterConfig.from_dict(block.get("config"))
     check_fingerprint(model, block.get("fingerprint") or {})
-    steps = plan(model, config, name, paths=_module_paths(model, tensors, directory))
+    steps = [(path, module, _loaded_delta(config, path, module, delta, tensors, directory))
+             for path, module, delta in plan(model, config, name, paths=_module_paths(model, tensors, directory))]
     expected = {f"{PREFIX}{path}.{key}": (delta, key) for path, _, delta in steps
                 for key in delta.state_dict()}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -256,7 +268,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
                                f"unexpected {unexpected[:5]}")
     for key, (delta, local) in expected.items():
         target, given = delta.state_dict()[local], tensors[key]
-        if given.shape != target.shape or not given.is_floating_point():
+        if given.shape != target.shape or given.is_floating_point() != target.is_floating_point():
             raise AdapterFileError(f"{str(directory)!r}: tensor {key!r} has shape {list(given.shape)} "
                                    f"and dtype {given.dtype}; this model needs shape {list(target.shape)} "
                                    f"({target.dtype})")

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .errors import MergeError, RoutingError
 
@@ -22,6 +23,12 @@ class Delta(nn.Module):
     """
 
     mergeable: bool = True
+    # True: AdapterLayer runs the base module once with W + scale·delta_weight() instead of adding
+    # `forward`'s contribution (dense deltas: one op instead of two, same result)
+    folds: bool = False
+    # True: unmerge writes back the base entries saved at merge (see `support`) instead of
+    # subtracting ΔW, so merge → unmerge is bit-exact
+    restores_exactly: bool = False
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -30,8 +37,18 @@ class Delta(nn.Module):
     def delta_weight(self) -> Tensor:
         raise NotImplementedError
 
+    def support(self) -> Tensor | None:
+        """Flat indices of the only base-weight entries ΔW can change, or None for any entry. For
+        a delta that `restores_exactly`, merge saves these entries (all of W for None)."""
+        return None
+
     def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:  # noqa: D102
         raise NotImplementedError
+
+    def routing_factors(self) -> tuple[Tensor, Tensor, float] | None:
+        """(A, B, s) when this delta's contribution is exactly s·x·Aᵀ·Bᵀ right now, so per-sample
+        routing can batch it with other adapters in one grouped op; None otherwise."""
+        return None
 
 
 class AdapterLayer(nn.Module):
@@ -47,6 +64,8 @@ class AdapterLayer(nn.Module):
         self.disabled = False
         self.routes: tuple[int, list[tuple[str, Tensor]]] | None = None  # (batch size, [(name, rows)])
         self._original: Tensor | None = None  # pre-merge weight, kept only for inexact dtypes
+        # exact dtypes: per merge call, its weights and the (support, entries) its exact deltas saved
+        self._merges: list[tuple[dict[str, float], list[tuple[Tensor | None, Tensor]]]] = []
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -57,6 +76,9 @@ class AdapterLayer(nn.Module):
             return getattr(self.base_layer, name)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not self.disabled and self.routes is None and any(
+                self.deltas[n].folds for n in self.active if n not in self.merged):
+            return self._forward_folded(x, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
@@ -67,17 +89,48 @@ class AdapterLayer(nn.Module):
                 out = self.deltas[name](x, out, w)
         return out
 
+    def _forward_folded(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Deltas with `folds` go into one call of the base module with W + Σ w·ΔW (computed in
+        fp32, cast to the base dtype); the others add their contribution after."""
+        pending = {n: w for n, w in self.active.items() if n not in self.merged}
+        base = self.base_layer.weight
+        weight = base.to(torch.promote_types(base.dtype, torch.float32))
+        for name, w in pending.items():
+            if self.deltas[name].folds:
+                weight = weight + w * self.deltas[name].delta_weight()
+        out = functional_call(self.base_layer, {"weight": weight.to(base.dtype)}, (x, *args), kwargs)
+        for name, w in pending.items():
+            if not self.deltas[name].folds:
+                out = self.deltas[name](x, out, w)
+        return out
+
     def _routed(self, x: Tensor, out: Tensor) -> Tensor:
         """Per-sample adapters: each adapter's rows of the batch get its delta, others none."""
         size, routes = self.routes  # type: ignore[misc]
         if x.shape[0] != size:
             raise RoutingError(f"routing ids have length {size} but the batch has {x.shape[0]} samples "
                                "(dim 0); pass one adapter name or None per sample")
+        factors = [self.deltas[name].routing_factors() for name, _ in routes]
+        if routes and None not in factors and not (torch.is_grad_enabled() and any(
+                t.requires_grad for t in [x, *(t for f in factors for t in f[:2])])):  # type: ignore[index]
+            return self._routed_grouped(x, out, routes, factors)  # type: ignore[arg-type]
         for name, rows in routes:
             rows = rows.to(x.device)
             # `out` is this layer's fresh output and no op saves it, so rows are written in place
             out.index_copy_(0, rows, self.deltas[name](x.index_select(0, rows), out.index_select(0, rows)))
         return out
+
+    def _routed_grouped(self, x: Tensor, out: Tensor, routes: list[tuple[str, Tensor]],
+                        factors: list[tuple[Tensor, Tensor, float]]) -> Tensor:
+        """All routed adapters are plain low-rank products: one grouped op for the whole batch."""
+        from . import kernels
+
+        sample = torch.full((x.shape[0],), -1, dtype=torch.long)
+        for g, (_, rows) in enumerate(routes):
+            sample[rows] = g
+        tokens = sample.to(x.device).repeat_interleave(x.numel() // (x.shape[0] * x.shape[-1]))
+        return kernels.grouped_lora_add(out, x, tokens, [a for a, _, _ in factors], [b for _, b, _ in factors],
+                                        [s for _, _, s in factors])
 
     # -- merge ----------------------------------------------------------------------------------
     def merged_weight(self, weights: dict[str, float]) -> Tensor:
@@ -100,6 +153,13 @@ class AdapterLayer(nn.Module):
         new = self.merged_weight(weights)
         if base.dtype not in EXACT_DTYPES and self._original is None:
             self._original = base.detach().clone()
+        if self._original is None:
+            flat, saved = base.detach().reshape(-1), []
+            for name in weights:
+                if self.deltas[name].restores_exactly:
+                    where = self.deltas[name].support()
+                    saved.append((where, flat.clone() if where is None else flat[where.long()]))
+            self._merges.append((dict(weights), saved))
         base.copy_(new)
         self.merged.update(weights)
 
@@ -111,10 +171,18 @@ class AdapterLayer(nn.Module):
         if self._original is not None:
             base.copy_(self._original)
             self._original = None
-        else:
-            negated = {n: -w for n, w in self.merged.items()}
-            acc = base.detach().clone()
-            for name, w in negated.items():
-                acc += w * self.deltas[name].delta_weight().detach().to(acc.dtype)
+        else:  # undo merge calls last-first: subtract ΔW, or write back the entries saved for it
+            acc = base.detach().clone(memory_format=torch.contiguous_format)
+            flat = acc.view(-1)
+            for weights, saved in reversed(self._merges):
+                for name, w in weights.items():
+                    if not self.deltas[name].restores_exactly:
+                        acc -= w * self.deltas[name].delta_weight().detach().to(acc.dtype)
+                for where, entries in saved:
+                    if where is None:
+                        flat.copy_(entries)
+                    else:
+                        flat[where.long()] = entries
             base.copy_(acc)
+        self._merges.clear()
         self.merged.clear()

@@ -103,7 +103,7 @@ def inject(model: nn.Module, method: str | AdapterConfig = "lora", name: str = "
     or a config object. Atomic: everything is validated and built before the model changes.
     The new adapter joins the active set and is the only trainable part of the model.
     """
-    config = config_for(method, **options)
+    config = config_for(method, **options).resolve(model)
     apply_plan(model, name, plan(model, config, name))
     return model
 
@@ -163,6 +163,9 @@ def routing(model: nn.Module, ids: Sequence[str | None]) -> Iterator[nn.Module]:
 def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -> None:
     """Fold active adapters (all of them, or `names`) into the base weights, with their active
     weights. `safe` checks every merged weight for NaN/Inf before any weight is written."""
+    refusal = getattr(model, "merge_refusal", None)  # set by adapters that are not weight deltas (LEVI)
+    if refusal:
+        raise MergeError(refusal)
     current = active(model)
     chosen = list(current) if names is None else _require(model, names)
     inactive = [n for n in chosen if n not in current]

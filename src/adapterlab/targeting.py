@@ -116,3 +116,14 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
                 "Narrow `targets` or add it to `exclude`"
             )
     return found
+
+
+def layer_stacks(model: nn.Module) -> dict[str, list[str]]:
+    """{path of a ModuleList/Sequential whose children are numbered: [its children's paths]} in
+    model order — the transformer-layer lists (`model.layers`, `transformer.h`, `bert.encoder.layer`)."""
+    stacks = {}
+    for path, module in logical_modules(model):
+        names = [n for n, _ in module.named_children()]
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and names and all(n.isdigit() for n in names):
+            stacks[path] = [f"{path}.{n}" if path else n for n in names]
+    return stacks

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 from adapterlab.kernels import lora as K  # noqa: E402  (TRITON_INTERPRET is set in conftest)
 from adapterlab.kernels import reference as R  # noqa: E402
+from conftest import DEVICE  # noqa: E402
 
 EPS = {torch.float32: 1.2e-7, torch.float16: 9.8e-4}
 
@@ -23,7 +24,8 @@ def make(m, k, n, r, dtype, seed=0):
     b = torch.randn(n, r, generator=gen, dtype=torch.float64) / r ** 0.5
     out = torch.randn(m, n, generator=gen, dtype=torch.float64)
     g = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    return [t.to(dtype) for t in (out, x, a, b, g)], (out, x, a, b, g)
+    high = [t.to(DEVICE) for t in (out, x, a, b, g)]
+    return [t.to(dtype) for t in high], high
 
 
 def run(fn, out, x, a, b, g, scale, p, seed):
@@ -71,16 +73,31 @@ def test_odd_shapes_and_dtypes(m, k, n, r, dtype):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_forward_and_backward_use_one_regenerated_mask(p):
     check(23, 37, 19, 4, torch.float32, p=p, seed=1234)
-    mask = K.keep_mask((200, 50), p, 7, torch.device("cpu"))
+    mask = K.keep_mask((200, 50), p, 7, DEVICE)
     assert abs(mask.float().mean().item() - (1 - p)) < 0.03
-    assert torch.equal(mask, K.keep_mask((200, 50), p, 7, torch.device("cpu")))
-    assert not torch.equal(mask, K.keep_mask((200, 50), p, 8, torch.device("cpu")))
+    assert torch.equal(mask, K.keep_mask((200, 50), p, 7, DEVICE))
+    assert not torch.equal(mask, K.keep_mask((200, 50), p, 8, DEVICE))
 
 
 @given(m=st.integers(1, 40), k=st.integers(1, 40), n=st.integers(1, 40), r=st.integers(1, 64),
        dtype=st.sampled_from([torch.float32, torch.float16]), p=st.sampled_from([0.0, 0.2]))
 def test_random_shapes(m, k, n, r, dtype, p):
     check(m, k, n, r, dtype, p)
+
+
+@pytest.mark.parametrize("split", [2, 3, 7])
+@pytest.mark.parametrize("mask", [K.NO_MASK, K.MASK_A, K.MASK_B, K.MASK_C])
+def test_split_k_matches_one_pass(split, mask):
+    gen = torch.Generator().manual_seed(split)
+    a, b = torch.randn(9, 70, generator=gen).to(DEVICE), torch.randn(70, 11, generator=gen).to(DEVICE)
+    c0 = torch.randn(9, 11, generator=gen).to(DEVICE)
+    ld = {K.MASK_A: 70, K.MASK_B: 11, K.MASK_C: 11}.get(mask, 0)
+    kw = dict(alpha=0.5, accumulate=True, mask=mask, p=0.3, seed=5, mask_ld=ld)
+    one = K.matmul(a, b, c0.clone(), split=1, **kw)
+    many = K.matmul(a, b, c0.clone(), split=split, **kw)
+    assert torch.allclose(one, many, atol=1e-5)
+    if mask == K.NO_MASK:
+        assert torch.allclose(one, c0 + 0.5 * a @ b, atol=1e-5)
 
 
 def test_3d_input_and_in_place_add():
@@ -91,13 +108,14 @@ def test_3d_input_and_in_place_add():
     assert torch.allclose(y.view(6, 5), R.lora_add(out.clone(), x, a, b, 0.5), atol=1e-6)
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU interpreter rules")
 def test_dispatch(monkeypatch):
     from adapterlab import kernels
     from adapterlab.errors import ConfigError
 
     cpu = torch.zeros(1)
     monkeypatch.setenv("ADAPTERLAB_BACKEND", "auto")
-    assert not kernels.use_triton(cpu)  # auto: Triton only for CUDA tensors
+    assert not kernels.use_triton(cpu, auto=True)  # auto: Triton only for CUDA tensors
     monkeypatch.setenv("ADAPTERLAB_BACKEND", "triton")
     assert kernels.use_triton(cpu)  # allowed here because TRITON_INTERPRET=1
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -116,7 +134,9 @@ def test_model_forward_through_triton_backend(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5))
     al.inject(model, "lora", r=3)
     randomize_lora(model)
-    x = torch.randn(4, 12)
+    model.to(DEVICE)
+    x = torch.randn(4, 12, device=DEVICE)
+    monkeypatch.setenv("ADAPTERLAB_BACKEND", "torch")
     want = model(x)
     monkeypatch.setenv("ADAPTERLAB_BACKEND", "triton")
     got = model(x)

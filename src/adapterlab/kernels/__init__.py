@@ -1,8 +1,15 @@
 """Low-rank and sparse update ops: the one place that picks a backend per call.
 
-`ADAPTERLAB_BACKEND` = `auto` (default: Triton for CUDA tensors when triton imports, torch
-otherwise), `torch`, or `triton` (on CPU only with `TRITON_INTERPRET=1`, the interpreter the tests
-use). The torch implementations in `reference.py` are the CPU backend and the test oracle.
+`ADAPTERLAB_BACKEND` = `torch`, `triton` (on CPU only with `TRITON_INTERPRET=1`, the interpreter
+the tests use), or `auto` (default): torch on CPU; on CUDA, each op takes the backend that measured
+faster there (docs/benchmarks.md, H200, bf16, K = N = 4096):
+
+- LoRA forward/backward: torch (cuBLAS). Our Triton kernels were 1.27-2.5× the base GEMM at 8192
+  tokens against torch's 1.13-1.21×, and far slower at 16-512 tokens, where launch cost dominates.
+- Multi-adapter routing: Triton's grouped kernel from `GROUPED_MIN_TOKENS` tokens (1.3× faster than
+  the per-adapter torch loop at 8192 tokens; 4.7× slower at 512).
+
+The torch implementations in `reference.py` are the CPU backend and the test oracle.
 """
 from __future__ import annotations
 
@@ -26,8 +33,12 @@ def triton_available() -> bool:
     return True
 
 
-def use_triton(t: Tensor) -> bool:
-    """Whether the op on tensor `t` runs the Triton kernels (never a GPU launch on CPU)."""
+GROUPED_MIN_TOKENS = 4096
+
+
+def use_triton(t: Tensor, auto: bool = False) -> bool:
+    """Whether an op on tensor `t` runs the Triton kernels (never a GPU launch on CPU). `auto` is
+    the op's own verdict for this call when the backend is `auto` (only ever taken on CUDA)."""
     choice = os.environ.get("ADAPTERLAB_BACKEND", "auto").lower()
     if choice not in BACKENDS:
         raise ConfigError(f"ADAPTERLAB_BACKEND={choice!r}; use one of {', '.join(BACKENDS)}")
@@ -41,16 +52,27 @@ def use_triton(t: Tensor) -> bool:
             raise ConfigError(f"ADAPTERLAB_BACKEND=triton with a {t.device.type} tensor: Triton runs on CUDA, or on "
                               "the CPU with TRITON_INTERPRET=1 (slow; for tests)")
         return True
-    return t.is_cuda and triton_available()
+    return auto and t.is_cuda and triton_available()
 
 
 def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float = 0.0, seed: int = 0) -> Tensor:
     """out + scale · drop_p(x) Aᵀ Bᵀ (added into `out` in place where it can be)."""
-    if use_triton(x):
+    if use_triton(x, auto=False):
         from .lora import lora_add as triton_lora_add
 
         return triton_lora_add(out, x, A, B, scale, p, seed)
     return reference.lora_add(out, x, A, B, scale, p, seed)
+
+
+def grouped_lora_add(out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor], Bs: list[Tensor],
+                     scales: list[float]) -> Tensor:
+    """out[t] += scales[g]·x[t]·A_gᵀ·B_gᵀ with g = token_ids[t] (-1: no adapter), in place."""
+    tokens = x.numel() // x.shape[-1]
+    if use_triton(x, auto=tokens >= GROUPED_MIN_TOKENS):
+        from .lora import grouped_lora_add as triton_grouped
+
+        return triton_grouped(out, x, token_ids, As, Bs, scales)
+    return reference.grouped_lora_add(out, x, token_ids, As, Bs, scales)
 
 
 def sparse_linear_add(out: Tensor, x: Tensor, values: Tensor, indices: Tensor, shape: tuple[int, int],
@@ -61,4 +83,4 @@ def sparse_linear_add(out: Tensor, x: Tensor, values: Tensor, indices: Tensor, s
                                        fixed_indices)
 
 
-__all__ = ["BACKENDS", "lora_add", "sparse_linear_add", "use_triton"]
+__all__ = ["BACKENDS", "GROUPED_MIN_TOKENS", "grouped_lora_add", "lora_add", "sparse_linear_add", "use_triton"]

@@ -71,6 +71,19 @@ def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: floa
     return LoRAAdd.apply(out, x, A, B, scale, p, seed)
 
 
+def grouped_lora_add(out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor], Bs: list[Tensor],
+                     scales: list[float]) -> Tensor:
+    """out[t] += scales[g]·x[t]·A_gᵀ·B_gᵀ with g = token_ids[t] (-1: none), one gather/scatter
+    per adapter (inference; training routes through each delta's own autograd)."""
+    x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    for g, (a, b, s) in enumerate(zip(As, Bs, scales)):
+        rows = (token_ids == g).nonzero().flatten().to(x.device)
+        if rows.numel():
+            h = x2.index_select(0, rows).to(a.dtype) @ a.t()
+            out2.index_add_(0, rows, (h @ b.t()).mul_(s).to(out2.dtype))
+    return out
+
+
 # -- sparse updates ---------------------------------------------------------------------------------
 def scatter_dense(shape: tuple[int, ...], values: Tensor, indices: Tensor,
                   fixed_values: Tensor | None = None, fixed_indices: Tensor | None = None) -> Tensor:

@@ -140,6 +140,11 @@ class LinearLoRA(LowRankDelta):
         dw = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         return dw.t() if self.transposed else dw
 
+    def routing_factors(self) -> tuple[Tensor, Tensor, float] | None:
+        if self.training and self.dropout > 0:
+            return None
+        return self.lora_A.weight, self.lora_B.weight, self.scaling
+
     def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
         p = self.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0

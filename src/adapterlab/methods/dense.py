@@ -1,0 +1,119 @@
+"""`DenseDelta`: a trainable ΔW of the base weight's full shape, zero at start (HFT, LocFT).
+
+The layer's output with the delta is the base module run with W + s·ΔW. For every supported
+module that output is linear in W, so it equals base(x) + s·f(x; ΔW) where f is the module's op
+with ΔW as its only weight (no bias):
+
+- nn.Linear:          f = x·ΔWᵀ
+- transformers Conv1D: f = x·ΔW                (weight stored in × out)
+- nn.Conv1d/2d/3d:    f = conv(x, ΔW) with the base geometry
+- nn.LayerNorm:       f = Δγ ⊙ (x − μ)/σ        (F.layer_norm with weight Δγ and no bias)
+- RMSNorm (torch, Llama, Mistral, Qwen2, …): f = Δγ ⊙ x/rms(x): the module's own forward with
+  γ replaced by Δγ. Only norms whose output is γ ⊙ n(x) qualify; a probe at construction checks
+  that γ = 0 gives 0 (Gemma's (1 + γ) ⊙ n(x) does not, and is refused).
+
+`AdapterLayer` folds dense deltas into one call of the base module (`Delta.folds`): the forward
+and backward then cost what full fine-tuning of that module costs, with no second matmul.
+`forward(x, out, scale)` is the additive form above, for callers that apply deltas one by one.
+Biases are not part of the delta; they stay frozen.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..config import AdapterConfig
+from ..errors import UnsupportedModuleError
+from ..layer import Delta
+from ..targeting import is_conv, is_hf_conv1d
+from .lora import adapter_dtype, conv_like
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    """torch's nn.RMSNorm or a transformers `*RMSNorm` class with a 1-D `weight`."""
+    if isinstance(module, getattr(nn, "RMSNorm", ())):
+        return True
+    weight = getattr(module, "weight", None)
+    return type(module).__name__.endswith("RMSNorm") and isinstance(weight, Tensor) and weight.dim() == 1
+
+
+def dense_kind(module: nn.Module) -> str | None:
+    """The module's kind for `DenseDelta` ("linear", "hf_conv1d", "conv", "layer_norm", "rms_norm"),
+    or None if it has no dense-delta form."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if is_hf_conv1d(module):
+        return "hf_conv1d"
+    if is_conv(module):
+        return "conv"
+    if isinstance(module, nn.LayerNorm):
+        return "layer_norm" if module.weight is not None else None
+    if is_rms_norm(module):
+        return "rms_norm" if getattr(module, "weight", None) is not None else None
+    return None
+
+
+def dense_unsupported(module: nn.Module) -> str | None:
+    """None if `DenseDelta` can wrap `module`, else why not (for `AdapterConfig.supports`)."""
+    if dense_kind(module) is None:
+        return ("a dense delta wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.LayerNorm with a weight, "
+                "and RMSNorm layers")
+    return None
+
+
+class DenseDelta(Delta):
+    """ΔW of the base weight's shape, trained directly; `delta_weight()` is ΔW itself."""
+
+    folds = True
+
+    def __init__(self, config: AdapterConfig, base: nn.Module) -> None:
+        super().__init__(config)
+        kind = dense_kind(base)
+        if kind is None:
+            raise UnsupportedModuleError(f"{config.method}: {dense_unsupported(base)}; got {type(base).__name__}")
+        self.kind = kind
+        weight = base.weight
+        self.weight_delta = nn.Parameter(torch.zeros(weight.shape, dtype=adapter_dtype(weight), device=weight.device))
+        if kind == "conv":
+            self._conv = conv_like(base)
+        elif kind == "layer_norm":
+            self._shape, self._eps = tuple(base.normalized_shape), base.eps
+        elif kind == "rms_norm":
+            # a plain reference (not a child module): the delta's state_dict holds only ΔW, and a
+            # deepcopy of the model maps it onto the copied base module
+            object.__setattr__(self, "_norm", base)
+            _check_linear_in_gamma(config, base)
+
+    def delta_weight(self) -> Tensor:
+        return self.weight_delta
+
+    def contribution(self, x: Tensor) -> Tensor:
+        """f(x; ΔW): the base module's op with ΔW as its only weight."""
+        w = self.weight_delta
+        if self.kind == "linear":
+            return F.linear(x.to(w.dtype), w)
+        if self.kind == "hf_conv1d":
+            return x.to(w.dtype) @ w
+        if self.kind == "conv":
+            return self._conv(x.to(w.dtype), w)
+        if self.kind == "layer_norm":
+            return F.layer_norm(x.to(w.dtype), self._shape, w, None, self._eps)
+        return functional_call(self._norm, {"weight": w}, (x.to(w.dtype),))
+
+    def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
+        return out + (self.contribution(x) * scale).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, shape={tuple(self.weight_delta.shape)}, dtype={self.weight_delta.dtype}"
+
+
+@torch.no_grad()
+def _check_linear_in_gamma(config: AdapterConfig, norm: nn.Module) -> None:
+    weight = norm.weight
+    probe = torch.randn(2, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    if functional_call(norm, {"weight": torch.zeros_like(weight)}, (probe,)).abs().max() != 0:
+        raise UnsupportedModuleError(
+            f"{config.method}: {type(norm).__name__} is not of the form γ ⊙ n(x) (with γ = 0 its output is not 0, "
+            "as in Gemma's (1 + γ) ⊙ n(x)), so a dense delta on its weight has no additive form; exclude it")

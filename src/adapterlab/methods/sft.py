@@ -1,0 +1,227 @@
+"""Composable sparse fine-tuning, LT-SFT (Ansell et al., ACL 2022).
+
+    result = train_lt_sft(model, batches, loss_fn, SFTConfig(density=0.01), name="lang", steps=1000)
+    al.save(model, "sft-lang/", name="lang")
+
+`train_lt_sft` runs the lottery-ticket procedure:
+1. fine-tune the maskable weights (every targeted module's weight) and the heads, with a fresh
+   optimizer, from θ₀;
+2. select the global top-K entries of |θ − θ₀| over all targeted weights;
+3. write θ₀ back into every trained weight (bit for bit);
+4. add the adapter (a `SparseDelta` per targeted module, with the selected support; a dense delta
+   per head) and train it with a fresh optimizer.
+
+Several SFTs compose by addition: `al.load` each one and they stack (θ_pre + Δ₁ + Δ₂ in the
+forward pass); `al.merge` applies them and `al.unmerge` reverts them bit-exactly.
+`al.inject(model, "sft")` alone adds deltas with empty supports (ΔW = 0); `SparseDelta.set_support`
+gives them one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig, TargetSpec, check_number, config_for, register
+from ..errors import ConfigError, TargetError
+from ..layer import Delta
+from ..model import apply_plan, plan
+from ..targeting import find_targets
+from .dense import DenseDelta
+from .sparse import SparseDelta, sparse_unsupported
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+@register
+@dataclass
+class SFTConfig(AdapterConfig):
+    """LT-SFT: K = `count` entries (when set) or `density` × the targeted weights' entries."""
+
+    method = "sft"
+    density: float | None = 0.01
+    count: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.count is not None:
+            check_number(self, "count", low=1, integer=True, hint="K is a number of weight entries")
+            self.density = None  # a count replaces the density
+        elif self.density is None:
+            raise ConfigError(f"{self.method}: set density (a fraction in (0, 1], e.g. 0.01) or count (K entries)")
+        else:
+            check_number(self, "density", low=0, high=1, low_open=True, hint="use e.g. 0.01 for 1% of the entries")
+
+    def k(self, maskable: int) -> int:
+        """K for targets with `maskable` entries in all; `ConfigError` if it exceeds them."""
+        if self.count is None:
+            return max(1, round(self.density * maskable))
+        if self.count > maskable:
+            raise ConfigError(f"{self.method}: count={self.count} is larger than the {maskable} entries of the "
+                              f"targeted weights; use count <= {maskable} or target more modules")
+        return self.count
+
+    def supports(self, module: nn.Module) -> str | None:
+        return sparse_unsupported(module)
+
+    def make_delta(self, module: nn.Module) -> Delta:
+        return SparseDelta(self, module)
+
+    def loaded_delta(self, module: nn.Module, built: Delta, tensors: dict[str, Tensor]) -> Delta:
+        if "weight_delta" in tensors:
+            return HeadDelta(self, module)
+        indices = tensors.get("indices")
+        return built if indices is None else SparseDelta(self, module, indices)
+
+
+class HeadDelta(DenseDelta):
+    """A head of an SFT: trained in full and stored dense; merge keeps the head's weight so that
+    unmerge restores it exactly."""
+
+    restores_exactly = True
+
+
+@dataclass
+class LTSFTResult:
+    """What `train_lt_sft` did: K, the entries it was chosen from, per-module K, the losses."""
+
+    k: int
+    maskable: int
+    per_module: dict[str, int] = field(default_factory=dict)
+    full_losses: list[float] = field(default_factory=list)
+    sparse_losses: list[float] = field(default_factory=list)
+
+
+def select_top_k(diffs: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+    """Sorted flat indices, per tensor, of the K entries with the largest |diff| over all tensors.
+    Exactly K are chosen: entries tied at the K-th largest magnitude are taken in order (tensors
+    in the dict's order, then by flat position) until K are reached."""
+    mags = torch.cat([d.detach().abs().flatten().float() for d in diffs.values()])
+    n = mags.numel()
+    if not 1 <= k <= n:
+        raise ConfigError(f"K={k} entries cannot be chosen from {n}; use 1 <= K <= {n}")
+    bad = next((path for path, d in diffs.items() if not torch.isfinite(d).all()), None)
+    if bad is not None:
+        raise ConfigError(f"the full fine-tuning phase gave NaN/Inf in {bad!r}; lower the learning rate")
+    kth = mags.kthvalue(n - k + 1).values
+    chosen = mags > kth
+    short = k - int(chosen.sum())
+    chosen[(mags == kth).nonzero().flatten()[:short]] = True
+    out, start = {}, 0
+    for path, d in diffs.items():
+        out[path] = chosen[start:start + d.numel()].nonzero().flatten()
+        start += d.numel()
+    return out
+
+
+def train_lt_sft(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, config: SFTConfig | None = None, *,
+                 name: str = "default", steps: int = 100, sparse_steps: int | None = None,
+                 heads: TargetSpec | None = None, make_optimizer: OptimizerFactory | None = None,
+                 l1: float = 0.0) -> LTSFTResult:
+    """Train an LT-SFT adapter `name` on `model` (see the module docstring) and leave it active and
+    trainable. `batches` is re-iterable (a list, a DataLoader) and cycled for `steps` optimizer
+    steps in the full phase and `sparse_steps` (default: `steps`) in the sparse phase;
+    `loss_fn(model, batch)` returns the loss. `heads` (module names, as in `targets`) are trained
+    dense in both phases and stored dense. `make_optimizer(params)` builds each phase's fresh
+    optimizer (default AdamW, lr 5e-5). `l1` adds l1·Σ|θ − θ₀| over the targeted weights.
+    The model stays in the mode it is in (call `model.train()` first for dropout). Everything is
+    validated before training; on an error in training the weights are restored."""
+    config = SFTConfig() if config is None else config_for(config)
+    if not isinstance(config, SFTConfig):
+        raise ConfigError(f"train_lt_sft needs an SFTConfig, got a {config.method!r} config")
+    if not isinstance(l1, (int, float)) or l1 < 0:
+        raise ConfigError(f"l1={l1!r} must be a number >= 0 (0 turns the L1 pull toward θ₀ off)")
+    for what, n in (("steps", steps), ("sparse_steps", steps if sparse_steps is None else sparse_steps)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"{what}={n!r} must be an integer >= 1")
+    body = plan(model, config, name)
+    head_steps = _head_plan(model, config, heads, {path for path, _, _ in body})
+    weights = {path: module.weight for path, module, _ in body}
+    maskable = sum(w.numel() for w in weights.values())
+    k = config.k(maskable)
+
+    optimizer = make_optimizer or (lambda params: torch.optim.AdamW(params, lr=5e-5))
+    diffs, full_losses = _full_phase(model, weights, [m.weight for _, m, _ in head_steps], batches, loss_fn,
+                                     steps, optimizer, l1)
+    supports = select_top_k(diffs, k)
+    for path, _, delta in body:
+        delta.set_support(supports[path])
+    apply_plan(model, name, body + head_steps)
+    values = [delta.values for _, _, delta in body]
+    params = values + [p for _, _, d in head_steps for p in d.parameters()]
+    penalty = (lambda: l1 * sum(v.abs().sum() for v in values)) if l1 else None
+    sparse_losses = _train(model, params, batches, loss_fn, sparse_steps or steps, optimizer, penalty)
+    return LTSFTResult(k, maskable, {path: int(s.numel()) for path, s in supports.items()}, full_losses,
+                       sparse_losses)
+
+
+def _head_plan(model: nn.Module, config: SFTConfig, heads: TargetSpec | None,
+               body: set[str]) -> list[tuple[str, nn.Module, Delta]]:
+    if heads is None:
+        return []
+    found = find_targets(model, dataclasses.replace(config, targets=heads, exclude=None, layers=None))
+    overlap = sorted(body & {path for path, _ in found})
+    if overlap:
+        raise TargetError(f"{overlap} are both sparse targets and heads; add them to `exclude` to train them as heads")
+    return [(path, module, HeadDelta(config, module)) for path, module in found]
+
+
+def _full_phase(model: nn.Module, weights: dict[str, nn.Parameter], head_weights: list[nn.Parameter],
+                batches: Iterable[Any], loss_fn: LossFn, steps: int, optimizer: OptimizerFactory,
+                l1: float) -> tuple[dict[str, Tensor], list[float]]:
+    """Fine-tune the targeted weights and the heads; return θ − θ₀ per weight and the losses, with
+    θ₀ and every parameter's requires_grad restored (also on error)."""
+    trained = list(weights.values()) + head_weights
+    start = [w.detach().clone() for w in trained]
+    theta0 = dict(zip(weights, start))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.requires_grad_(False)
+        for w in trained:
+            w.requires_grad_(True)
+        penalty = (lambda: l1 * sum((w - theta0[p]).abs().sum() for p, w in weights.items())) if l1 else None
+        losses = _train(model, trained, batches, loss_fn, steps, optimizer, penalty)
+        with torch.no_grad():
+            diffs = {path: w.detach() - theta0[path] for path, w in weights.items()}
+    finally:
+        with torch.no_grad():
+            for w, w0 in zip(trained, start):
+                w.copy_(w0)
+                w.grad = None
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return diffs, losses
+
+
+def _cycle(batches: Iterable[Any], steps: int) -> Iterator[Any]:
+    done = 0
+    while done < steps:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+            done += 1
+            if done == steps:
+                return
+        if empty:
+            raise ConfigError("batches yielded nothing; pass a non-empty list or DataLoader (an exhausted "
+                              "iterator cannot be re-read for the second phase)")
+
+
+def _train(model: nn.Module, params: list[nn.Parameter], batches: Iterable[Any], loss_fn: LossFn, steps: int,
+           optimizer: OptimizerFactory, penalty: Callable[[], Tensor] | None) -> list[float]:
+    opt = optimizer(params)
+    losses = []
+    for batch in _cycle(batches, steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        (loss + penalty() if penalty else loss).backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    opt.zero_grad(set_to_none=True)
+    return losses

@@ -1,0 +1,132 @@
+"""`SparseDelta`: a ΔW that is zero except at a sorted set of flat positions (LT-SFT, SaRA).
+
+State: `indices` (a persistent buffer of sorted flat positions in the base weight's own layout,
+int32 when the weight has fewer than 2³¹ entries, else int64) and `values` (the trainable 1-D
+parameter, one entry per index). The gradient, AdamW's two moments and the indices are therefore
+O(k), whatever the size of the weight.
+
+- nn.Linear / transformers Conv1D: the forward is one autograd function
+  (`kernels.sparse_linear_add`): ΔW is scattered into a dense temporary for the matmul and freed;
+  the backward rebuilds it for the input gradient and computes the values' gradient as a sampled
+  product (one dot product per index), never the dense dW.
+- nn.Conv1d/2d/3d: ΔW is scattered into a dense temporary and convolved; autograd gathers the
+  values' gradient from the conv's dense weight gradient, which lives only during backward.
+
+Merging adds ΔW to the base weight; unmerging writes back the saved original entries at the
+support, so merge → unmerge is bit-exact (`Delta.restores_exactly`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig
+from ..errors import ConfigError, UnsupportedModuleError
+from ..kernels import sparse_linear_add
+from ..kernels.reference import scatter_dense
+from ..layer import Delta
+from ..targeting import is_conv, is_hf_conv1d, is_linear
+from .lora import adapter_dtype, conv_like
+
+INT32_LIMIT = 2**31 - 1
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 when every flat position of a `numel`-entry weight fits, else int64."""
+    return torch.int32 if numel <= INT32_LIMIT else torch.int64
+
+
+def sparse_unsupported(module: nn.Module) -> str | None:
+    """None if `SparseDelta` can wrap `module`, else why not (for `AdapterConfig.supports`)."""
+    if is_linear(module) or is_conv(module):
+        return None
+    return "a sparse delta wraps nn.Linear, transformers Conv1D and nn.Conv1d/2d/3d"
+
+
+def check_indices(indices: Tensor, numel: int, what: str = "indices") -> Tensor:
+    """`indices` as a 1-D index tensor of `index_dtype(numel)`, after checking that they are
+    integers, strictly increasing and inside [0, numel). Raises `ConfigError` naming the problem."""
+    if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.is_floating_point() \
+            or indices.is_complex() or indices.dtype == torch.bool:
+        got = f"a {indices.dim()}-D {indices.dtype} tensor" if isinstance(indices, Tensor) else type(indices).__name__
+        raise ConfigError(f"{what} must be a 1-D integer tensor of flat positions, got {got}")
+    if indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= numel:
+            bad = low if low < 0 else high
+            raise ConfigError(f"{what} hold position {bad}, outside the weight's {numel} entries "
+                              f"(valid: 0 to {numel - 1}); were they made for a weight of another shape?")
+        if bool((indices[1:] <= indices[:-1]).any()):
+            raise ConfigError(f"{what} must be strictly increasing (sorted, no repeats); "
+                              "pass torch.unique(indices), which sorts and removes repeats")
+    return indices.to(index_dtype(numel))
+
+
+class SparseDelta(Delta):
+    """ΔW = `values` at the flat positions `indices` of the base weight, zero elsewhere."""
+
+    restores_exactly = True
+
+    def __init__(self, config: AdapterConfig, base: nn.Module, indices: Tensor | None = None) -> None:
+        super().__init__(config)
+        reason = sparse_unsupported(base)
+        if reason:
+            raise UnsupportedModuleError(f"{config.method}: {reason}; got {type(base).__name__}")
+        weight = base.weight
+        self.weight_shape = tuple(weight.shape)
+        self.transposed = is_hf_conv1d(base)
+        self._conv = None if is_linear(base) else conv_like(base)
+        if indices is None:
+            indices = torch.zeros(0, dtype=index_dtype(self.numel), device=weight.device)
+        idx = check_indices(indices.to(weight.device), self.numel)
+        self.register_buffer("indices", idx)
+        self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=adapter_dtype(weight), device=weight.device))
+
+    @property
+    def numel(self) -> int:
+        """Entries of the base weight."""
+        return math.prod(self.weight_shape)
+
+    @property
+    def k(self) -> int:
+        """Trained entries."""
+        return self.indices.numel()
+
+    @torch.no_grad()
+    def set_support(self, indices: Tensor, values: Tensor | None = None) -> None:
+        """Train exactly these flat positions from now on (values start at `values`, else 0).
+        The `values` parameter stays the same object, so add it to an optimizer after this call
+        (or drop its optimizer state), and its gradient is cleared."""
+        idx = check_indices(indices.to(self.indices.device), self.numel)
+        if values is not None and tuple(values.shape) != (idx.numel(),):
+            raise ConfigError(f"values has shape {tuple(values.shape)}; it needs one entry per index, ({idx.numel()},)")
+        self.indices = idx
+        self.values.data = (torch.zeros(idx.numel(), dtype=self.values.dtype, device=idx.device) if values is None
+                            else values.detach().to(self.values.dtype).clone())
+        self.values.grad = None
+
+    def fixed_part(self) -> tuple[Tensor, Tensor] | None:
+        """(values, indices) of entries that belong to ΔW but do not train; none here (SaRA's
+        progressive step adds some)."""
+        return None
+
+    def delta_weight(self) -> Tensor:
+        fixed = self.fixed_part() or (None, None)
+        return scatter_dense(self.weight_shape, self.values, self.indices, *fixed)
+
+    def support(self) -> Tensor:
+        fixed = self.fixed_part()
+        return self.indices if fixed is None else torch.cat([self.indices, fixed[1].to(self.indices.dtype)])
+
+    def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
+        if self._conv is not None:
+            dw = self.delta_weight()
+            return out + (self._conv(x.to(dw.dtype), dw) * scale).to(out.dtype)
+        fixed = self.fixed_part() or (None, None)
+        return sparse_linear_add(out, x, self.values, self.indices, self.weight_shape, self.transposed, scale, *fixed)
+
+    def extra_repr(self) -> str:
+        return (f"k={self.k}, weight_shape={self.weight_shape}, density={self.k / max(self.numel, 1):.4g}, "
+                f"dtype={self.values.dtype}")
