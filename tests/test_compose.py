@@ -218,3 +218,60 @@ def test_cat_refuses_non_lora_inputs():
     model[0].deltas["t0"] = Dense(al.adapters(model)["t0"])  # a non-LoRA delta under a LoRA name
     with pytest.raises(al.UnsupportedModuleError, match="how='cat' concatenates LoRA factors"):
         al.combine(model, {"t0": 1.0}, how="cat")
+
+
+def dense_of(model, name):
+    return {p: m.deltas[name].delta_weight().detach().double().numpy()
+            for p, m in model.named_modules() if hasattr(m, "deltas") and name in m.deltas}
+
+
+@pytest.mark.parametrize("how", ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_dense_and_sparse_outputs_are_exact(how, kind):
+    model = model_with(ranks=(3, 4))
+    weights = {"t0": 1.0, "t1": -0.7}
+    al.combine(model, weights, how=how, into="out", kind=kind, density=0.3, p=0.5, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    for path, got in dense_of(model, "out").items():
+        taus = {n: deltas(model, n)[path] for n in weights}
+        if how == "linear":
+            want = sum(w * taus[n] for n, w in weights.items())
+        elif how.startswith("dare"):
+            dropped = [w * taus[n] * (torch.rand(taus[n].shape, generator=gen) >= 0.5).numpy() / 0.5
+                       for n, w in weights.items()]
+            want = sum(dropped) if how == "dare_linear" else np_ties(dropped)
+        else:
+            trimmed = [w * np_trim(taus[n], 0.3) for n, w in weights.items()]
+            want = sum(trimmed) if how == "magnitude_prune" else np_ties(trimmed)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    out = al.adapters(model)["out"]
+    assert out.method == ("dense" if kind == "dense" else "sft")
+    if kind == "sparse":
+        layer = model[0]
+        assert layer.deltas["out"].k == int(np.count_nonzero(dense_of(model, "out")["0"]))
+
+
+def test_mixed_lora_sparse_and_dense_inputs(tmp_path):
+    model = model_with(ranks=(2,))
+    al.combine(model, {"t0": 1.0}, how="linear", into="dense_in", kind="dense")
+    al.combine(model, {"t0": 0.5}, how="magnitude_prune", into="sparse_in", kind="sparse", density=0.4)
+    weights = {"t0": 1.0, "dense_in": -0.5, "sparse_in": 2.0}
+    al.combine(model, weights, how="linear", into="mix", kind="dense")
+    for path, got in dense_of(model, "mix").items():
+        want = sum(w * dense_of(model, n)[path] for n, w in weights.items())
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    x = torch.randn(3, 7)
+    with torch.no_grad():
+        al.set_active(model, weights)
+        stacked = model(x)
+        al.set_active(model, ["mix"])
+        assert torch.allclose(model(x), stacked, atol=1e-5)
+    for name in ("mix", "sparse_in"):
+        al.save(model, tmp_path / name, name=name)
+        fresh = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 6))
+        fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
+                               if "deltas" not in k})
+        al.load(fresh, tmp_path / name, name=name)
+        al.set_active(model, [name])
+        with torch.no_grad():
+            assert torch.allclose(fresh(x), model(x), atol=1e-6)

@@ -1,7 +1,9 @@
 """Combine adapters into a new one: task arithmetic, TIES, DARE, magnitude pruning, LoRA concat, SVD.
 
 Every `how` works on the dense ΔW of each input (any delta kind), target by target, except `cat`,
-which concatenates LoRA factors exactly. The result is re-expressed as a new adapter of `kind`.
+which concatenates LoRA factors exactly. The result is re-expressed as a new adapter of `kind`:
+`lora` (re-factored by SVD to `rank`), `sparse` (an SFT-style delta on the nonzero entries) or
+`dense` (a full ΔW per target).
 Formulas (τᵢ = ΔWᵢ of input i, wᵢ its weight):
 
 - linear:          Σ wᵢ τᵢ (task arithmetic; negative weights subtract)
@@ -23,13 +25,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .config import AdapterConfig
 from .errors import AdapterNameError, ConfigError, UnsupportedModuleError
 from .layer import AdapterLayer
+from .methods.dense import DenseConfig
 from .methods.lora import LoRAConfig, LowRankDelta
+from .methods.sft import SFTConfig
 from .model import adapter_layers, adapters, apply_plan, plan
 
 HOWS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd")
-KINDS = ("lora",)
+KINDS = ("lora", "sparse", "dense")
 
 
 @dataclass
@@ -119,6 +124,25 @@ def _common_targets(model: nn.Module, names: list[str]) -> list[tuple[str, Adapt
     return layers
 
 
+def _output_config(kind: str, how: str, rank: int | None, paths: list[str], inputs: list) -> AdapterConfig:
+    """The config of the combined adapter: its deltas are built from it, and it is what is saved."""
+    if kind == "dense":
+        return DenseConfig(targets=paths)
+    if kind == "sparse":
+        return SFTConfig(targets=paths, density=1.0)
+    input_ranks = [c.r for c in inputs if isinstance(c, LoRAConfig)]
+    if how == "cat":
+        if len({c.conv_mode for c in inputs}) > 1:
+            raise UnsupportedModuleError("how='cat' needs inputs of one conv_mode; use how='svd'")
+        rank = sum(input_ranks)
+    elif rank is None:
+        if not input_ranks:
+            raise ConfigError("rank=None: no input is a LoRA to take the rank from; pass rank=… (or kind='dense')")
+        rank = max(input_ranks)
+    modes = {c.conv_mode for c in inputs if isinstance(c, LoRAConfig)}
+    return LoRAConfig(r=rank, alpha=float(rank), targets=paths, conv_mode=modes.pop() if len(modes) == 1 else "kernel")
+
+
 def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", into: str = "combined",
             kind: str = "lora", *, density: float = 0.2, trim_scope: str = "tensor", p: float = 0.9,
             seed: int = 0, rank: int | None = None) -> CombineReport:
@@ -147,25 +171,25 @@ def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", in
         kinds = sorted({type(layer.deltas[n]).__name__ for _, layer in layers for n in names})
         raise UnsupportedModuleError(f"how='cat' concatenates LoRA factors; inputs include {kinds}. "
                                      "Use how='svd' (or 'linear' with kind='lora') instead")
-    input_ranks = [known[n].r for n in names if isinstance(known[n], LoRAConfig)]
-    if how == "cat":
-        rank = sum(input_ranks)
-    elif rank is None:
-        if not input_ranks:
-            raise ConfigError("rank=None: no input is a LoRA to take the rank from; pass rank=…")
-        rank = max(input_ranks)
-    modes = {known[n].conv_mode for n in names if isinstance(known[n], LoRAConfig)}
-    config = LoRAConfig(r=rank, alpha=float(rank), targets=[path for path, _ in layers],
-                        conv_mode=modes.pop() if len(modes) == 1 else "kernel")
-    if how == "cat" and len({known[n].conv_mode for n in names}) > 1:
-        raise UnsupportedModuleError("how='cat' needs inputs of one conv_mode; use how='svd'")
-    steps = plan(model, config, into, paths=[path for path, _ in layers])
+    paths = [path for path, _ in layers]
+    config = _output_config(kind, how, rank, paths, [known[n] for n in names])
+    rank = getattr(config, "r", None)
+    steps = plan(model, config, into, paths=paths)
     thresholds = _global_thresholds(layers, names, density) if trim_scope == "global" and how in (
         "ties", "magnitude_prune") else None
     gen = torch.Generator().manual_seed(seed)
     report = CombineReport(into, how, kind, rank)
     total = 0.0
     for (path, layer), (_, _, out) in zip(layers, steps):
+        if kind != "lora":
+            combined = _combined_delta(layer, weights, how, density, p, thresholds, gen).to(out.delta_weight().dtype)
+            if kind == "dense":
+                out.weight_delta.data.copy_(combined)
+            else:
+                flat = combined.flatten()
+                support = flat.nonzero().flatten()
+                out.set_support(support, flat[support])
+            continue
         if not out.refactorable:
             raise UnsupportedModuleError(f"{path!r} is a grouped conv in kernel mode: its ΔW is not one low-rank "
                                          "product; use conv_mode='reshape' adapters")
@@ -186,5 +210,8 @@ def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", in
         total += float((s ** 2).sum())
     if total:
         report.discarded_fraction = sum(report.discarded.values()) / total
+    if kind == "sparse":  # the SFT config records K, the entries the result holds
+        config.count = max(1, sum(out.k for _, _, out in steps))
+        config.density = None
     apply_plan(model, into, steps, trainable=False, activate=False)
     return report

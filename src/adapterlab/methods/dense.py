@@ -19,12 +19,14 @@ Biases are not part of the delta; they stay frozen.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, register
 from ..errors import UnsupportedModuleError
 from ..layer import Delta
 from ..targeting import is_conv, is_hf_conv1d
@@ -117,3 +119,18 @@ def _check_linear_in_gamma(config: AdapterConfig, norm: nn.Module) -> None:
         raise UnsupportedModuleError(
             f"{config.method}: {type(norm).__name__} is not of the form γ ⊙ n(x) (with γ = 0 its output is not 0, "
             "as in Gemma's (1 + γ) ⊙ n(x)), so a dense delta on its weight has no additive form; exclude it")
+
+
+@register
+@dataclass
+class DenseConfig(AdapterConfig):
+    """A full-shape ΔW on every target: what `al.combine(..., kind="dense")` produces, and plain
+    fine-tuning of chosen modules kept as a detachable delta."""
+
+    method = "dense"
+
+    def supports(self, module: nn.Module) -> str | None:
+        return dense_unsupported(module)
+
+    def make_delta(self, module: nn.Module) -> Delta:
+        return DenseDelta(self, module)
