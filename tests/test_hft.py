@@ -183,3 +183,20 @@ def test_layers_and_exclude_narrow_the_pool():
     assert not any("layernorm" in p for p in chosen)
     with pytest.raises(al.TargetError, match="layers="):
         select_half(model, 0, layers=[9])
+
+
+def test_stages_on_the_same_half_combine_into_a_dense_adapter(ids):
+    model = tiny_llama(layers=2)
+    al.inject(model, "hft", seed=4, name="task_a")
+    train(model, ids, steps=2)
+    al.inject(model, "hft", seed=4, name="task_b")  # the same half, trained on other data
+    train(model, ids.flip(1), steps=2)
+    with torch.no_grad():
+        stacked = model(ids).logits  # both active: θ = θ₀ + Δa + Δb
+    al.combine(model, {"task_a": 1.0, "task_b": 1.0}, how="linear", kind="dense", into="sum")
+    al.set_active(model, "sum")
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, stacked, atol=1e-5)
+    al.hft.next_stage(model, seed=5, name="other")  # a different half covers other modules
+    with pytest.raises(al.UnsupportedModuleError, match="do not cover the same modules"):
+        al.combine(model, {"task_a": 1.0, "other": 1.0}, kind="dense", into="mixed")

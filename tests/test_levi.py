@@ -128,10 +128,18 @@ def test_plain_module_with_layer_names(tmp_path):
         assert torch.equal(loaded(x), levi(x))
 
 
+def test_al_load_points_to_levi_load(tmp_path):
+    al.levi.save(LEVI(tiny_bert(), num_classes=3), tmp_path / "levi")
+    with pytest.raises(al.AdapterFileError, match=r"al.levi.load"):
+        al.load(tiny_bert(), tmp_path / "levi")
+
+
 def test_not_mergeable_and_bad_input():
     levi = LEVI(tiny_bert(), num_classes=3)
     with pytest.raises(al.MergeError, match="cannot be merged.*al.levi.save"):
         al.merge(levi)
+    with pytest.raises(al.MergeError, match="cannot be merged"):
+        al.unload(levi, merge=True)
     with pytest.raises(al.ConfigError, match="side network.*al.levi.LEVI"):
         al.inject(tiny_bert(), "levi")
     with pytest.raises(al.TargetError, match="'blok.1' matches no module.*closest: 'block.1'"):

@@ -256,6 +256,9 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     """Add the adapter saved in `directory` to `model` as `name` (atomic: on any error the model is
     unchanged). Reads adapterlab directories and PEFT LoRA directories."""
     block, tensors = read_adapter(directory)
+    if block.get("method") == "levi":
+        raise AdapterFileError(f"{str(directory)!r} holds a LEVI side network, not weight deltas; "
+                               "load it with al.levi.load(backbone, directory)")
     config = AdapterConfig.from_dict(block.get("config"))
     check_fingerprint(model, block.get("fingerprint") or {})
     steps = [(path, module, _loaded_delta(config, path, module, delta, tensors, directory))

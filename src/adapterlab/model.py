@@ -208,6 +208,8 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """Remove every wrapper. With `merge=True` the active adapters are merged first (safely);
     otherwise merged adapters are unmerged, giving back the original model."""
     if merge:
+        if getattr(model, "merge_refusal", None):
+            raise MergeError(model.merge_refusal)
         merged = {n for _, layer in adapter_layers(model) for n in layer.merged}
         pending = [n for n in active(model) if n not in merged]
         if pending:

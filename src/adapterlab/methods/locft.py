@@ -205,8 +205,9 @@ def edit(model: nn.Module, tokenizer: Any, requests: Iterable[EditRequest | dict
     elif not isinstance(existing, LocFTConfig):
         raise ConfigError(f"locft: adapter {name!r} is a {existing.method!r} adapter; pass another name")
     elif layer is not None and [edit_location(model, layer, module)] != existing.targets:
-        raise ConfigError(f"locft: adapter {name!r} edits {existing.targets[0]!r}, not layer={layer} module={module!r}; "
-                          "pass another name for another location (or layer=None to keep editing this one)")
+        raise ConfigError(f"locft: adapter {name!r} edits {existing.targets[0]!r}, not layer={layer} "
+                          f"module={module!r}; pass another name for another location (or layer=None to keep "
+                          "editing this one)")
     params = [p for _, wrapper in adapter_layers(model) if name in wrapper.deltas
               for p in wrapper.deltas[name].parameters()]
     for p in params:
