@@ -159,7 +159,8 @@ def interleaved(steps: Steps, rounds: int, warmup: int, budget_s: float,
             done.append((others, took))
     chosen = quiet if len(quiet) >= rounds else sorted(done, key=lambda r: r[0])[:rounds]
     stats = {"rounds_run": len(done), "rounds_used": len(chosen), "all_quiet": len(quiet) >= rounds,
-             "max_other_cores": round(max(r[0] for r in chosen), 3)}
+             "max_other_cores": round(max(r[0] for r in chosen), 3),
+             "other_cores_per_used_round": [round(r[0], 3) for r in chosen]}
     return {n: [r[1][n] for r in chosen] for n in names}, stats
 
 
@@ -235,12 +236,20 @@ def targets(train: dict, infer: dict) -> list[dict]:
     return rows
 
 
+def git_commit() -> str:
+    """HEAD of the checkout, with '+dirty' when src/ has uncommitted changes ('' outside git)."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
+    return head + ("+dirty" if head and dirty else "")
+
+
 def environment(command: str, settings: dict) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
-            "adapterlab": al.__version__, "python": platform.python_version(), "cpu": cpu,
+            "adapterlab": al.__version__, "commit": git_commit(), "python": platform.python_version(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), **settings}
 
 
@@ -250,7 +259,7 @@ def fmt(x: float | None) -> str:
 
 def markdown(res: dict) -> str:
     env, rt, ri = res["env"], res["rounds"]["train"], res["rounds"]["infer"]
-    lines = [f"Command: `{env['command']}` · {env['date']} · torch {env['torch']}, peft {env['peft']}, "
+    lines = [f"Command: `{env['command']}` · {env['date']} · adapterlab {env['commit']} · torch {env['torch']}, peft {env['peft']}, "
              f"transformers {env['transformers']} · {env['cpu']}, {env['cpu_count']} cores, "
              f"{env['threads']} threads · rounds used/run: train {rt['rounds_used']}/{rt['rounds_run']}, "
              f"inference {ri['rounds_used']}/{ri['rounds_run']}; other processes used at most "
