@@ -3,7 +3,7 @@
     import adapterlab as al
     model = al.inject(model, "lora", r=16, alpha=32, targets="all-linear")
 """
-from . import methods  # noqa: F401  (registers the methods)
+from . import losses, methods  # noqa: F401  (methods registers the methods)
 from .compose import CombineReport, combine
 from .config import AdapterConfig, config_for
 from .errors import (
@@ -49,6 +49,6 @@ __all__ = [
     "FingerprintMismatchError", "inject", "load", "LoRAConfig", "merge", "MergeError", "routing",
     "RoutingError", "save", "set_active", "TargetError", "trainable_summary", "UnknownMethodError", "unload",
     "unmerge", "UnsupportedModuleError", "__version__",
-    "hft", "HFTConfig", "levi", "LEVIConfig", "locft", "LocFTConfig",
+    "hft", "HFTConfig", "losses", "levi", "LEVIConfig", "locft", "LocFTConfig",
     "sara", "SaRAConfig", "sft", "SFTConfig", "SparseDelta", "train_lt_sft",
 ]
