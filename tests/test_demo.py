@@ -19,3 +19,22 @@ def test_cli_demo_and_usage_errors(tmp_path, capsys):
         assert e.code == 2
     else:
         raise AssertionError("argparse should exit 2 on a usage error")
+
+
+def test_cli_inspect(tmp_path, capsys):
+    import json
+
+    import torch
+
+    import adapterlab as al
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    al.inject(model, "lora", r=2)
+    al.save(model, tmp_path / "ad")
+    assert main(["inspect", str(tmp_path / "ad"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "lora" and info["config"]["r"] == 2 and info["targets"] == 2
+    assert info["parameters"] == 2 * (6 + 5) + 2 * (5 + 4)
+    assert info["bytes_on_disk"] > 0 and len(info["fingerprint"]) == 64
+    assert main(["inspect", str(tmp_path / "missing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
