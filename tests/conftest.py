@@ -60,6 +60,14 @@ def randomize_lora(model: nn.Module, std: float = 0.1, seed: int = 1, adapter: s
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
 
 
+def read_weights(path) -> tuple[dict, dict]:
+    """An adapter_model.safetensors file's tensors and header metadata, for tests that damage it."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

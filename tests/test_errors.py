@@ -8,7 +8,7 @@ from torch import nn
 
 import adapterlab as al
 from adapterlab.io import CONFIG_FILE, WEIGHTS_FILE
-from conftest import tiny_llama
+from conftest import read_weights, tiny_llama
 
 
 def lin():
@@ -29,11 +29,9 @@ def pickle_dir(tmp):
 def newer(tmp):
     m = al.inject(lin(), "lora", targets=["0"])
     al.save(m, tmp)
-    from safetensors import safe_open
     from safetensors.torch import save_file
-    with safe_open(tmp / WEIGHTS_FILE, "pt") as f:
-        t = {k: f.get_tensor(k) for k in f.keys()}
-        block = json.loads(f.metadata()["adapterlab"])
+    t, meta = read_weights(tmp / WEIGHTS_FILE)
+    block = json.loads(meta["adapterlab"])
     block["format_version"] = 7
     save_file(t, tmp / WEIGHTS_FILE, metadata={"adapterlab": json.dumps(block)})
     al.load(lin(), tmp)

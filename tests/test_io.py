@@ -5,13 +5,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 import adapterlab as al
 from adapterlab.io import CONFIG_FILE, WEIGHTS_FILE
-from conftest import conv_net, randomize_lora, tiny_gpt2, tiny_llama
+from conftest import conv_net, randomize_lora, read_weights, tiny_gpt2, tiny_llama
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "conv": conv_net}
 
@@ -60,9 +59,8 @@ def test_file_layout_and_metadata(tmp_path, llama):
     al.inject(llama, "lora", r=2, targets=["q_proj"])
     al.save(llama, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
-    with safe_open(tmp_path / WEIGHTS_FILE, "pt") as f:
-        keys = set(f.keys())
-        block = json.loads(f.metadata()["adapterlab"])
+    tensors, meta = read_weights(tmp_path / WEIGHTS_FILE)
+    keys, block = set(tensors), json.loads(meta["adapterlab"])
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert block["format_version"] == 1 and block["method"] == "lora"
     assert block["fingerprint"]["modules"]["model.layers.1.self_attn.q_proj"]["shape"] == [32, 32]
@@ -123,9 +121,8 @@ def test_fingerprint_mismatch_names_the_module(tmp_path, llama):
 def test_newer_format_is_refused(tmp_path, llama):
     al.inject(llama, "lora", r=2, targets=["q_proj"])
     al.save(llama, tmp_path)
-    with safe_open(tmp_path / WEIGHTS_FILE, "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        block = json.loads(f.metadata()["adapterlab"])
+    tensors, meta = read_weights(tmp_path / WEIGHTS_FILE)
+    block = json.loads(meta["adapterlab"])
     block["format_version"] = 99
     save_file(tensors, tmp_path / WEIGHTS_FILE, metadata={"adapterlab": json.dumps(block)})
     with pytest.raises(al.AdapterFileError, match="format version 99.*Upgrade adapterlab"):
@@ -149,9 +146,7 @@ def test_damaged_files_raise_adapter_file_error(tmp_path, llama, damage):
     elif damage == "garbage":
         w.write_bytes(b"\xff" * 64)
     elif damage in ("bad_json", "missing_json"):
-        with safe_open(w, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        save_file(tensors, w)  # without our header, so the JSON is what is read
+        save_file(read_weights(w)[0], w)  # without our header, so the JSON is what is read
         c.write_text("{not json") if damage == "bad_json" else c.unlink()
     target = tmp_path / ("nowhere" if damage == "no_dir" else "ad")
     fresh = tiny_llama()
@@ -163,9 +158,7 @@ def test_damaged_files_raise_adapter_file_error(tmp_path, llama, damage):
 def test_shape_mismatch_on_load(tmp_path, llama):
     al.inject(llama, "lora", r=2, targets=["q_proj"])
     al.save(llama, tmp_path)
-    with safe_open(tmp_path / WEIGHTS_FILE, "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_weights(tmp_path / WEIGHTS_FILE)
     key = next(k for k in tensors if k.endswith("lora_A.weight"))
     tensors[key] = torch.zeros(2, 31)
     save_file(tensors, tmp_path / WEIGHTS_FILE, metadata=meta)

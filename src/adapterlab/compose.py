@@ -182,7 +182,7 @@ def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", in
     total = 0.0
     for (path, layer), (_, _, out) in zip(layers, steps):
         if kind != "lora":
-            combined = _combined_delta(layer, weights, how, density, p, thresholds, gen).to(out.delta_weight().dtype)
+            combined = _combined_delta(layer, weights, how, density, p, thresholds, gen)  # both setters cast
             if kind == "dense":
                 out.weight_delta.data.copy_(combined)
             else:

@@ -29,7 +29,7 @@ from .config import AdapterConfig
 from .errors import AdapterFileError, AdapterlabError, FingerprintMismatchError
 from .layer import Delta
 from .methods.lora import LoRAConfig
-from .model import adapter_layers, apply_plan, plan
+from .model import adapter_layers, adapters, apply_plan, plan
 from .targeting import logical_modules
 
 VERSION = "0.1.0"
@@ -72,7 +72,6 @@ def check_fingerprint(model: nn.Module, expected: dict[str, Any]) -> None:
 def _deltas(model: nn.Module, name: str) -> list[tuple[str, Delta]]:
     found = [(path, layer.deltas[name]) for path, layer in adapter_layers(model) if name in layer.deltas]
     if not found:
-        from .model import adapters
         raise AdapterFileError(f"no adapter named {name!r} to save; adapters: {sorted(adapters(model)) or 'none'}")
     return found
 

@@ -110,7 +110,7 @@ def inject(model: nn.Module, method: str | AdapterConfig = "lora", name: str = "
 
 def set_active(model: nn.Module, names: str | list[str] | dict[str, float]) -> None:
     """Choose which adapters apply, and with what weight; several stack (their deltas add)."""
-    weights = dict(names) if isinstance(names, dict) else {n: 1.0 for n in _require(model, names)}
+    weights = dict(names) if isinstance(names, dict) else {n: 1.0 for n in ([names] if isinstance(names, str) else names)}
     _require(model, list(weights))
     if any(layer.merged for _, layer in adapter_layers(model)):
         raise MergeError("adapters are merged into the weights; call al.unmerge(model) before changing the active set")
