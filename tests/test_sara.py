@@ -100,30 +100,34 @@ def test_nuclear_norm_term_lowers_the_effective_rank():
     assert effective_rank(regularised) <= 0.75 * effective_rank(plain)
 
 
-def test_progressive_reselection_shrinks_the_mask_and_training_continues(ids, tmp_path):
+def test_progressive_reselection_freezes_entries_and_training_continues(ids, tmp_path):
     model = tiny_llama()
     al.inject(model, "sara", threshold=2e-3, progressive_step=2)
-    opt = adamw(model)
+    opt = adamw(model)   # weight decay 0.1: frozen entries must still not move
     layer = model.model.layers[1].mlp.down_proj
     delta = layer.deltas["default"]
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     reports = []
     for step in range(5):
-        lm_step(model, opt, ids)
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        al.before_step(model, step)
+        opt.step()
         reports.append(sara.progressive_update(model, step, opt))
         if step == 2:
-            assert delta.values not in opt.state   # its optimizer state restarts for the new mask
-            frozen_at = delta.delta_weight().detach().clone()
+            assert delta.values not in opt.state   # its optimizer state restarts after re-selection
+            frozen_at = delta.values.detach().clone()
     assert [r is None for r in reports] == [True, True, False, True, True]
     changes = reports[2]
     assert all(after <= before for before, after in changes.values())
     assert sum(after for _, after in changes.values()) < sum(before for before, _ in changes.values())
-    frozen = delta.frozen_indices.long()
-    assert frozen.numel() and not torch.isin(frozen, delta.indices.long()).any()
-    now = delta.delta_weight().detach().flatten()
-    assert torch.equal(now[frozen], frozen_at.flatten()[frozen])   # frozen entries kept their values
-    assert opt.state[delta.values]["exp_avg"].shape == (delta.k,)
-    theta = layer.base_layer.weight.detach().flatten()[frozen] + now[frozen]
+    frozen = delta.frozen
+    assert frozen.any() and delta.trained == delta.k - int(frozen.sum())
+    assert torch.equal(delta.values.detach()[frozen], frozen_at[frozen])    # frozen entries kept their values
+    assert not torch.equal(delta.values.detach()[~frozen], frozen_at[~frozen])  # the others kept training
+    theta = layer.base_layer.weight.detach().flatten()[delta.indices.long()[frozen]] + delta.values.detach()[frozen]
     assert (theta.abs() >= 2e-3).all()
+    assert {n: tuple(t.shape) for n, t in model.state_dict().items()} == shapes   # nothing was reshaped
     with torch.no_grad():
         want = model(input_ids=ids).logits
     al.save(model, tmp_path)
@@ -131,7 +135,14 @@ def test_progressive_reselection_shrinks_the_mask_and_training_continues(ids, tm
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, want)
     loaded = fresh.model.layers[1].mlp.down_proj.deltas["default"]
-    assert torch.equal(loaded.frozen_indices, delta.frozen_indices) and loaded.k == delta.k
+    assert torch.equal(loaded.frozen, delta.frozen) and loaded.trained == delta.trained
+
+
+def test_reselect_needs_progressive_step():
+    model = tiny_llama()
+    al.inject(model, "sara", threshold=2e-3)
+    with pytest.raises(al.ConfigError, match="progressive_step"):
+        sara.reselect(model)
 
 
 def test_helpers_refuse_wrong_adapters_and_merged_state():

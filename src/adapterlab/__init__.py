@@ -32,6 +32,8 @@ from .methods.sparse import SparseDelta
 from .model import (
     active,
     adapters,
+    after_step,
+    before_step,
     delete,
     disabled,
     inject,
@@ -44,7 +46,7 @@ from .model import (
 )
 
 __all__ = [
-    "active", "AdapterConfig", "AdapterFileError", "AdapterlabError", "AdapterNameError", "adapters",
+    "active", "after_step", "before_step", "AdapterConfig", "AdapterFileError", "AdapterlabError", "AdapterNameError", "adapters",
     "combine", "CombineReport", "config_for", "ConfigError", "ConvLoRAConfig", "delete", "disabled",
     "FingerprintMismatchError", "inject", "load", "LoRAConfig", "merge", "MergeError", "routing",
     "RoutingError", "save", "set_active", "TargetError", "trainable_summary", "UnknownMethodError", "unload",

@@ -6,7 +6,9 @@ file registers its config class with `@register`; `config_for("lora", r=8)` buil
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -71,8 +73,8 @@ def _check_spec(field: str, spec: Any, allow_none: bool) -> None:
         if spec not in KEYWORDS:
             try:
                 re.compile(spec)
-            except re.error as e:
-                raise ConfigError(f"{field}={spec!r} is not a valid regular expression ({e})") from None
+            except (re.error, RecursionError, OverflowError) as e:  # deep nesting, huge repeat counts
+                raise ConfigError(f"{field}={spec!r:.200} is not a valid regular expression ({e})") from None
         return
     if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, str) and s for s in spec):
         return
@@ -142,18 +144,36 @@ class AdapterConfig:
         saved config names them; others return self."""
         return self
 
+    # -- training schedule (al.before_step / al.after_step; AdapterCallback) ----------------------
+    def before_step(self, model: nn.Module, name: str, step: int) -> None:
+        """Between backward and the optimizer step `step` (0-based) of adapter `name`: a method
+        adds gradient terms or masks gradients here. Never adds or reshapes parameters, so
+        optimizers, DDP and checkpoint resume keep working. Default: nothing."""
+
+    def after_step(self, model: nn.Module, name: str, step: int, optimizer: Any | None) -> None:
+        """After optimizer step `step`: a method switches phases or re-selects masks here (resetting
+        `optimizer`'s state for the parameters it re-purposes). Default: nothing."""
+
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> AdapterConfig:
-        """Inverse of `to_dict`; unknown keys and bad values raise `ConfigError`."""
+    def from_dict(data: dict[str, Any], strict: bool = True) -> AdapterConfig:
+        """Inverse of `to_dict`. Every field is checked by the config's `validate` (types, ranges);
+        bad values raise `ConfigError`. Unknown keys raise `ConfigError` too, unless `strict=False`
+        (configs read from files): then they are dropped with a warning naming them."""
         if not isinstance(data, dict) or not isinstance(data.get("method"), str):
             raise ConfigError(f"an adapter config must be a JSON object with a 'method' string, got {data!r:.200}")
+        cls = config_class(data["method"])
         fields = {k: v for k, v in data.items() if k != "method"}
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)}, key=str)
+        if unknown and not strict:
+            warnings.warn(f"ignoring unknown key(s) {unknown} in a {cls.method!r} config "
+                          "(written by a newer adapterlab?)", UserWarning, stacklevel=2)
+            fields = {k: v for k, v in fields.items() if k not in unknown}
         try:
-            return config_for(data["method"], **fields)
+            return config_for(cls.method, **fields)
         except TypeError as e:  # a value of the wrong type deep inside a dataclass
             raise ConfigError(f"bad config for method {data['method']!r}: {e}") from None
 
@@ -163,8 +183,8 @@ def check_number(cfg: AdapterConfig, name: str, *, low: float, high: float = flo
     """Range/type check for one numeric field, with a message that names the value and the range."""
     value = getattr(cfg, name)
     kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if ok:
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (isinstance(value, int) or math.isfinite(value))
+    if ok:  # (NaN and ±inf fail above: from a file they would poison every weight they touch)
         ok = (value > low if low_open else value >= low) and value <= high
     if not ok:
         bracket = "(" if low_open else "["

@@ -266,3 +266,26 @@ def trainable_summary(model: nn.Module) -> Summary:
             ps = list(delta.parameters())
             per[name] = (n + sum(p.numel() for p in ps), b + sum(p.numel() * p.element_size() for p in ps))
     return Summary(sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique), per)
+
+
+def training(model: nn.Module) -> dict[str, AdapterConfig]:
+    """{name: config} of the adapters with a parameter that requires grad (the ones training)."""
+    names = {name for _, layer in adapter_layers(model) for name, delta in layer.deltas.items()
+             if any(p.requires_grad for p in delta.parameters())}
+    return {name: config for name, config in adapters(model).items() if name in names}
+
+
+def before_step(model: nn.Module, step: int) -> None:
+    """Call between `loss.backward()` and `optimizer.step()` of step `step` (0-based): each training
+    adapter's method adds its gradient terms or masks (SaRA's nuclear norm, LT-SFT's support, HFT's
+    frozen half). `AdapterCallback` calls it for `transformers.Trainer`."""
+    for name, config in training(model).items():
+        config.before_step(model, name, step)
+
+
+def after_step(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Call right after `optimizer.step()` of step `step`, before the gradients are zeroed: each
+    training adapter's method runs its schedule (SaRA's re-selection, LT-SFT's phase switch);
+    `optimizer` gets its state reset for parameters a schedule re-purposes."""
+    for name, config in training(model).items():
+        config.after_step(model, name, step, optimizer)

@@ -1,1 +1,4 @@
-"""Integrations with training frameworks."""
+"""Integrations with training frameworks: `AdapterCallback` for `transformers.Trainer`."""
+from .trainer import AdapterCallback
+
+__all__ = ["AdapterCallback"]

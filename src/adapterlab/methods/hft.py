@@ -16,6 +16,12 @@ in the others (with an odd layer count, a coin decides the middle layer).
     al.inject(model, "hft", seed=0)            # stage 0: picks and trains a half
     ... train ...
     al.hft.next_stage(model, seed=1)           # stage 1: stage 0 stays on (frozen), a new half trains
+
+Stages inside one training run (`transformers.Trainer` + `AdapterCallback`, DDP): with
+`stage_steps=N` the adapter holds a ΔW for every category module and stage s = step // N trains
+the half drawn with seed + s: `al.before_step` drops the gradients of the other half (so the
+optimizer leaves them alone, weight decay included) and `al.after_step` resets the optimizer's
+state at each stage boundary. The parameter set never changes during training.
 """
 from __future__ import annotations
 
@@ -23,11 +29,14 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
+from typing import Any
+
 from torch import nn
 
-from ..config import AdapterConfig, TargetSpec, register
+from ..config import AdapterConfig, TargetSpec, check_number, register
 from ..errors import AdapterNameError, ConfigError, TargetError, closest
 from ..layer import Delta
+from ..model import adapter_layers, adapters, inject
 from ..targeting import layer_index, layer_stacks, logical_modules, matches, output_head
 from .dense import DenseDelta, dense_kind, dense_unsupported
 
@@ -66,6 +75,7 @@ class HFTConfig(AdapterConfig):
     targets: TargetSpec = "all"
     seed: int = 0
     categories: Categories | None = None
+    stage_steps: int | None = None  # stages within one run: a new half every stage_steps steps
 
     def validate(self) -> None:
         super().validate()
@@ -81,6 +91,8 @@ class HFTConfig(AdapterConfig):
                     "paths relative to one layer, e.g. {'attention': ['self_attn.q_proj', 'self_attn.k_proj'], "
                     "'ffn': ['mlp.up_proj', 'mlp.down_proj']}")
             self.categories = {k: list(v) for k, v in self.categories.items()}
+        if self.stage_steps is not None:
+            check_number(self, "stage_steps", low=1, integer=True, hint="or None for one half per adapter")
 
     def supports(self, module: nn.Module) -> str | None:
         return dense_unsupported(module)
@@ -91,8 +103,33 @@ class HFTConfig(AdapterConfig):
     def resolve(self, model: nn.Module) -> HFTConfig:
         if isinstance(self.targets, list):  # chosen already (a saved stage, or hand-picked)
             return self
-        chosen = select_half(model, self.seed, self.categories, layers=self.layers, exclude=self.exclude)
+        if self.stage_steps is not None:  # every module some stage may train
+            chosen = [p for _, cats in _filtered_groups(model, self.categories, self.layers, self.exclude)
+                      for members in cats.values() for p in members]
+        else:
+            chosen = select_half(model, self.seed, self.categories, layers=self.layers, exclude=self.exclude)
         return dataclasses.replace(self, targets=chosen)
+
+    def before_step(self, model: nn.Module, name: str, step: int) -> None:
+        """Drop the gradients of the modules outside this stage's half."""
+        if self.stage_steps is None:
+            return
+        stage = step // self.stage_steps
+        halves = self.__dict__.setdefault("_halves", {})  # per stage; not a config field
+        if stage not in halves:
+            halves[stage] = set(select_half(model, self.seed + stage, self.categories, self.layers, self.exclude))
+        for path, layer in adapter_layers(model):
+            if name in layer.deltas and path not in halves[stage]:
+                for p in layer.deltas[name].parameters():
+                    p.grad = None
+
+    def after_step(self, model: nn.Module, name: str, step: int, optimizer: Any | None) -> None:
+        """At a stage boundary, reset the optimizer's state (each stage starts fresh)."""
+        if self.stage_steps is not None and optimizer is not None and (step + 1) % self.stage_steps == 0:
+            for _, layer in adapter_layers(model):
+                if name in layer.deltas:
+                    for p in layer.deltas[name].parameters():
+                        optimizer.state.pop(p, None)
 
 
 def category_map(model: nn.Module) -> Categories:
@@ -137,9 +174,9 @@ def layer_groups(model: nn.Module, categories: Categories) -> list[tuple[str, Ca
     return groups
 
 
-def select_half(model: nn.Module, seed: int = 0, categories: Categories | None = None,
-                layers: list[int] | None = None, exclude: TargetSpec | None = None) -> list[str]:
-    """The module paths one HFT stage trains, in model order (deterministic for a given seed)."""
+def _filtered_groups(model: nn.Module, categories: Categories | None, layers: list[int] | None,
+                     exclude: TargetSpec | None) -> list[tuple[str, Categories]]:
+    """`layer_groups`, keeping only `layers` and dropping `exclude`d modules."""
     groups = layer_groups(model, categories or category_map(model))
     if layers is not None:
         groups = [g for g in groups if layer_index(g[0]) in layers]
@@ -149,6 +186,13 @@ def select_half(model: nn.Module, seed: int = 0, categories: Categories | None =
         modules, head = dict(logical_modules(model)), output_head(model)
         groups = [(layer, {c: [p for p in ps if not matches(p, modules[p], exclude, head)] for c, ps in cats.items()})
                   for layer, cats in groups]
+    return groups
+
+
+def select_half(model: nn.Module, seed: int = 0, categories: Categories | None = None,
+                layers: list[int] | None = None, exclude: TargetSpec | None = None) -> list[str]:
+    """The module paths one HFT stage trains, in model order (deterministic for a given seed)."""
+    groups = _filtered_groups(model, categories, layers, exclude)
     rng = random.Random(seed)
     n_layers = len(groups)
     heavy: dict[str, set[int]] = {}  # per odd-sized category: the layers that freeze ⌈n/2⌉
@@ -170,8 +214,6 @@ def next_stage(model: nn.Module, seed: int | None = None, name: str | None = Non
     """Start a new HFT stage: the earlier stages stay active but frozen, a freshly drawn half
     trains as a new adapter. `seed` defaults to the last stage's seed + 1, `name` to
     "hft_stage<k>". Returns the new adapter's name."""
-    from ..model import adapters, inject
-
     stages = {n: c for n, c in adapters(model).items() if isinstance(c, HFTConfig)}
     if not stages:
         raise AdapterNameError("hft: this model has no HFT stage yet; start one with al.inject(model, 'hft', seed=0)")

@@ -1,10 +1,15 @@
 """SaRA: progressive sparse low-rank adaptation (Hu et al., ICLR 2025).
 
-    al.inject(model, "sara", density=0.1)                 # or threshold=2e-3 (the official rule)
+    al.inject(model, "sara", density=0.1, progressive_step=500)   # or threshold=2e-3 (the official rule)
     for step, batch in enumerate(batches):
-        loss = task_loss(model, batch) + sara.nuclear_norm_loss(model, generator=gen)
-        loss.backward(); opt.step(); opt.zero_grad()
-        sara.progressive_update(model, step, opt)          # re-selects at config.progressive_step
+        task_loss(model, batch).backward()
+        al.before_step(model, step)          # + the nuclear-norm gradient; frozen entries' gradients zeroed
+        opt.step()
+        al.after_step(model, step, opt)      # re-selects at progressive_step; frozen entries held
+        opt.zero_grad()
+
+(`transformers.Trainer` users add `adapterlab.integrations.AdapterCallback`, which makes these calls.
+The lower-level pieces: `nuclear_norm_loss` to add to a loss yourself, `progressive_update`, `reselect`.)
 
 Per targeted weight, the entries with |θ| < threshold (the "ineffective" small ones; with
 `density`, the threshold is that quantile of |θ| in each weight) train, through a `SparseDelta`:
@@ -15,8 +20,9 @@ gradients and optimizer state exist for them only.
   (U·Vᵀ) restricted to the mask reaches them. (The official code computes it on the dense
   parameter, where no optimizer reads it.)
 - Progressive adjustment: `reselect` keeps training only the entries with |θ₀ + Δ| still below the
-  threshold; the others freeze at their current value (they stay in ΔW as fixed entries) and the
-  optimizer state of the trainable values is reset.
+  threshold; the others freeze at their current value (a `frozen` mask and their `held` values;
+  tensor shapes never change, so DDP and checkpoint resume are unaffected) and the optimizer
+  state of the values is reset.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from ..config import AdapterConfig, check_number, register
 from ..errors import AdapterNameError, ConfigError, MergeError, UnsupportedModuleError
 from ..layer import Delta
 from ..model import adapter_layers, adapters
-from .sparse import SparseDelta, check_indices, sparse_unsupported
+from .sparse import SparseDelta, sparse_unsupported
 
 
 @register
@@ -81,47 +87,61 @@ class SaRAConfig(AdapterConfig):
         return SaRADelta(self, module, indices, t)
 
     def loaded_delta(self, module: nn.Module, built: Delta, tensors: dict[str, Tensor]) -> Delta:
-        """The file's supports (re-selection may have shrunk the mask); the threshold stays the
-        one computed from the base weights."""
-        delta = SaRADelta(self, module, tensors.get("indices", built.indices), built.threshold)
-        if "frozen_indices" in tensors:
-            delta.set_frozen(tensors["frozen_indices"])
-        return delta
+        """The file's support; the threshold stays the one computed from the base weights."""
+        return SaRADelta(self, module, tensors.get("indices", built.indices), built.threshold)
+
+    def before_step(self, model: nn.Module, name: str, step: int) -> None:
+        """Add the nuclear-norm term's gradient (one weight, drawn with a generator seeded by
+        `step`, so every data-parallel rank draws the same) and zero the frozen entries' gradients."""
+        found = _sara_deltas(model, name)
+        loss = nuclear_norm_loss(model, name, generator=torch.Generator().manual_seed(step))
+        params = [d.values for _, _, d in found]
+        if loss.requires_grad:
+            for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+        for _, _, d in found:
+            if d.values.grad is not None and hasattr(d, "frozen"):
+                d.values.grad.masked_fill_(d.frozen, 0)
+
+    def after_step(self, model: nn.Module, name: str, step: int, optimizer: torch.optim.Optimizer | None) -> None:
+        """Re-select at `progressive_step`; keep frozen entries at their values."""
+        progressive_update(model, step, optimizer, name)
 
 
 class SaRADelta(SparseDelta):
-    """A `SparseDelta` with SaRA's per-weight `threshold` and a frozen part: entries that were
-    trained and then frozen by `reselect` (`frozen_indices`, `frozen_values`; in ΔW, not trained)."""
+    """A `SparseDelta` with SaRA's per-weight `threshold`. With a `progressive_step`, it also has
+    `frozen` (a bool per entry: frozen by `reselect`) and `held` (the frozen entries' values): the
+    set and shapes of tensors never change during training, so optimizers, DDP and checkpoint
+    resume see the same parameters throughout."""
 
     def __init__(self, config: SaRAConfig, base: nn.Module, indices: Tensor | None, threshold: float) -> None:
         super().__init__(config, base, indices)
         self.threshold = threshold
-        self.register_buffer("frozen_indices", self.indices.new_zeros(0))
-        self.register_buffer("frozen_values", self.values.detach().new_zeros(0))
+        if config.progressive_step is not None:
+            self.register_buffer("frozen", torch.zeros(self.k, dtype=torch.bool, device=self.indices.device))
+            self.register_buffer("held", torch.zeros_like(self.values.detach()))
 
-    def fixed_part(self) -> tuple[Tensor, Tensor] | None:
-        return (self.frozen_values, self.frozen_indices) if self.frozen_indices.numel() else None
-
-    @torch.no_grad()
-    def set_frozen(self, indices: Tensor, values: Tensor | None = None) -> None:
-        """Make the frozen part these flat positions (values: zeros unless given); they must not
-        overlap the trained ones."""
-        idx = check_indices(indices.to(self.indices.device), self.numel, "frozen_indices")
-        if bool(torch.isin(idx, self.indices).any()):
-            raise ConfigError("frozen_indices overlap the trained indices; an entry is either trained or frozen")
-        self.frozen_indices = idx
-        self.frozen_values = (self.values.new_zeros(idx.numel()) if values is None
-                              else values.detach().to(self.values.dtype).clone())
+    @property
+    def trained(self) -> int:
+        """Entries still training (k minus the frozen ones)."""
+        return self.k - int(self.frozen.sum()) if hasattr(self, "frozen") else self.k
 
     @torch.no_grad()
     def freeze(self, keep: Tensor) -> None:
-        """Keep training where `keep` (a bool per trained entry) is True; the other entries move,
-        with their current values, to the frozen part."""
-        idx = torch.cat([self.frozen_indices, self.indices[~keep]])
-        vals = torch.cat([self.frozen_values, self.values.detach()[~keep]])
-        order = idx.argsort()
-        self.set_support(self.indices[keep], self.values.detach()[keep])
-        self.set_frozen(idx[order], vals[order])
+        """Freeze, at their current values, the entries where `keep` (a bool per entry) is False."""
+        if not hasattr(self, "frozen"):
+            raise ConfigError("sara: reselect needs progressive_step set in the config (it keeps the frozen mask); "
+                              "inject with progressive_step=<step>")
+        newly = ~keep & ~self.frozen
+        self.held[newly] = self.values[newly]
+        self.frozen |= newly
+
+    @torch.no_grad()
+    def hold(self) -> None:
+        """Write the frozen entries' values back (an optimizer step may have moved them, e.g. weight decay)."""
+        if hasattr(self, "frozen"):
+            self.values.data[self.frozen] = self.held[self.frozen]
 
     def eligible(self, min_dim: int) -> bool:
         """Whether the nuclear-norm term applies: a 2-D weight with both sides longer than `min_dim`."""
@@ -159,9 +179,9 @@ def nuclear_norm_loss(model: nn.Module, name: str = "default", generator: torch.
 def reselect(model: nn.Module, name: str = "default",
              optimizer: torch.optim.Optimizer | None = None) -> dict[str, tuple[int, int]]:
     """SaRA's progressive step: mask' = mask ∧ |θ₀ + Δ| < threshold, per weight of adapter `name`.
-    Entries that grew past the threshold freeze at their value. The `values` parameters stay the
-    same objects; their state in `optimizer` (if given) is dropped, so it restarts for the smaller
-    masks. Returns {module path: (trained entries before, after)}."""
+    Entries that grew past the threshold freeze at their value (they stay in ΔW). The `values`
+    parameters keep their shapes; their state in `optimizer` (if given) is dropped, so it restarts.
+    Returns {module path: (trained entries before, after)}."""
     found = _sara_deltas(model, name)
     merged = [path for path, layer, _ in found if name in layer.merged]
     if merged:
@@ -170,19 +190,22 @@ def reselect(model: nn.Module, name: str = "default",
     for path, layer, delta in found:
         base = layer.base_layer.weight.detach().reshape(-1)
         theta = base[delta.indices.long()].to(delta.values.dtype) + delta.values.detach()
-        before = delta.k
+        before = delta.trained
         delta.freeze(theta.abs() < delta.threshold)
         if optimizer is not None:
             optimizer.state.pop(delta.values, None)
-        changes[path] = (before, delta.k)
+        changes[path] = (before, delta.trained)
     return changes
 
 
 def progressive_update(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None,
                        name: str = "default") -> dict[str, tuple[int, int]] | None:
-    """Call after every optimizer step: at the config's `progressive_step`, runs `reselect` and
-    returns its report; otherwise returns None."""
-    config = _sara_deltas(model, name)[0][2].config
+    """Call after every optimizer step: keeps frozen entries at their values and, at the config's
+    `progressive_step`, runs `reselect` and returns its report; otherwise returns None."""
+    found = _sara_deltas(model, name)
+    for _, _, delta in found:
+        delta.hold()
+    config = found[0][2].config
     if config.progressive_step is None or step != config.progressive_step:
         return None
     return reselect(model, name, optimizer)

@@ -15,6 +15,18 @@ Several SFTs compose by addition: `al.load` each one and they stack (θ_pre + Δ
 forward pass); `al.merge` applies them and `al.unmerge` reverts them bit-exactly.
 `al.inject(model, "sft")` alone adds deltas with empty supports (ΔW = 0); `SparseDelta.set_support`
 gives them one.
+
+Under a training loop you do not own (`transformers.Trainer` + `AdapterCallback`, DDP), the same
+procedure runs as a schedule: `al.inject(model, "sft", density=0.01, full_steps=1000)` adds a dense
+ΔW per targeted weight with a `mask` (all True). Steps 0 … full_steps−1 are the full phase; after
+the last of them `al.after_step` selects the top-K of |ΔW| (= |θ − θ₀|), sets `mask` to them,
+zeroes ΔW (θ₀ back, exactly: the base weights never changed) and resets the optimizer's state for
+ΔW; from then on `al.before_step` zeroes the gradient outside the mask, so only the K entries
+train (AdamW's decay of the zeroed entries is 0). Parameters and shapes never change, so DDP and
+checkpoint resume work; `finish(model, name)` then turns the adapter into plain sparse deltas
+(`AdapterCallback` calls it at the end of training). The trade: the sparse phase keeps the dense
+ΔW and its optimizer state, as the full phase did (no extra peak memory, but not O(k));
+`train_lt_sft` trains the sparse phase in O(k), and also supports dense heads and the L1 pull.
 """
 from __future__ import annotations
 
@@ -27,9 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, TargetSpec, check_number, config_for, register
-from ..errors import ConfigError, TargetError
+from ..errors import ConfigError, MergeError, TargetError, UnsupportedModuleError
 from ..layer import Delta
-from ..model import apply_plan, plan
+from ..model import adapter_layers, apply_plan, plan
 from ..targeting import find_targets
 from .dense import DenseDelta
 from .sparse import SparseDelta, sparse_unsupported
@@ -46,6 +58,7 @@ class SFTConfig(AdapterConfig):
     method = "sft"
     density: float | None = 0.01
     count: int | None = None
+    full_steps: int | None = None  # train by schedule: this many full-phase steps, then the sparse phase
 
     def validate(self) -> None:
         super().validate()
@@ -56,6 +69,8 @@ class SFTConfig(AdapterConfig):
             raise ConfigError(f"{self.method}: set density (a fraction in (0, 1], e.g. 0.01) or count (K entries)")
         else:
             check_number(self, "density", low=0, high=1, low_open=True, hint="use e.g. 0.01 for 1% of the entries")
+        if self.full_steps is not None:
+            check_number(self, "full_steps", low=1, integer=True, hint="or None to train with train_lt_sft")
 
     def k(self, maskable: int) -> int:
         """K for targets with `maskable` entries in all; `ConfigError` if it exceeds them."""
@@ -70,13 +85,29 @@ class SFTConfig(AdapterConfig):
         return sparse_unsupported(module)
 
     def make_delta(self, module: nn.Module) -> Delta:
-        return SparseDelta(self, module)
+        return SparseDelta(self, module) if self.full_steps is None else PhasedDelta(self, module)
 
     def loaded_delta(self, module: nn.Module, built: Delta, tensors: dict[str, Tensor]) -> Delta:
+        if "mask" in tensors:
+            return built if isinstance(built, PhasedDelta) else PhasedDelta(self, module)
         if "weight_delta" in tensors:
             return HeadDelta(self, module)
         indices = tensors.get("indices")
-        return built if indices is None else SparseDelta(self, module, indices)
+        if indices is None:
+            return built
+        return SparseDelta(dataclasses.replace(self, full_steps=None), module, indices)
+
+    def before_step(self, model: nn.Module, name: str, step: int) -> None:
+        """Sparse phase: zero the gradient outside each weight's support."""
+        if self.full_steps is not None and step >= self.full_steps:
+            for _, _, delta in _phased(model, name):
+                if delta.weight_delta.grad is not None:
+                    delta.weight_delta.grad.mul_(delta.mask)
+
+    def after_step(self, model: nn.Module, name: str, step: int, optimizer: Any | None) -> None:
+        """After the last full-phase step: select the support (`select`)."""
+        if self.full_steps is not None and step == self.full_steps - 1:
+            select(model, name, optimizer)
 
 
 class HeadDelta(DenseDelta):
@@ -84,6 +115,65 @@ class HeadDelta(DenseDelta):
     unmerge restores it exactly."""
 
     restores_exactly = True
+
+
+class PhasedDelta(DenseDelta):
+    """LT-SFT trained by schedule: a dense ΔW and a `mask` of the entries that train (all of them
+    in the full phase, the top-K support in the sparse phase)."""
+
+    def __init__(self, config: SFTConfig, base: nn.Module) -> None:
+        reason = sparse_unsupported(base)
+        if reason:
+            raise UnsupportedModuleError(f"{config.method}: {reason}; got {type(base).__name__}")
+        super().__init__(config, base)
+        self.register_buffer("mask", torch.ones(self.weight_delta.shape, dtype=torch.bool,
+                                                device=self.weight_delta.device))
+
+
+def _phased(model: nn.Module, name: str) -> list[tuple[str, nn.Module, PhasedDelta]]:
+    found = [(path, layer, layer.deltas[name]) for path, layer in adapter_layers(model)
+             if isinstance(layer.deltas[name] if name in layer.deltas else None, PhasedDelta)]
+    if not found:
+        raise ConfigError(f"adapter {name!r} is not an LT-SFT trained by schedule; inject it with "
+                          "al.inject(model, 'sft', density=..., full_steps=N)")
+    return found
+
+
+@torch.no_grad()
+def select(model: nn.Module, name: str = "default", optimizer: Any | None = None) -> dict[str, int]:
+    """End the full phase of scheduled LT-SFT adapter `name`: the global top-K of |ΔW| becomes the
+    mask, ΔW returns to zero (θ₀) and `optimizer`'s state for ΔW is dropped. Returns K per module."""
+    found = _phased(model, name)
+    config = found[0][2].config
+    diffs = {path: delta.weight_delta for path, _, delta in found}
+    supports = select_top_k(diffs, config.k(sum(d.numel() for d in diffs.values())))
+    for path, _, delta in found:
+        delta.mask.zero_()
+        delta.mask.view(-1)[supports[path]] = True
+        delta.weight_delta.zero_()
+        if optimizer is not None:
+            optimizer.state.pop(delta.weight_delta, None)
+    return {path: int(s.numel()) for path, s in supports.items()}
+
+
+@torch.no_grad()
+def finish(model: nn.Module, name: str = "default") -> None:
+    """Turn scheduled LT-SFT adapter `name` (after `select`) into plain sparse deltas: the mask's
+    entries of ΔW become the values. Same output, O(k) storage; active/trainable state is kept."""
+    found = _phased(model, name)
+    if all(bool(delta.mask.all()) for _, _, delta in found):
+        raise ConfigError(f"adapter {name!r} is still in its full phase ({found[0][2].config.full_steps} steps); "
+                          "train past full_steps (or call al.sft.select) before finish")
+    merged = [path for path, layer, _ in found if name in layer.merged]
+    if merged:
+        raise MergeError(f"adapter {name!r} is merged (at {merged[0]!r}); call al.unmerge(model) before finish")
+    config = dataclasses.replace(found[0][2].config, full_steps=None)
+    for _, layer, delta in found:
+        flat = delta.mask.flatten().nonzero().flatten()
+        sparse = SparseDelta(config, layer.base_layer, flat)
+        sparse.values.data = delta.weight_delta.detach().flatten()[flat].to(sparse.values.dtype)
+        sparse.values.requires_grad_(delta.weight_delta.requires_grad)
+        layer.deltas[name] = sparse
 
 
 @dataclass
@@ -134,6 +224,9 @@ def train_lt_sft(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, conf
     config = SFTConfig() if config is None else config_for(config)
     if not isinstance(config, SFTConfig):
         raise ConfigError(f"train_lt_sft needs an SFTConfig, got a {config.method!r} config")
+    if config.full_steps is not None:
+        raise ConfigError(f"full_steps={config.full_steps} is for training by schedule (al.before_step/after_step, "
+                          "AdapterCallback); train_lt_sft takes steps= instead: drop full_steps")
     if not isinstance(l1, (int, float)) or l1 < 0:
         raise ConfigError(f"l1={l1!r} must be a number >= 0 (0 turns the L1 pull toward θ₀ off)")
     for what, n in (("steps", steps), ("sparse_steps", steps if sparse_steps is None else sparse_steps)):

@@ -107,25 +107,17 @@ class SparseDelta(Delta):
                             else values.detach().to(self.values.dtype).clone())
         self.values.grad = None
 
-    def fixed_part(self) -> tuple[Tensor, Tensor] | None:
-        """(values, indices) of entries that belong to ΔW but do not train; none here (SaRA's
-        progressive step adds some)."""
-        return None
-
     def delta_weight(self) -> Tensor:
-        fixed = self.fixed_part() or (None, None)
-        return scatter_dense(self.weight_shape, self.values, self.indices, *fixed)
+        return scatter_dense(self.weight_shape, self.values, self.indices)
 
     def support(self) -> Tensor:
-        fixed = self.fixed_part()
-        return self.indices if fixed is None else torch.cat([self.indices, fixed[1].to(self.indices.dtype)])
+        return self.indices
 
     def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
         if self._conv is not None:
             dw = self.delta_weight()
             return out + (self._conv(x.to(dw.dtype), dw) * scale).to(out.dtype)
-        fixed = self.fixed_part() or (None, None)
-        return sparse_linear_add(out, x, self.values, self.indices, self.weight_shape, self.transposed, scale, *fixed)
+        return sparse_linear_add(out, x, self.values, self.indices, self.weight_shape, self.transposed, scale)
 
     def extra_repr(self) -> str:
         return (f"k={self.k}, weight_shape={self.weight_shape}, density={self.k / max(self.numel, 1):.4g}, "
