@@ -112,3 +112,28 @@ def test_callback_refuses_a_model_without_adapters(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
     with pytest.raises(al.AdapterNameError, match="al.inject"):
         Trainer(model=tiny_llama(), args=args, train_dataset=data(), callbacks=[AdapterCallback()])
+
+
+def test_trainer_and_callback_work_without_peft(tmp_path):
+    """peft hidden (sys.modules["peft"] = None: find_spec says absent, import fails)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import sys
+sys.modules["peft"] = None
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import transformers.utils.import_utils as iu
+assert not iu.is_peft_available()
+import adapterlab as al
+from test_trainer import model_with, train
+model = model_with("lora")
+train(model, {str(tmp_path)!r}, steps=2, save_steps=2)
+al.save(model, {str(tmp_path / "out")!r})
+from pathlib import Path
+print("ok", sorted(p.name for p in Path({str(tmp_path)!r}).iterdir()))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ok" in run.stdout and "checkpoint-2" in run.stdout and "'out'" in run.stdout
