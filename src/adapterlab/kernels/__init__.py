@@ -76,11 +76,9 @@ def grouped_lora_add(out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor]
 
 
 def sparse_linear_add(out: Tensor, x: Tensor, values: Tensor, indices: Tensor, shape: tuple[int, int],
-                      transposed: bool = False, scale: float = 1.0, fixed_values: Tensor | None = None,
-                      fixed_indices: Tensor | None = None) -> Tensor:
+                      transposed: bool = False, scale: float = 1.0) -> Tensor:
     """out + scale · x·ΔWᵀ for a sparse ΔW (see `reference.SparseLinearAdd`)."""
-    return reference.sparse_linear_add(out, x, values, indices, shape, transposed, scale, fixed_values,
-                                       fixed_indices)
+    return reference.sparse_linear_add(out, x, values, indices, shape, transposed, scale)
 
 
 __all__ = ["BACKENDS", "GROUPED_MIN_TOKENS", "grouped_lora_add", "lora_add", "sparse_linear_add", "use_triton"]

@@ -104,17 +104,13 @@ def grouped_lora_add(out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor]
 
 
 # -- sparse updates ---------------------------------------------------------------------------------
-def scatter_dense(shape: tuple[int, ...], values: Tensor, indices: Tensor,
-                  fixed_values: Tensor | None = None, fixed_indices: Tensor | None = None) -> Tensor:
-    """The dense tensor of `shape` that holds `values` at the flat positions `indices` (and
-    `fixed_values` at `fixed_indices`) and zeros elsewhere. Differentiable in the values."""
+def scatter_dense(shape: tuple[int, ...], values: Tensor, indices: Tensor) -> Tensor:
+    """The dense tensor of `shape` that holds `values` at the flat positions `indices` and zeros
+    elsewhere. Differentiable in the values."""
     numel = 1
     for n in shape:
         numel *= n
-    dense = values.new_zeros(numel).index_put((indices.long(),), values)
-    if fixed_values is not None and fixed_indices is not None and fixed_indices.numel():
-        dense = dense.index_put((fixed_indices.long(),), fixed_values.to(values.dtype))
-    return dense.view(shape)
+    return values.new_zeros(numel).index_put((indices.long(),), values).view(shape)
 
 
 def sampled_matmul(left_t: Tensor, right: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -136,8 +132,7 @@ def sampled_matmul(left_t: Tensor, right: Tensor, indices: Tensor, shape: tuple[
 class SparseLinearAdd(torch.autograd.Function):
     """out + scale · x·ΔWᵀ for a Linear layout (ΔW stored (out, in)), or out + scale · x·ΔW for HF
     Conv1D's transposed layout (stored (in, out)), where the stored ΔW is zero except at the sorted
-    flat `indices`, which hold `values` (trainable) and at `fixed_indices`, which hold
-    `fixed_values` (not trained).
+    flat `indices`, which hold `values`.
 
     ΔW is built densely only for the duration of forward and of backward; nothing dense is saved.
     The gradient of `values` is the sampled product dvalues[i] = scale · Σ_t dY[t, r_i]·X[t, c_i]
@@ -146,9 +141,8 @@ class SparseLinearAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: Tensor, x: Tensor, values: Tensor, indices: Tensor,  # type: ignore[override]
-                shape: tuple[int, int], transposed: bool, scale: float,
-                fixed_values: Tensor | None, fixed_indices: Tensor | None) -> Tensor:
-        stored = scatter_dense(shape, values, indices, fixed_values, fixed_indices)
+                shape: tuple[int, int], transposed: bool, scale: float) -> Tensor:
+        stored = scatter_dense(shape, values, indices)
         w = stored if transposed else stored.t()            # (in, out): y = x @ w
         x2 = x.reshape(-1, x.shape[-1])
         xv = x2 if x2.dtype == values.dtype else x2.to(values.dtype)
@@ -157,19 +151,19 @@ class SparseLinearAdd(torch.autograd.Function):
             y = torch.addmm(out2, xv, w, alpha=scale)
         else:
             y = out2 + (xv @ w).mul_(scale).to(out2.dtype)
-        ctx.save_for_backward(x, values, indices, fixed_values, fixed_indices)
+        ctx.save_for_backward(x, values, indices)
         ctx.shape, ctx.transposed, ctx.scale = shape, transposed, scale
         return y.view(out.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, values, indices, fixed_values, fixed_indices = ctx.saved_tensors
+        x, values, indices = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         if g2.dtype != values.dtype:
             g2 = g2.to(values.dtype)
         dx = dvalues = None
         if ctx.needs_input_grad[1]:
-            stored = scatter_dense(ctx.shape, values.detach(), indices, fixed_values, fixed_indices)
+            stored = scatter_dense(ctx.shape, values.detach(), indices)
             w = stored if ctx.transposed else stored.t()
             dx = (g2 @ w.t()).mul_(ctx.scale).to(x.dtype).view(x.shape)
         if ctx.needs_input_grad[2]:
@@ -177,12 +171,10 @@ class SparseLinearAdd(torch.autograd.Function):
             # the stored layout's gradient is leftᵀ·right: dYᵀ·X (Linear) or Xᵀ·dY (Conv1D)
             left, right = (x2, g2) if ctx.transposed else (g2, x2)
             dvalues = sampled_matmul(left.t(), right, indices, ctx.shape).mul_(ctx.scale)
-        return grad, dx, dvalues, None, None, None, None, None, None
+        return grad, dx, dvalues, None, None, None, None
 
 
 def sparse_linear_add(out: Tensor, x: Tensor, values: Tensor, indices: Tensor, shape: tuple[int, int],
-                      transposed: bool = False, scale: float = 1.0, fixed_values: Tensor | None = None,
-                      fixed_indices: Tensor | None = None) -> Tensor:
+                      transposed: bool = False, scale: float = 1.0) -> Tensor:
     """Reference sparse update for Linear / HF Conv1D layouts; see `SparseLinearAdd`."""
-    return SparseLinearAdd.apply(out, x, values, indices, tuple(shape), transposed, scale,
-                                 fixed_values, fixed_indices)
+    return SparseLinearAdd.apply(out, x, values, indices, tuple(shape), transposed, scale)
