@@ -1,69 +1,223 @@
-"""The `adapterlab` command."""
+"""The `adapterlab` command: a thin click layer over demo, skeleton, checkpoint and combine_file.
+
+Exit codes: 0 ok; 1 an `AdapterlabError`, printed as one line `adapterlab: error: ...` on stderr
+(the traceback too with `--debug`); 2 a usage error (bad or missing options).
+"""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
+import click
+
+from .checkpoint import MERGE_HOWS, export_dense, export_peft, parse_size, plan_merge, run_merge, validate
 from .errors import AdapterlabError
+from .io import VERSION
+from .skeleton import inspect_adapter
+
+__all__ = ["cli", "inspect_adapter", "main"]
 
 
-def inspect_adapter(directory: str) -> dict[str, Any]:
-    """What `adapterlab inspect` reports: method, config, targets, parameter counts, size, fingerprint."""
-    from .io import read_adapter
+class _Group(click.Group):
+    """Turns an `AdapterlabError` into one stderr line and exit code 1 (unless --debug)."""
 
-    block, tensors = read_adapter(directory)
-    fingerprint = block.get("fingerprint") or {}
-    files = [p for p in Path(directory).iterdir() if p.is_file()]
-    return {
-        "directory": str(directory),
-        "method": block["method"],
-        "format_version": block["format_version"],
-        "library_version": block.get("library_version"),
-        "config": block.get("config"),
-        # peft-written directories carry no fingerprint: count the modules their LoRA keys name
-        "targets": len(fingerprint.get("modules", {})) or len({k.rsplit(".", 2)[0] for k in tensors}),
-        "tensors": len(tensors),
-        "parameters": sum(t.numel() for t in tensors.values() if t.is_floating_point()),
-        "bytes_on_disk": sum(p.stat().st_size for p in files),
-        "fingerprint": fingerprint.get("sha256"),
-    }
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdapterlabError as e:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"adapterlab: error: {' '.join(str(e).split())}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="On an error, show the full traceback.")
+@click.version_option(VERSION, prog_name="adapterlab")
+def cli(debug: bool) -> None:
+    """Parameter-efficient fine-tuning adapters: inspect, merge, export, combine, validate.
+
+    \b
+    Example:
+      adapterlab inspect runs/lora
+      adapterlab --debug merge --base models/llama --adapter runs/lora --out models/llama-merged
+    """
+
+
+@cli.command()
+@click.option("--out", default="adapterlab-demo", show_default=True, help="Where the adapter is saved.")
+@click.option("--steps", type=int, default=300, show_default=True, help="Training steps.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(out: str, steps: int, seed: int) -> None:
+    """Train, save, reload and merge a LoRA on a tiny Llama (no download).
+
+    \b
+    Example:
+      adapterlab demo --out /tmp/demo --steps 100
+    """
+    from .demo import run
+
+    run(out, steps=steps, seed=seed)
+
+
+@cli.command()
+@click.argument("directory", metavar="DIR")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(directory: str, as_json: bool) -> None:
+    """Describe a saved adapter (ours or peft's): method, rank/density, targets, parameters,
+    size on disk, fingerprint.
+
+    \b
+    Example:
+      adapterlab inspect runs/lora
+      adapterlab inspect runs/lora --json
+    """
+    info = inspect_adapter(directory)
+    if as_json:
+        click.echo(json.dumps(info, sort_keys=True))
+        return
+    for key, value in info.items():
+        click.echo(f"{key:>16}: {value}")
+
+
+def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(w) for w in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 1,0.5") from None
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value)
+    except AdapterlabError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@cli.command()
+@click.option("--base", required=True, metavar="MODEL_DIR", help="Hugging Face model directory (safetensors).")
+@click.option("--adapter", "adapters", required=True, multiple=True, metavar="DIR",
+              help="Adapter directory; repeat to merge several.")
+@click.option("--weights", callback=_weights, metavar="W1,W2,...", help="One weight per adapter (default: 1 each).")
+@click.option("--how", type=click.Choice(MERGE_HOWS), default="linear", show_default=True,
+              help="How several adapters combine, per weight (al.combine's math).")
+@click.option("--density", type=float, default=0.2, show_default=True, help="ties / magnitude_prune: fraction kept.")
+@click.option("--p", "p", type=float, default=0.9, show_default=True, help="DARE drop probability.")
+@click.option("--seed", type=int, default=0, show_default=True, help="DARE mask seed.")
+@click.option("--out", required=True, metavar="OUT", help="New directory for the merged checkpoint.")
+@click.option("--shard-size", default="2GB", show_default=True, callback=_size, help="Largest output shard.")
+@click.option("--dry-run", is_flag=True, help="Print what would be merged; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (swapped in at the end).")
+def merge(base: str, adapters: tuple[str, ...], weights: list[float] | None, how: str, density: float, p: float,
+          seed: int, out: str, shard_size: int, dry_run: bool, overwrite: bool) -> None:
+    """Merge adapters into a checkpoint, streaming shard by shard, into a new HF model directory.
+
+    Memory stays about one weight matrix: only targeted weights are read into memory, one at a
+    time; all other tensors are copied byte for byte. The output appears at OUT only when complete.
+
+    \b
+    Example:
+      adapterlab merge --base models/llama --adapter runs/lora --out models/llama-lora
+      adapterlab merge --base models/llama --adapter runs/a --adapter runs/b \\
+          --weights 1,0.5 --how ties --density 0.3 --out models/llama-ab --shard-size 1GB
+    """
+    if weights is not None and len(weights) != len(adapters):
+        raise click.BadParameter(f"{len(weights)} weights for {len(adapters)} adapters", param_hint="--weights")
+    plan = plan_merge(base, list(adapters), weights, how, shard_size, density=density, p=p, seed=seed)
+    if dry_run:
+        click.echo("\n".join(plan.describe()))
+        click.echo(f"dry run: nothing written (would write {out})")
+        return
+    target = run_merge(plan, out, overwrite=overwrite)
+    click.echo(f"merged {len(plan.targets)} weights from {len(adapters)} adapter(s) into {target} "
+               f"({len(plan.outputs)} shard(s))")
+
+
+@cli.command()
+@click.argument("directory", metavar="DIR")
+@click.option("--format", "fmt", type=click.Choice(["peft", "dense"]), required=True,
+              help="peft: PEFT's LoRA directory; dense: one safetensors file of ΔW per module.")
+@click.option("--out", required=True, metavar="OUT", help="Directory (peft) or .safetensors file (dense).")
+def export(directory: str, fmt: str, out: str) -> None:
+    """Export an adapter as a PEFT LoRA directory or as dense ΔW per module.
+
+    peft loads with peft.PeftModel.from_pretrained (LoRA only). dense holds `<module>.weight` =
+    the scaled ΔW in the base weight's layout, for every method but LEVI: merged W = W + ΔW.
+
+    \b
+    Example:
+      adapterlab export runs/lora --format peft --out runs/lora-peft
+      adapterlab export runs/sft --format dense --out runs/sft-delta.safetensors
+    """
+    written = export_peft(directory, out) if fmt == "peft" else export_dense(directory, out)
+    click.echo(f"wrote {written}")
+
+
+@cli.command()
+@click.argument("config", metavar="CONFIG.yaml")
+def combine(config: str) -> None:
+    """Combine adapters as a YAML file says (al.combine's options); no base model needed.
+
+    Keys: adapters {name: dir}, weights, how, kind, density, p, seed, rank, trim_scope, out,
+    base (optional). Relative paths are relative to the YAML file. The resolved options are
+    written beside the adapter as OUT/combine.yaml.
+
+    \b
+    Example config (adapterlab combine ab.yaml):
+      adapters: {a: runs/a, b: runs/b}
+      weights: {a: 1.0, b: 0.5}
+      how: ties
+      kind: lora
+      rank: 16
+      out: runs/ab
+    """
+    from .combine_file import run_combine
+
+    resolved, report = run_combine(config)
+    extra = f", rank {report.rank}" if report.rank else ""
+    lost = f"; discarded {100 * report.discarded_fraction:.2f}% of the energy" if report.discarded else ""
+    click.echo(f"combined {len(resolved['adapters'])} adapters ({report.how}, kind {report.kind}{extra}) "
+               f"into {resolved['out']}{lost}")
+
+
+@cli.command(name="validate")
+@click.argument("directory", metavar="DIR")
+@click.option("--base", required=True, metavar="MODEL_DIR", help="Hugging Face model directory (safetensors).")
+def validate_command(directory: str, base: str) -> None:
+    """Check an adapter against a base checkpoint (reads the base's headers only).
+
+    Checks: format version, fingerprint, modules found, weight shapes, dtypes, that the tensors fit
+    their modules, NaN/Inf. Exit code 1 if any check fails.
+
+    \b
+    Example:
+      adapterlab validate runs/lora --base models/llama
+    """
+    checks = validate(directory, base)
+    for check in checks:
+        click.echo(f"{'ok' if check.ok else 'FAIL':>4}  {check.name:<11} {check.detail}")
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        from .errors import AdapterFileError
+
+        raise AdapterFileError(f"{directory!r} failed {len(failed)} of {len(checks)} checks against {base!r}: "
+                               f"{', '.join(failed)}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adapterlab", description="Parameter-efficient fine-tuning adapters.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train, save, reload and merge a LoRA on a tiny Llama (no download)",
-                          epilog="example: adapterlab demo --out /tmp/demo --steps 100")
-    demo.add_argument("--out", default="adapterlab-demo", help="where the adapter is saved (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0)
-    inspect = sub.add_parser("inspect", help="describe a saved adapter directory (ours or peft's)",
-                             epilog="examples: adapterlab inspect out/   |   adapterlab inspect out/ --json")
-    inspect.add_argument("directory")
-    inspect.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    """Run the CLI; returns the exit code (0 or 1). Usage errors exit with code 2 (SystemExit)."""
     try:
-        if args.command == "demo":
-            from .demo import run
-
-            run(args.out, steps=args.steps, seed=args.seed)
-        elif args.command == "inspect":
-            info = inspect_adapter(args.directory)
-            if args.json:
-                print(json.dumps(info, sort_keys=True))
-            else:
-                for key, value in info.items():
-                    print(f"{key:>16}: {value}")
-        return 0
-    except AdapterlabError as e:
-        if args.debug:
-            raise
-        print(f"adapterlab: error: {e}", file=sys.stderr)
-        return 1
+        code = cli.main(args=argv, prog_name="adapterlab", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        raise SystemExit(e.exit_code) from None
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        raise SystemExit(1) from None
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

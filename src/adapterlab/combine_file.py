@@ -1,0 +1,201 @@
+"""`adapterlab combine CONFIG.yaml`: al.combine's options from a YAML file, run without the model.
+
+    adapters: {math: runs/math, code: runs/code}   # name: adapter directory
+    weights: {math: 1.0, code: 0.5}                 # or a list in the order of `adapters`; default 1 each
+    how: ties                                       # linear, ties, dare_linear, dare_ties, magnitude_prune, cat, svd
+    kind: lora                                      # lora | sparse | dense
+    density: 0.2                                    # ties / magnitude_prune: fraction kept
+    p: 0.9                                          # DARE drop probability
+    seed: 0                                         # DARE mask seed
+    rank: null                                      # LoRA rank of the result (default: the largest input rank)
+    trim_scope: tensor                              # tensor | global
+    out: runs/merged                                # where the combined adapter is written
+    base: models/llama                              # optional: check the adapters against this checkpoint
+
+Relative paths are relative to the YAML file. The adapters are loaded onto a skeleton built from
+their fingerprints (zero weights), combined with `al.combine`, and saved to `out` with the resolved
+config (every option with its effective value) as `out/combine.yaml`. DARE masks are drawn target
+by target in the skeleton's module order (paths in natural order), so the same seed gives other
+masks than al.combine on the live model does.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .compose import HOWS, KINDS, CombineReport, _check_options, combine
+from .errors import AdapterFileError, ConfigError, FingerprintMismatchError, closest
+from .io import load, save
+from .skeleton import AdapterFile, skeleton_model
+
+FIELDS = ("adapters", "weights", "how", "kind", "density", "p", "seed", "rank", "trim_scope", "out", "base")
+DEFAULTS: dict[str, Any] = {"how": "linear", "kind": "lora", "density": 0.2, "p": 0.9, "seed": 0, "rank": None,
+                            "trim_scope": "tensor", "base": None}
+RESOLVED_FILE = "combine.yaml"
+_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _path(where: str, field: str, value: Any, root: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: {field}={value!r} must be a path (a string)")
+    return str((root / value).resolve())
+
+
+def _adapters(where: str, value: Any, root: Path) -> dict[str, str]:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{where}: adapters={value!r} must be a mapping of names to adapter directories, "
+                          "e.g. {{math: runs/math, code: runs/code}}")
+    bad = [n for n in value if not (isinstance(n, str) and _NAME.fullmatch(n))]
+    if bad:
+        raise ConfigError(f"{where}: adapter name {bad[0]!r} is invalid; use letters, digits, '_' or '-'")
+    return {name: _path(where, f"adapters.{name}", d, root) for name, d in value.items()}
+
+
+def _weights(where: str, value: Any, names: list[str]) -> dict[str, float]:
+    if value is None:
+        return {n: 1.0 for n in names}
+    if isinstance(value, list):
+        if len(value) != len(names):
+            raise ConfigError(f"{where}: weights has {len(value)} entries for {len(names)} adapters {names}")
+        value = dict(zip(names, value))
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: weights={value!r} must be a mapping {{name: weight}} or a list of numbers")
+    unknown = [n for n in value if n not in names]
+    if unknown:
+        raise ConfigError(f"{where}: weights names unknown adapter {unknown[0]!r}; adapters: {names}")
+    missing = [n for n in names if n not in value]
+    if missing:
+        raise ConfigError(f"{where}: weights has no entry for adapter {missing[0]!r}; give every adapter a weight")
+    bad = {n: w for n, w in value.items() if not _number(w)}
+    if bad:
+        raise ConfigError(f"{where}: weights {bad} must be finite numbers")
+    return {n: float(value[n]) for n in names}
+
+
+def _scalars(where: str, data: dict[str, Any]) -> dict[str, Any]:
+    """how, kind, density, p, seed, rank, trim_scope: types here, ranges by al.combine's checks."""
+    out = {k: data.get(k, DEFAULTS[k]) for k in ("how", "kind", "density", "p", "seed", "rank", "trim_scope")}
+    for key, choices in (("how", HOWS), ("kind", KINDS), ("trim_scope", ("tensor", "global"))):
+        if out[key] not in choices:
+            raise ConfigError(f"{where}: {key}={out[key]!r} is not one of {', '.join(choices)}")
+    for key in ("density", "p"):
+        if not _number(out[key]):
+            raise ConfigError(f"{where}: {key}={out[key]!r} must be a number")
+    if not (isinstance(out["seed"], int) and not isinstance(out["seed"], bool) and out["seed"] >= 0):
+        raise ConfigError(f"{where}: seed={out['seed']!r} must be an integer >= 0")
+    if out["rank"] is not None and not (isinstance(out["rank"], int) and not isinstance(out["rank"], bool)):
+        raise ConfigError(f"{where}: rank={out['rank']!r} must be a positive integer or null")
+    try:
+        _check_options(out["how"], out["kind"], out["density"], out["p"], out["trim_scope"], out["rank"])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return out
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The YAML file's options, checked field by field, with defaults filled in and paths made
+    absolute (relative to the file). Unknown keys are errors."""
+    import yaml
+
+    file = Path(path)
+    where = str(file)
+    try:
+        data = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {where!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {where!r} ({e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML: {problem}{at}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a YAML mapping of options ({', '.join(FIELDS)}), "
+                          f"not a {type(data).__name__}")
+    unknown = [k for k in data if k not in FIELDS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (did you mean {closest(str(unknown[0]), FIELDS)}?); "
+                          f"valid keys: {', '.join(FIELDS)}")
+    for key in ("adapters", "out"):
+        if key not in data:
+            raise ConfigError(f"{where}: {key!r} is required")
+    root = file.resolve().parent
+    adapters = _adapters(where, data["adapters"], root)
+    resolved = {"adapters": adapters, "weights": _weights(where, data.get("weights"), list(adapters)),
+                **_scalars(where, data), "out": _path(where, "out", data["out"], root)}
+    base = data.get("base")
+    resolved["base"] = None if base is None else _path(where, "base", base, root)
+    return {k: resolved[k] for k in FIELDS}
+
+
+def _union(files: dict[str, AdapterFile]) -> dict[str, dict[str, Any]]:
+    """Every targeted module of every adapter; adapters must agree on the modules they share."""
+    modules: dict[str, dict[str, Any]] = {}
+    owner: dict[str, str] = {}
+    for name, adapter in files.items():
+        for path, entry in adapter.modules.items():
+            seen = modules.setdefault(path, entry)
+            owner.setdefault(path, name)
+            if seen["shape"] != entry["shape"] or seen["type"] != entry["type"]:
+                raise FingerprintMismatchError(
+                    f"adapters {owner[path]!r} and {name!r} were made for different models: {path!r} is a "
+                    f"{seen['type']} {seen['shape']} in one and a {entry['type']} {entry['shape']} in the other")
+    return modules
+
+
+def run_combine(path: str | os.PathLike) -> tuple[dict[str, Any], CombineReport]:
+    """Combine the adapters the YAML file at `path` names; returns the resolved config and al.combine's report."""
+    from .checkpoint import open_checkpoint, resolve_adapter
+
+    config = read_config(path)
+    files = {name: AdapterFile.open(d) for name, d in config["adapters"].items()}
+    for adapter in files.values():
+        adapter.require_deltas("combined")
+    if config["base"] is not None:
+        base = open_checkpoint(config["base"])
+        for adapter in files.values():
+            resolve_adapter(adapter, base)
+    dtype = torch.float64 if any(a.dtype == torch.float64 for a in files.values()) else torch.float32
+    model = skeleton_model(_union(files), dtype)
+    for name, d in config["adapters"].items():
+        load(model, d, name=name)
+    into = "combined"
+    while into in files:
+        into += "_"
+    report = combine(model, config["weights"], how=config["how"], into=into, kind=config["kind"],
+                     density=config["density"], trim_scope=config["trim_scope"], p=config["p"],
+                     seed=config["seed"], rank=config["rank"])
+    config["rank"] = report.rank
+    out = save(model, config["out"], name=into)
+    _write_text(out / RESOLVED_FILE, _yaml(config))
+    return config, report
+
+
+def _yaml(config: dict[str, Any]) -> str:
+    import yaml
+
+    head = "# written by adapterlab combine: every option with its effective value\n"
+    return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise AdapterFileError(f"cannot write {str(path)!r} ({e})") from None
