@@ -164,3 +164,16 @@ def test_shape_mismatch_on_load(tmp_path, llama):
     save_file(tensors, tmp_path / WEIGHTS_FILE, metadata=meta)
     with pytest.raises(al.AdapterFileError, match=r"has shape \[2, 31\].*needs shape \[2, 32\]"):
         al.load(tiny_llama(), tmp_path)
+
+
+def test_save_and_load_look_through_a_data_parallel_wrapper(tmp_path):
+    """al.save(wrapper) must write the model's own module paths (no "module." prefix)."""
+    model = al.inject(tiny_llama(), "lora", r=2, targets=["q_proj"])
+    randomize_lora(model)
+    al.save(torch.nn.DataParallel(model), tmp_path)
+    fresh = tiny_llama()
+    wrapper = torch.nn.DataParallel(fresh)
+    assert al.load(wrapper, tmp_path) is wrapper
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)

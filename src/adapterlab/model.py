@@ -6,6 +6,7 @@ own, with `.base_layer.` and `.deltas.<name>.` inserted at adapted modules).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,13 +17,20 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, config_for
-from .errors import AdapterNameError, MergeError, TargetError
+from .errors import AdapterNameError, ConfigError, MergeError, TargetError
 from .layer import AdapterLayer, Delta
 from .targeting import find_targets
 
 Plan = list[tuple[str, nn.Module, Delta]]
 _NAME = re.compile(r"[A-Za-z0-9_\-]+")
 _FLAGS = "_adapterlab_requires_grad"  # the base parameters' requires_grad before the first inject
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel wrappers, whose module paths would start with "module."."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -112,10 +120,22 @@ def set_active(model: nn.Module, names: str | list[str] | dict[str, float]) -> N
     """Choose which adapters apply, and with what weight; several stack (their deltas add)."""
     weights = dict(names) if isinstance(names, dict) else {n: 1.0 for n in ([names] if isinstance(names, str) else names)}
     _require(model, list(weights))
+    weights = {n: _weight(n, w) for n, w in weights.items()}  # all checked before any layer changes
     if any(layer.merged for _, layer in adapter_layers(model)):
         raise MergeError("adapters are merged into the weights; call al.unmerge(model) before changing the active set")
     for _, layer in adapter_layers(model):
-        layer.active = {n: float(w) for n, w in weights.items() if n in layer.deltas}
+        layer.active = {n: w for n, w in weights.items() if n in layer.deltas}
+
+
+def _weight(name: str, weight: Any) -> float:
+    """An adapter's weight as a finite float, or `ConfigError`."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError, OverflowError):
+        value = math.nan
+    if isinstance(weight, bool) or not math.isfinite(value):
+        raise ConfigError(f"weight {weight!r} for adapter {name!r} is not a finite number; use e.g. 1.0 or 0.5")
+    return value
 
 
 @contextmanager
@@ -142,7 +162,7 @@ def routing(model: nn.Module, ids: Sequence[str | None]) -> Iterator[nn.Module]:
     with, or None for the base model alone. Works for training too; the active set is ignored
     inside the block."""
     ids = list(ids)
-    _require(model, sorted({n for n in ids if n is not None}))
+    _require(model, sorted({n for n in ids if n is not None}, key=str))
     if any(layer.merged for _, layer in adapter_layers(model)):
         raise MergeError("adapters are merged into the weights; call al.unmerge(model) before routing")
     rows: dict[str, list[int]] = {}

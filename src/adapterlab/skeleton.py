@@ -189,7 +189,7 @@ def _peft_config(root: Path) -> dict[str, Any] | None:
     """adapter_config.json when it is PEFT's LoraConfig (not our block), else None."""
     try:
         cfg = json.loads((root / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested too deep
         return None
     return cfg if isinstance(cfg, dict) and cfg.get("peft_type") == "LORA" else None
 
