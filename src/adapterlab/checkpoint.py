@@ -466,6 +466,7 @@ def run_merge(plan: MergePlan, out: str | os.PathLike, *, overwrite: bool = Fals
     if sys.byteorder != "little":
         raise MergeError("safetensors is little-endian; merging on a big-endian machine is not supported")
     target = Path(out)
+    _repair(target)
     if target.resolve() == plan.base.root.resolve():
         raise ConfigError(f"--out {str(target)!r} is the base model directory; write the merged model elsewhere")
     if target.exists() and not (target.is_dir() and (overwrite or not any(target.iterdir()))):
@@ -498,9 +499,10 @@ def _write_shards(plan: MergePlan, folder: Path, progress: bool) -> None:
         for name, keys in zip(plan.shard_names(), plan.outputs):
             infos = [(key, plan.base.tensors[key]) for key in keys]
             layout = [(key, info.dtype, info.shape) for key, info in infos]
-            with SafetensorsWriter(folder / name, layout, metadata) as writer, \
-                    tqdm(total=plan.shard_bytes(keys), unit="B", unit_scale=True, desc=name,
-                         disable=None if progress else True) as bar:
+            # no tqdm at all without a bar: its lock is shared across forked processes
+            bar = (tqdm(total=plan.shard_bytes(keys), unit="B", unit_scale=True, desc=name, disable=None)
+                   if progress else _NoBar())
+            with SafetensorsWriter(folder / name, layout, metadata) as writer, bar:
                 for key, info in infos:
                     if key in plan.targets:
                         writer.write(key, merged_weight(plan, key, read_tensor(sources[info.file], info)))
@@ -508,6 +510,19 @@ def _write_shards(plan: MergePlan, folder: Path, progress: bool) -> None:
                         writer.copy(key, sources[info.file], info, buffer)
                     bar.update(info.nbytes)
                 writer.close()
+
+
+class _NoBar:
+    """A stand-in for a tqdm bar when progress is off."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
 
 
 def _write_index(plan: MergePlan, path: Path) -> None:
@@ -535,9 +550,28 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _olds(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.old-*"))
+
+
+def _repair(target: Path) -> None:
+    """Undo what an interrupted `_swap` left: killed between its two renames (no `target`, one
+    complete `.NAME.old-*`), the old output goes back; killed while removing the old output,
+    the remains are removed."""
+    olds = _olds(target)
+    if not target.exists() and len(olds) == 1:
+        os.rename(olds[0], target)
+    elif target.exists():
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _swap(tmp: Path, target: Path) -> None:
     """Rename the finished `tmp` to `target`; an existing `target` is moved aside first and
-    removed after (io.write_dir_atomic's pattern, for a directory filled on disk)."""
+    removed after (io.write_dir_atomic's pattern, for a directory filled on disk). Stale
+    `.NAME.old-*` remains are removed first, so a kill between the two renames leaves exactly one,
+    complete, which the next merge puts back (`_repair`)."""
+    _repair(target)
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     if target.exists():
         os.rename(target, old)
