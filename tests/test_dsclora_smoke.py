@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 import adapterlab as al
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from dsclora import data  # noqa: E402
-from dsclora import run as dsc  # noqa: E402
-from dsclora.model import (  # noqa: E402
+from dsclora import data
+from dsclora import run as dsc
+from dsclora.model import (
     SPAN,
     dsclora_placement,
     inject_convlora,
@@ -65,6 +65,8 @@ def test_run_reports_finite_psnr_budgets_and_latency(results):
     for key in ("teacher", "student_base", "bicubic"):
         assert math.isfinite(results["fixed_psnr"][key]["mean"])
     assert all(r > 0 for r in results["latency"]["median_ratio_vs_student_base"].values())
+    balance = results["gradient_balance"]["ad_over_rec"]
+    assert 0 < balance["min"] <= balance["median"] <= balance["max"] < math.inf
 
 
 def test_convlora_tuning_moves_only_the_adapters():

@@ -53,10 +53,10 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import adapterlab as al  # noqa: E402
-from dsclora import data  # noqa: E402
-from dsclora import model as model_module  # noqa: E402
-from dsclora.model import (  # noqa: E402
+import adapterlab as al
+from dsclora import data
+from dsclora import model as model_module
+from dsclora.model import (
     SPAN,
     block_names,
     dsclora_placement,
@@ -328,7 +328,7 @@ def run(setup: Setup, log: Callable[[str], None] = print, cache: Path | None = N
         for variant in setup.variants:
             student, rec = tune(variant, base, teacher, setup, train_images, pairs, seed)
             records[variant].append(rec)
-            log(f"seed {seed} {variant:17s} {rec['psnr']:.3f} dB  trainable {rec['trainable_params']:,}  "
+            log(f"seed {seed} {variant:19s} {rec['psnr']:.3f} dB  trainable {rec['trainable_params']:,}  "
                 f"{rec['train_seconds']:.0f} s")
             if seed == setup.seeds[0] and variant in ("reshape_kd", "kernel_kd"):
                 kept[variant] = student
@@ -360,38 +360,34 @@ def run(setup: Setup, log: Callable[[str], None] = print, cache: Path | None = N
 
 
 def plot(results: dict, path: Path) -> None:
-    """PSNR per variant (mean ± sd over seeds, teacher/base/bicubic as lines) and PSNR during tuning."""
+    """PSNR gain over the student base per variant (mean ± sd over seeds) and during tuning."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fixed = {k: v["mean"] for k, v in results["fixed_psnr"].items()}
+    base = fixed["student_base"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(results["psnr"])
-    means = [results["psnr"][n]["mean"] for n in names]
+    gains = [results["psnr"][n]["mean"] - base for n in names]
     stds = [results["psnr"][n]["std"] for n in names]
-    ax1.bar(range(len(names)), means, yerr=stds, capsize=3,
+    ax1.bar(range(len(names)), gains, yerr=stds, capsize=3,
             color=["#999999" if n.startswith("full") else "#4477aa" if n.startswith("reshape") else "#ee6677"
                    for n in names])
-    styles = {"teacher": ("k", "--"), "student_base": ("k", ":"), "bicubic": ("0.5", "-.")}
-    for key, (color, ls) in styles.items():
-        value = results["fixed_psnr"][key]["mean"]
-        ax1.axhline(value, color=color, ls=ls, label=f"{key} {value:.2f} dB")
     ax1.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    lows = means + [results["fixed_psnr"][k]["mean"] for k in ("teacher", "student_base")]
-    ax1.set_ylim(min(lows) - 0.15, max(lows) + 0.1)
-    ax1.set_ylabel("PSNR-Y (dB), held-out images")
-    ax1.set_title(f"x{results['setup']['scale']} SR, student {results['setup']['student_channels']} ch, "
-                  f"teacher {results['setup']['teacher_channels']} ch")
-    ax1.legend(fontsize=8)
+    ax1.set_ylabel("PSNR-Y gain over the student base (dB)")
+    setup = results["setup"]
+    ax1.set_title(f"x{setup['scale']} SR: student {setup['student_channels']} ch (base {base:.2f} dB), teacher "
+                  f"{setup['teacher_channels']} ch (+{fixed['teacher'] - base:.2f} dB)", fontsize=10)
     for name in names:
         curves = [r["curve"] for r in results["records"][name]]
         steps = [s for s, _ in curves[0]]
-        ax2.plot(steps, [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], marker="o",
+        ax2.plot(steps, [statistics.mean(c[i][1] for c in curves) - base for i in range(len(steps))], marker="o",
                  label=name, ls="-" if "_kd" in name else "--")
-    ax2.axhline(results["fixed_psnr"]["teacher"]["mean"], color="k", ls="--", lw=0.8)
     ax2.set_xlabel("tuning step")
-    ax2.set_ylabel("PSNR-Y (dB), mean over seeds")
+    ax2.set_ylabel("PSNR-Y gain (dB), mean over seeds")
+    ax2.set_title(f"held-out images; {len(results['records'][names[0]])} seed(s)", fontsize=10)
     ax2.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
