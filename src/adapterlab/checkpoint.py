@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .compose import _check_options, _combined_delta
 from .errors import AdapterFileError, ConfigError, FingerprintMismatchError, MergeError, TargetError
-from .io import CONFIG_FILE, FORMAT_VERSION, PICKLE_SUFFIXES, WEIGHTS_FILE, write_dir_atomic
+from .io import CONFIG_FILE, FORMAT_VERSION, PICKLE_SUFFIXES, WEIGHTS_FILE, fsync_path, write_dir_atomic
 from .layer import AdapterLayer
 from .skeleton import AdapterFile, skeleton, zeros
 
@@ -478,10 +478,10 @@ def run_merge(plan: MergePlan, out: str | os.PathLike, *, overwrite: bool = Fals
         _write_shards(plan, tmp, progress)
         for path in plan.copied:
             shutil.copy2(path, tmp / path.name)
-            _fsync(tmp / path.name)
+            fsync_path(tmp / path.name)
         if len(plan.outputs) > 1:
             _write_index(plan, tmp / INDEX_FILE)
-        _fsync(tmp)
+        fsync_path(tmp)
         _swap(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -542,14 +542,6 @@ def _umask() -> int:
     return mask
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _olds(target: Path) -> list[Path]:
     return sorted(target.parent.glob(f".{target.name}.old-*"))
 
@@ -581,7 +573,7 @@ def _swap(tmp: Path, target: Path) -> None:
         if old.exists() and not target.exists():
             os.rename(old, target)
         raise
-    _fsync(target.parent)
+    fsync_path(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -708,7 +700,7 @@ def export_dense(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
             writer.close()
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

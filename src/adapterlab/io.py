@@ -139,7 +139,8 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory: so the renames inside it are durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -224,11 +225,11 @@ def _swap_in(target: Path, files: dict[str, bytes]) -> None:
                 if entry.name not in files:
                     copy = shutil.copytree if entry.is_dir() else shutil.copy2
                     copy(entry, tmp / entry.name)
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if target.exists():
             os.rename(target, old)
         os.rename(tmp, target)
-        _fsync_dir(parent)
+        fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not target.exists():
