@@ -172,3 +172,32 @@ def test_lora_under_autocast_keeps_a_half_size_input_copy(single_thread):
 
     extra = run(True) - run(False)
     assert extra < 2 * x.numel()  # the base's bf16 copy of x is shared or ours is bf16 too
+
+
+@pytest.mark.parametrize("method", ["lora", "sara"])
+def test_trainer_bf16_with_the_callback_matches_fp32_training(method, tmp_path, single_thread):
+    from test_trainer import METHODS, data
+    from transformers import Trainer, TrainingArguments
+
+    from adapterlab.integrations import AdapterCallback
+
+    def run(bf16: bool) -> dict[str, torch.Tensor]:
+        model = tiny_llama()
+        options = dict(METHODS[method])
+        al.inject(model, options.pop("method"), **options)
+        args = TrainingArguments(output_dir=str(tmp_path / str(bf16)), max_steps=3, per_device_train_batch_size=4,
+                                 learning_rate=0.5, optim="sgd", save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                                 bf16=bf16, lr_scheduler_type="constant", disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=data(), callbacks=[AdapterCallback()])
+        trainer.train()
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    # SGD: the change of each parameter is a sum of its gradients, so it shows their error directly
+    half, full = run(True), run(False)
+    fresh = tiny_llama()
+    al.inject(fresh, method, **{k: v for k, v in METHODS[method].items() if k != "method"})
+    init = {n: p.detach() for n, p in fresh.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(half[n], full[n]) for n in full)  # bf16=True did run in bf16
+    for name, want in full.items():
+        moved, err = (want - init[name]).norm(), (half[name] - want).norm()
+        assert moved > 0 and err < 0.2 * moved, (name, float(err), float(moved))
