@@ -24,18 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import adapterlab as al
-from adapterlab.checkpoint import (
-    DTYPES,
-    Checkpoint,
-    SafetensorsWriter,
-    TensorInfo,
-    _split,
-    parse_size,
-    read_header,
-    read_tensor,
-    resolve,
-)
-from adapterlab.cli import main
+from adapterlab.checkpoint import Checkpoint, _split, locate
+from adapterlab.cli import main, parse_size
+from adapterlab.files.safetensors import DTYPES, SafetensorsWriter, TensorInfo, read_header, read_tensor
 
 CLI = Path(sys.executable).parent / "adapterlab"
 
@@ -390,7 +381,7 @@ def test_resolve_maps_every_path_through_one_prefix(paths, prefix, adapter_has_p
         adapter_paths, keys = [prefix + p for p in paths], [f"{p}.weight" for p in paths]
     else:
         adapter_paths, keys = paths, [f"{prefix}{p}.weight" for p in paths]
-    found = resolve(adapter_paths, keys)
+    found = locate(adapter_paths, keys)
     assert not found.missing
     for path, key in found.keys.items():
         assert key == (f"{path.removeprefix(prefix)}.weight" if adapter_has_prefix else f"{prefix}{path}.weight")

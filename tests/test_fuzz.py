@@ -315,7 +315,7 @@ _BASE: list[Path] = []
 def run_validate(directory: Path) -> None:
     """`adapterlab validate DIR --base BASE`, in-process, against a saved tiny Llama checkpoint:
     returns its checks (failed checks are a normal outcome), or raises an AdapterlabError."""
-    from adapterlab.checkpoint import validate
+    from adapterlab.validate import validate
 
     if not _BASE:
         import tempfile

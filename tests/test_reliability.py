@@ -311,14 +311,16 @@ def test_a_save_and_a_read_wait_for_a_save_in_progress(saved, tmp_path):
 
     def work():
         os.close(inside)
-        swap_in = io._swap_in
+        from adapterlab.files import atomic
+
+        swap_in = atomic.swap_in
 
         def slow(*args):
             os.write(signal_inside, b".")
             time.sleep(0.5)
             swap_in(*args)
 
-        io._swap_in = slow
+        atomic.swap_in = slow
         al.save(model, target, name="b")
 
     pid = fork(work)

@@ -18,7 +18,6 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModuleError,
 )
-from .io import VERSION as __version__
 from .io import load, save
 from .methods import hft, levi, locft
 from .methods.hft import HFTConfig
@@ -29,6 +28,7 @@ from .methods import sara, sft
 from .methods.sara import SaRAConfig
 from .methods.sft import SFTConfig, train_lt_sft
 from .methods.sparse import SparseDelta
+from .version import VERSION as __version__
 from .model import (
     active,
     adapters,

@@ -1,16 +1,6 @@
-"""Hugging Face checkpoints on disk, one tensor at a time: merge, validate, export.
-
-A checkpoint directory holds `model.safetensors`, or `model.safetensors.index.json` and the shards
-it names. Only the safetensors headers (8-byte length + JSON) are read up front; tensors are read
-with plain file reads, one at a time, and only where an adapter changes them. Output shards are
-written the same way: the header first (every shape and dtype is known from the input headers),
-then each tensor's bytes as it is produced; tensors no adapter touches are copied byte for byte.
-So a merge holds one targeted weight (and its ΔW in fp32) at a time, never a shard or the model.
-
-Adapter module paths (`base_model.model.<path>.<param>` in the adapter file) map to checkpoint keys
-`<path>.weight`; when the checkpoint's keys have an extra or a missing leading prefix (an adapter
-made on `LlamaModel`, a checkpoint of `LlamaForCausalLM`: `model.`), the key whose dotted suffix
-matches is used, and it must be the only one.
+"""Hugging Face checkpoint directories on disk (`model.safetensors`, or an index and its shards),
+adapter module paths mapped to checkpoint keys, and the streaming merge: one targeted weight in
+memory at a time, every other tensor copied byte for byte. docs/cli.md#merge has the details.
 """
 from __future__ import annotations
 
@@ -20,152 +10,28 @@ import math
 import os
 import shutil
 import sys
-import tempfile
-import uuid
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .compose import _check_options, _combined_delta
+from .arithmetic import TENSOR_HOWS, check_density_p, combine_tensors
 from .errors import AdapterFileError, ConfigError, FingerprintMismatchError, MergeError, TargetError
-from .io import CONFIG_FILE, FORMAT_VERSION, PICKLE_SUFFIXES, WEIGHTS_FILE, fsync_path, write_dir_atomic
-from .layer import AdapterLayer
-from .skeleton import AdapterFile, skeleton, zeros
+from .files.adapter_dir import PICKLE_SUFFIXES, AdapterFile
+from .files.atomic import fsync_path, fsync_write, locked, repair, swap_in, temp_dir
+from .files.safetensors import FLOAT_DTYPES, SafetensorsWriter, TensorInfo, read_header, read_tensor
+from .skeleton import skeleton
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-MERGE_HOWS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+MERGE_HOWS = TENSOR_HOWS
 # weight formats a merged checkpoint must not carry over: they would still hold the unmerged weights
 STALE_SUFFIXES = (".safetensors", ".msgpack", ".h5", ".onnx", ".gguf", *PICKLE_SUFFIXES)
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 2**20
 COPY_CHUNK = 16 * 2**20
-
-
-# -- safetensors, streamed ------------------------------------------------------------------------
-@dataclass
-class TensorInfo:
-    """One tensor of a safetensors file: dtype name, shape, absolute byte range in `file`."""
-
-    dtype: str
-    shape: list[int]
-    start: int
-    end: int
-    file: Path
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """The tensors a safetensors file declares (in data order) and its metadata; reads the header only."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            length = int.from_bytes(f.read(8), "little")
-            fits = 8 + length <= size and length <= MAX_HEADER
-            header = json.loads(f.read(length)) if fits else None
-    except (OSError, ValueError) as e:
-        raise AdapterFileError(f"{str(path)!r} is not a readable safetensors file ({str(e)[:200]})") from None
-    if not isinstance(header, dict):
-        raise AdapterFileError(f"{str(path)!r} is not a safetensors file (no JSON header object)")
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            info = TensorInfo(entry["dtype"], list(entry["shape"]), 8 + length + begin, 8 + length + end, path)
-        except (TypeError, KeyError, ValueError):
-            raise AdapterFileError(f"{str(path)!r}: header entry {name!r} is malformed ({entry!r:.100})") from None
-        if not begin <= end or info.end > size:
-            raise AdapterFileError(f"{str(path)!r}: tensor {name!r} lies outside the file; the file is truncated")
-        tensors[name] = info
-    return dict(sorted(tensors.items(), key=lambda kv: kv[1].start)), metadata
-
-
-def read_tensor(f: BinaryIO, info: TensorInfo) -> Tensor:
-    """The tensor `info` describes, read from the open file `f` into fresh memory."""
-    dtype = DTYPES.get(info.dtype)
-    if dtype is None:
-        raise AdapterFileError(f"{str(info.file)!r}: dtype {info.dtype!r} is not one adapterlab can read")
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=dtype)
-    buffer = bytearray(info.nbytes)
-    f.seek(info.start)
-    if f.readinto(buffer) != info.nbytes:
-        raise AdapterFileError(f"{str(info.file)!r} ended early; the file is truncated")
-    return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
-
-
-class SafetensorsWriter:
-    """Writes a safetensors file tensor by tensor in a fixed order: the header (from the planned
-    names, dtypes and shapes) first, then each tensor's bytes; `close` checks all were written and
-    fsyncs the file."""
-
-    def __init__(self, path: Path, layout: list[tuple[str, str, list[int]]], metadata: dict[str, str]) -> None:
-        header: dict[str, Any] = {"__metadata__": metadata}
-        offset = 0
-        self.sizes = []
-        for name, dtype, shape in layout:
-            nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            self.sizes.append(nbytes)
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        self.layout, self.done, self.path = layout, 0, path
-        self.file = open(path, "wb")  # noqa: SIM115  (closed by close() / __exit__)
-        self.file.write(len(text).to_bytes(8, "little") + text)
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.file.close()  # after close() a no-op; on an error the caller removes the partial file
-
-    def _next(self, name: str) -> tuple[str, list[int]]:
-        want, dtype, shape = self.layout[self.done]
-        if name != want:
-            raise RuntimeError(f"writing {name!r} but {want!r} comes next in {self.path}")
-        self.done += 1
-        return dtype, shape
-
-    def write(self, name: str, tensor: Tensor) -> None:
-        """The next tensor, as a tensor of its planned dtype and shape."""
-        dtype, shape = self._next(name)
-        if DTYPE_NAMES.get(tensor.dtype) != dtype or list(tensor.shape) != list(shape):
-            raise RuntimeError(f"{name!r} is {tensor.dtype} {list(tensor.shape)}, planned {dtype} {shape}")
-        if tensor.numel():
-            self.file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-    def copy(self, name: str, source: BinaryIO, info: TensorInfo, buffer: bytearray) -> None:
-        """The next tensor, copied byte for byte from `info`'s range of the open file `source`."""
-        self._next(name)
-        source.seek(info.start)
-        view, left = memoryview(buffer), info.nbytes
-        while left:
-            got = source.readinto(view[:min(left, len(buffer))])
-            if not got:
-                raise AdapterFileError(f"{str(info.file)!r} ended early; the file is truncated")
-            self.file.write(view[:got])
-            left -= got
-
-    def close(self) -> None:
-        if self.done != len(self.layout):
-            raise RuntimeError(f"{self.path}: {len(self.layout) - self.done} planned tensors were not written")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
 
 
 # -- checkpoint directories -----------------------------------------------------------------------
@@ -237,7 +103,7 @@ def _indexed_shards(root: Path) -> list[Path]:
 
 # -- adapter module paths -> checkpoint keys ------------------------------------------------------
 @dataclass
-class Resolution:
+class Location:
     """Where each adapter module's weight is in a checkpoint."""
 
     keys: dict[str, str] = field(default_factory=dict)             # module path -> checkpoint key
@@ -245,7 +111,7 @@ class Resolution:
     ambiguous: dict[str, list[str]] = field(default_factory=dict)  # module path -> candidate keys
 
 
-def resolve(paths: Iterable[str], keys: Iterable[str]) -> Resolution:
+def locate(paths: Iterable[str], keys: Iterable[str]) -> Location:
     """`<path>.weight` if the checkpoint has it, else the one key of which it is a dotted suffix
     (or that is a dotted suffix of it): a leading prefix added or dropped, as between a base model
     class and its task-head class."""
@@ -254,7 +120,7 @@ def resolve(paths: Iterable[str], keys: Iterable[str]) -> Resolution:
     for key in keys:
         if key.endswith(".weight"):
             by_leaf.setdefault(key[:-len(".weight")].rsplit(".", 1)[-1], []).append(key)
-    out = Resolution()
+    out = Location()
     for path in paths:
         want = f"{path}.weight"
         if want in keys:
@@ -271,7 +137,7 @@ def resolve(paths: Iterable[str], keys: Iterable[str]) -> Resolution:
     return out
 
 
-def _resolution_errors(adapter: AdapterFile, base: Checkpoint, found: Resolution) -> list[str]:
+def location_errors(adapter: AdapterFile, base: Checkpoint, found: Location) -> list[str]:
     """One line per problem: missing or ambiguous modules, shapes that differ."""
     problems = [f"{p!r} has no weight in the checkpoint (looked for {p + '.weight'!r} and keys ending in it)"
                 for p in found.missing[:3]]
@@ -284,15 +150,15 @@ def _resolution_errors(adapter: AdapterFile, base: Checkpoint, found: Resolution
     return problems
 
 
-def resolve_adapter(adapter: AdapterFile, base: Checkpoint) -> dict[str, str]:
+def locate_adapter(adapter: AdapterFile, base: Checkpoint) -> dict[str, str]:
     """{module path: checkpoint key} for every module of `adapter`, or an error saying why not."""
-    found = resolve(adapter.modules, base.tensors)
+    found = locate(adapter.modules, base.tensors)
     if found.ambiguous and not found.missing:
         path, keys = next(iter(found.ambiguous.items()))
         raise TargetError(f"adapter module {path!r} of {adapter.name!r} matches several checkpoint weights {keys[:3]}; "
                           "the adapter's module paths must name the checkpoint's modules (save the adapter from the "
                           "model class the checkpoint was saved from)")
-    problems = _resolution_errors(adapter, base, found)
+    problems = location_errors(adapter, base, found)
     if problems:
         raise FingerprintMismatchError(f"{adapter.name!r} was made for another model than {str(base.root)!r}: "
                                        f"{'; '.join(problems[:3])}. Use the base model the adapter was trained on")
@@ -359,7 +225,7 @@ def plan_merge(base: str | os.PathLike, adapters: list[str | os.PathLike], weigh
     reads headers and adapters only."""
     if how not in MERGE_HOWS:
         raise ConfigError(f"how={how!r} cannot be merged; choose one of {', '.join(MERGE_HOWS)}")
-    _check_options(how, "dense", density, p, "tensor", None)
+    check_density_p(density, p)
     if not adapters:
         raise ConfigError("no adapter to merge; pass one or more adapter directories")
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
@@ -372,7 +238,7 @@ def plan_merge(base: str | os.PathLike, adapters: list[str | os.PathLike], weigh
     targets: dict[str, list[tuple[int, str]]] = {}
     for i, adapter in enumerate(files):
         adapter.require_deltas("merged")
-        for path, key in resolve_adapter(adapter, checkpoint).items():
+        for path, key in locate_adapter(adapter, checkpoint).items():
             targets.setdefault(key, []).append((i, path))
     _check_targets(checkpoint, files, targets, how)
     keep, skip = checkpoint.extra_files()
@@ -432,26 +298,25 @@ def merged_weight(plan: MergePlan, key: str, weight: Tensor) -> Tensor:
     """`weight` plus the adapters' ΔW at `key`: computed in fp32 (fp64 for fp64 weights) and cast
     once to the weight's dtype. Linear: W + Σ wᵢ·ΔWᵢ with the same operations, in the same order,
     as `AdapterLayer.merged_weight` (so the result is al.merge's, bit for bit), but added in place;
-    other `how`s: al.combine's per-target math. `weight` may be overwritten."""
+    other `how`s: `arithmetic.combine_tensors`, as al.combine. `weight` may be overwritten."""
     found = plan.targets[key]
     first, path = found[0]
     module = skeleton(plan.adapters[first].modules[path], weight)
-    layer = AdapterLayer(module)
-    for i, path in found:
-        layer.deltas[str(i)] = plan.adapters[i].delta(path, module)
-    weights = {str(i): plan.weights[i] for i, _ in found}
     acc = weight.to(torch.promote_types(weight.dtype, torch.float32))
     if plan.how == "linear":
-        for name, w in weights.items():
-            if not layer.deltas[name].mergeable:
-                raise MergeError(f"{plan.adapters[int(name)].name!r}: the delta at {key!r} cannot be merged "
-                                 "into weights")
-            delta = layer.deltas[name].delta_weight().detach().to(acc.dtype)
-            acc.add_(delta if w == 1.0 else w * delta)  # 1.0·ΔW is ΔW exactly
-            del delta
+        for i, path in found:
+            delta = plan.adapters[i].delta(path, module)
+            if not delta.mergeable:
+                raise MergeError(f"{plan.adapters[i].name!r}: the delta at {key!r} cannot be merged into weights")
+            change = delta.delta_weight().detach().to(acc.dtype)
+            w = plan.weights[i]
+            acc.add_(change if w == 1.0 else w * change)  # 1.0·ΔW is ΔW exactly
+            del change, delta
     else:
-        acc.add_(_combined_delta(layer, weights, plan.how, plan.density, plan.p, None,
-                                 _generator(plan.seed, key)).to(acc.dtype))
+        taus = {str(i): plan.adapters[i].delta(path, module).delta_weight() for i, path in found}
+        weights = {str(i): plan.weights[i] for i, _ in found}
+        acc.add_(combine_tensors(taus, weights, plan.how, density=plan.density, p=plan.p,
+                                 generator=_generator(plan.seed, key)).to(acc.dtype))
     merged = acc.to(weight.dtype)
     if not all_finite(merged):
         raise MergeError(f"merging into {key!r} gives NaN/Inf; nothing was written. Check the adapters "
@@ -466,15 +331,14 @@ def run_merge(plan: MergePlan, out: str | os.PathLike, *, overwrite: bool = Fals
     if sys.byteorder != "little":
         raise MergeError("safetensors is little-endian; merging on a big-endian machine is not supported")
     target = Path(out)
-    _repair(target)
+    repair(target)
     if target.resolve() == plan.base.root.resolve():
         raise ConfigError(f"--out {str(target)!r} is the base model directory; write the merged model elsewhere")
     if target.exists() and not (target.is_dir() and (overwrite or not any(target.iterdir()))):
         raise AdapterFileError(f"{str(target)!r} exists; choose a new directory or pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir(target)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
         _write_shards(plan, tmp, progress)
         for path in plan.copied:
             shutil.copy2(path, tmp / path.name)
@@ -482,7 +346,8 @@ def run_merge(plan: MergePlan, out: str | os.PathLike, *, overwrite: bool = Fals
         if len(plan.outputs) > 1:
             _write_index(plan, tmp / INDEX_FILE)
         fsync_path(tmp)
-        _swap(tmp, target)
+        with locked(target.parent):
+            swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -529,195 +394,4 @@ def _write_index(plan: MergePlan, path: Path) -> None:
     weight_map = {key: name for name, keys in zip(plan.shard_names(), plan.outputs) for key in keys}
     total = sum(plan.shard_bytes(keys) for keys in plan.outputs)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    with open(path, "w") as f:
-        json.dump(index, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _olds(target: Path) -> list[Path]:
-    return sorted(target.parent.glob(f".{target.name}.old-*"))
-
-
-def _repair(target: Path) -> None:
-    """Undo what an interrupted `_swap` left: killed between its two renames (no `target`, one
-    complete `.NAME.old-*`), the old output goes back; killed while removing the old output,
-    the remains are removed."""
-    olds = _olds(target)
-    if not target.exists() and len(olds) == 1:
-        os.rename(olds[0], target)
-    elif target.exists():
-        for old in olds:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _swap(tmp: Path, target: Path) -> None:
-    """Rename the finished `tmp` to `target`; an existing `target` is moved aside first and
-    removed after (io.write_dir_atomic's pattern, for a directory filled on disk). Stale
-    `.NAME.old-*` remains are removed first, so a kill between the two renames leaves exactly one,
-    complete, which the next merge puts back (`_repair`)."""
-    _repair(target)
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    if target.exists():
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        if old.exists() and not target.exists():
-            os.rename(old, target)
-        raise
-    fsync_path(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# -- validate -------------------------------------------------------------------------------------
-@dataclass
-class Check:
-    """One validation check: its name, whether it passed, and what it found."""
-
-    name: str
-    ok: bool
-    detail: str
-
-
-def validate(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> list[Check]:
-    """Check an adapter against a base checkpoint without loading the base's tensors: format
-    version, fingerprint integrity, module mapping and weight shapes (from the base's safetensors
-    headers), dtypes, that the tensors fit their modules, and that none holds NaN/Inf."""
-    try:
-        adapter = AdapterFile.open(adapter_dir)
-    except AdapterFileError as e:
-        return [Check("format", False, str(e))]
-    block = adapter.block
-    checks = [Check("format", True, f"format version {block['format_version']} (this adapterlab reads up to "
-                                    f"{FORMAT_VERSION}), method {adapter.method}, "
-                                    f"written by {block['library_version']}")]
-    if adapter.method == "levi":
-        return checks + [Check("deltas", False, "a LEVI side network has no weight deltas to check against a base")]
-    base = open_checkpoint(base_dir)
-    checks.append(_fingerprint_check(adapter))
-    found = resolve(adapter.modules, base.tensors)
-    problems = _resolution_errors(adapter, base, found)
-    located = not found.missing and not found.ambiguous
-    checks.append(Check("modules", located, f"all {len(adapter.modules)} modules found in the checkpoint"
-                        if located else "; ".join(problems[:3])))
-    shapes_ok = located and not problems
-    checks.append(Check("shapes", shapes_ok, "every weight shape matches" if shapes_ok else
-                        ("; ".join(problems[:3]) if located else "not checked: modules are missing")))
-    checks.append(_dtype_check(adapter, base, found.keys))
-    checks.append(_fit_check(adapter, base, found.keys) if shapes_ok else
-                  Check("tensors", False, "not checked: the shapes do not match"))
-    checks.append(_finite_check(adapter))
-    return checks
-
-
-def _fingerprint_check(adapter: AdapterFile) -> Check:
-    stored = (adapter.block.get("fingerprint") or {}).get("sha256")
-    if stored is None:
-        return Check("fingerprint", True, "none stored (PEFT-written); shapes inferred from lora_A/lora_B")
-    digest = hashlib.sha256(json.dumps(adapter.modules, sort_keys=True).encode()).hexdigest()
-    return Check("fingerprint", digest == stored, f"sha256 {stored[:16]}… matches its {len(adapter.modules)} modules"
-                 if digest == stored else f"stored sha256 {stored[:16]}… but the modules hash to {digest[:16]}…")
-
-
-def _dtype_check(adapter: AdapterFile, base: Checkpoint, keys: dict[str, str]) -> Check:
-    base_dtypes = sorted({base.tensors[k].dtype for k in keys.values()})
-    bad_base = [k for k in keys.values() if base.tensors[k].dtype not in FLOAT_DTYPES]
-    adapter_dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values()})
-    floats = [t for t in adapter.tensors.values() if t.is_floating_point()]
-    ok = not bad_base and bool(floats)
-    detail = f"base {', '.join(base_dtypes) or '-'}; adapter {', '.join(adapter_dtypes)}"
-    if bad_base:
-        detail += f"; {bad_base[0]!r} is not floating point, adapters merge into F16/BF16/F32/F64 weights only"
-    elif not floats:
-        detail += "; the adapter has no floating-point tensors"
-    return Check("dtypes", ok, detail)
-
-
-def _fit_check(adapter: AdapterFile, base: Checkpoint, keys: dict[str, str]) -> Check:
-    """Build every delta on a zero skeleton of the base's dtype, as a load would."""
-    for path, key in keys.items():
-        info = base.tensors[key]
-        try:
-            adapter.delta(path, skeleton(adapter.modules[path], zeros(info.shape, DTYPES[info.dtype])))
-        except (AdapterFileError, TargetError) as e:
-            return Check("tensors", False, str(e))
-    return Check("tensors", True, f"{len(adapter.tensors)} tensors fit their {len(keys)} modules")
-
-
-def _finite_check(adapter: AdapterFile) -> Check:
-    bad = [k for k, t in adapter.tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    return Check("finite", not bad, "no NaN/Inf" if not bad else
-                 f"NaN/Inf in {len(bad)} tensor(s): {', '.join(bad[:3])}")
-
-
-# -- export ---------------------------------------------------------------------------------------
-def export_peft(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """PEFT's LoRA layout (adapter_config.json as peft's LoraConfig + adapter_model.safetensors),
-    loadable with `peft.PeftModel.from_pretrained`; refuses adapters PEFT cannot express."""
-    adapter = AdapterFile.open(directory)
-    if adapter.method not in ("lora", "convlora"):
-        raise ConfigError(f"{adapter.name!r} holds a {adapter.method!r} adapter; PEFT's LoRA format holds LoRA only. "
-                          "Use --format dense for its ΔW")
-    if adapter.peft_config is None:
-        why = ("reshape-layout conv LoRA (conv_mode='reshape')" if adapter.config.conv_mode == "reshape" else
-               "conv LoRA with groups, dilation or a padding mode PEFT does not model")
-        raise ConfigError(f"{adapter.name!r} is a {why}, which PEFT cannot load; use --format dense for its ΔW")
-    config = dict(adapter.peft_config)
-    files = {CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-             WEIGHTS_FILE: (adapter.directory / WEIGHTS_FILE).read_bytes()}
-    return write_dir_atomic(Path(out), files)
-
-
-def export_dense(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """One safetensors file: per target module `<path>.weight` = its scaled ΔW in the base weight's
-    layout (merged weight = W + ΔW); the header metadata holds the adapter's block. Any method but LEVI."""
-    adapter = AdapterFile.open(directory)
-    adapter.require_deltas("exported as a dense ΔW")
-    target = Path(out)
-    if target.is_dir():
-        raise ConfigError(f"--out {str(target)!r} is a directory; --format dense writes one file, "
-                          "e.g. delta.safetensors")
-    dtype = adapter.dtype
-    paths = list(adapter.modules)
-    layout = [(f"{p}.weight", DTYPE_NAMES[dtype], adapter.modules[p]["shape"]) for p in paths]
-    block = {"kind": "dense_delta", "source": str(adapter.directory), **adapter.block}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
-    try:
-        with SafetensorsWriter(Path(tmp), layout, {"format": "pt", "adapterlab": json.dumps(block)}) as writer:
-            for path, (key, _, shape) in zip(paths, layout):
-                module = skeleton(adapter.modules[path], zeros(shape, dtype))
-                writer.write(key, adapter.delta(path, module).delta_weight().detach().to(dtype))
-            writer.close()
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-        fsync_path(target.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "2GB", "500MB", "1.5GiB" or "123456" (KB/MB/GB are powers of 10, KiB/MiB/GiB of 2)."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1, "": 1}
-    clean = str(text).strip().upper().replace(" ", "")
-    number = clean.rstrip("KMGTIB")
-    unit = clean[len(number):]
-    try:
-        value = float(number) * units[unit]
-    except (KeyError, ValueError):
-        raise ConfigError(f"size {text!r} is not a size; write e.g. 2GB, 500MB or 1GiB") from None
-    if not (math.isfinite(value) and value >= 1):
-        raise ConfigError(f"size {text!r} must be at least 1 byte")
-    return int(value)
+    fsync_write(path, (json.dumps(index, indent=2) + "\n").encode())

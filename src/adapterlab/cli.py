@@ -1,4 +1,4 @@
-"""The `adapterlab` command: a thin click layer over demo, skeleton, checkpoint and combine_file.
+"""The `adapterlab` command: a thin click layer over demo, checkpoint, export, validate and combine_file.
 
 Exit codes: 0 ok; 1 an `AdapterlabError`, printed as one line `adapterlab: error: ...` on stderr
 (the traceback too with `--debug`); 2 a usage error (bad or missing options).
@@ -6,17 +6,64 @@ Exit codes: 0 ok; 1 an `AdapterlabError`, printed as one line `adapterlab: error
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
-from .checkpoint import MERGE_HOWS, export_dense, export_peft, parse_size, plan_merge, run_merge, validate
-from .errors import AdapterlabError
-from .io import VERSION
-from .skeleton import inspect_adapter
+from .checkpoint import MERGE_HOWS, plan_merge, run_merge
+from .errors import AdapterFileError, AdapterlabError, ConfigError
+from .export import export_dense, export_peft
+from .files.adapter_dir import AdapterFile
+from .validate import validate
+from .version import VERSION
 
-__all__ = ["cli", "inspect_adapter", "main"]
+__all__ = ["cli", "inspect_adapter", "main", "parse_size"]
+
+
+def inspect_adapter(directory: str | os.PathLike) -> dict[str, Any]:
+    """What `adapterlab inspect` reports: method, config and its settings (rank, density, …),
+    targets (count and module types), parameter counts, size on disk, fingerprint."""
+    adapter = AdapterFile.open(directory)
+    metadata, tensors = adapter.metadata, adapter.tensors
+    fingerprint = metadata["fingerprint"]
+    types: dict[str, int] = {}
+    for entry in adapter.modules.values():
+        types[entry["type"]] = types.get(entry["type"], 0) + 1
+    files = [p for p in Path(directory).iterdir() if p.is_file()]
+    return {
+        "directory": str(directory),
+        "method": metadata["method"],
+        "format_version": metadata["format_version"],
+        "library_version": metadata.get("library_version"),
+        "config": metadata["config"],
+        "settings": adapter.config.settings(),
+        "targets": len(adapter.modules) or len(fingerprint.get("layers", {})),
+        "target_types": dict(sorted(types.items())),
+        "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors.values() if t.is_floating_point()),
+        "bytes_on_disk": sum(p.stat().st_size for p in files),
+        "fingerprint": fingerprint.get("sha256"),
+    }
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "2GB", "500MB", "1.5GiB" or "123456" (KB/MB/GB are powers of 10, KiB/MiB/GiB of 2)."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1, "": 1}
+    clean = str(text).strip().upper().replace(" ", "")
+    number = clean.rstrip("KMGTIB")
+    unit = clean[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (KeyError, ValueError):
+        raise ConfigError(f"size {text!r} is not a size; write e.g. 2GB, 500MB or 1GiB") from None
+    if not (math.isfinite(value) and value >= 1):
+        raise ConfigError(f"size {text!r} must be at least 1 byte")
+    return int(value)
 
 
 class _Group(click.Group):
@@ -201,8 +248,6 @@ def validate_command(directory: str, base: str) -> None:
         click.echo(f"{'ok' if check.ok else 'FAIL':>4}  {check.name:<11} {check.detail}")
     failed = [c.name for c in checks if not c.ok]
     if failed:
-        from .errors import AdapterFileError
-
         raise AdapterFileError(f"{directory!r} failed {len(failed)} of {len(checks)} checks against {base!r}: "
                                f"{', '.join(failed)}")
 

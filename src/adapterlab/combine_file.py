@@ -28,10 +28,12 @@ from typing import Any
 
 import torch
 
-from .compose import HOWS, KINDS, CombineReport, _check_options, combine
+from .compose import HOWS, KINDS, CombineReport, check_options, combine
 from .errors import AdapterFileError, ConfigError, FingerprintMismatchError, closest
+from .files.adapter_dir import AdapterFile
+from .files.atomic import fsync_write, write_file_atomic
 from .io import load, save
-from .skeleton import AdapterFile, skeleton_model
+from .skeleton import skeleton_model
 
 FIELDS = ("adapters", "weights", "how", "kind", "density", "p", "seed", "rank", "trim_scope", "out", "base")
 DEFAULTS: dict[str, Any] = {"how": "linear", "kind": "lora", "density": 0.2, "p": 0.9, "seed": 0, "rank": None,
@@ -95,7 +97,7 @@ def _scalars(where: str, data: dict[str, Any]) -> dict[str, Any]:
     if out["rank"] is not None and not (isinstance(out["rank"], int) and not isinstance(out["rank"], bool)):
         raise ConfigError(f"{where}: rank={out['rank']!r} must be a positive integer or null")
     try:
-        _check_options(out["how"], out["kind"], out["density"], out["p"], out["trim_scope"], out["rank"])
+        check_options(out["how"], out["kind"], out["density"], out["p"], out["trim_scope"], out["rank"])
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return out
@@ -155,7 +157,7 @@ def _union(files: dict[str, AdapterFile]) -> dict[str, dict[str, Any]]:
 
 def run_combine(path: str | os.PathLike) -> tuple[dict[str, Any], CombineReport]:
     """Combine the adapters the YAML file at `path` names; returns the resolved config and al.combine's report."""
-    from .checkpoint import open_checkpoint, resolve_adapter
+    from .checkpoint import locate_adapter, open_checkpoint
 
     config = read_config(path)
     files = {name: AdapterFile.open(d) for name, d in config["adapters"].items()}
@@ -164,7 +166,7 @@ def run_combine(path: str | os.PathLike) -> tuple[dict[str, Any], CombineReport]
     if config["base"] is not None:
         base = open_checkpoint(config["base"])
         for adapter in files.values():
-            resolve_adapter(adapter, base)
+            locate_adapter(adapter, base)
     dtype = torch.float64 if any(a.dtype == torch.float64 for a in files.values()) else torch.float32
     model = skeleton_model(_union(files), dtype)
     for name, d in config["adapters"].items():
@@ -189,13 +191,7 @@ def _yaml(config: dict[str, Any]) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_file_atomic(path, lambda tmp: fsync_write(tmp, text.encode()))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise AdapterFileError(f"cannot write {str(path)!r} ({e})") from None

@@ -1,30 +1,17 @@
-"""Combine adapters into a new one: task arithmetic, TIES, DARE, magnitude pruning, LoRA concat, SVD.
-
-Every `how` works on the dense ΔW of each input (any delta kind), target by target, except `cat`,
-which concatenates LoRA factors exactly. The result is re-expressed as a new adapter of `kind`:
-`lora` (re-factored by SVD to `rank`), `sparse` (an SFT-style delta on the nonzero entries) or
-`dense` (a full ΔW per target).
-Formulas (τᵢ = ΔWᵢ of input i, wᵢ its weight):
-
-- linear:          Σ wᵢ τᵢ (task arithmetic; negative weights subtract)
-- magnitude_prune: Σ wᵢ trim(τᵢ)                  trim keeps the top `density` of |τ|
-- ties:            τ'ᵢ = wᵢ trim(τᵢ); γ = sign(Σ τ'ᵢ); Σ_{i: sign τ'ᵢ = γ} τ'ᵢ / #{i: sign τ'ᵢ = γ}
-- dare_linear:     Σ wᵢ mᵢ τᵢ / (1 − p),  mᵢ ~ Bernoulli(1 − p)
-- dare_ties:       the TIES sign election and disjoint mean on wᵢ mᵢ τᵢ / (1 − p)
-- svd:             linear, then re-factored to a rank-`rank` LoRA (the discarded energy is reported)
-- cat:             LoRA only: B = [w₁s₁B₁ … wₙsₙBₙ], A = [A₁; …; Aₙ] — exact, ranks add
-
-DARE masks come from one `torch.Generator` seeded with `seed`: target by target in model order,
-and within a target input by input in the order of `weights`, each `torch.rand(τ.shape) >= p`.
+"""`al.combine`: adapters combined target by target (the tensor math is `arithmetic`), then
+re-expressed as a new LoRA (SVD, or exact `cat`), sparse or dense adapter. docs/compose.md has
+the formulas and how DARE's masks are drawn.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from .arithmetic import TENSOR_HOWS, check_density_p, combine_tensors, global_threshold
 from .config import AdapterConfig
 from .errors import AdapterNameError, ConfigError, UnsupportedModuleError
 from .layer import AdapterLayer
@@ -33,7 +20,7 @@ from .methods.lora import LoRAConfig, LowRankDelta
 from .methods.sft import SFTConfig
 from .model import adapter_layers, adapters, apply_plan, plan
 
-HOWS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd")
+HOWS = (*TENSOR_HOWS, "cat", "svd")
 KINDS = ("lora", "sparse", "dense")
 
 
@@ -50,67 +37,27 @@ class CombineReport:
     discarded_fraction: float = 0.0
 
 
-def trim(tau: Tensor, density: float, threshold: float | None = None) -> Tensor:
-    """Keep the `density` fraction of entries with the largest |τ| (exactly ⌈density·n⌉ of them),
-    or, given a `threshold`, every entry with |τ| ≥ threshold."""
-    if threshold is not None:
-        return tau * (tau.abs() >= threshold)
-    k = math.ceil(density * tau.numel())
-    keep = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
-    keep[tau.abs().flatten().topk(k).indices] = True
-    return tau * keep.view(tau.shape)
-
-
-def disjoint_mean(taus: list[Tensor]) -> Tensor:
-    """TIES: elect the sign of the sum per entry, average the entries that agree with it."""
-    stacked = torch.stack(taus)
-    sign = torch.sign(stacked.sum(0))
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
-
-
-def dare(tau: Tensor, p: float, gen: torch.Generator) -> Tensor:
-    keep = torch.rand(tau.shape, generator=gen, device=tau.device) >= p
-    return tau * keep / (1.0 - p)
-
-
-def _check_options(how: str, kind: str, density: float, p: float, trim_scope: str, rank: int | None) -> None:
+def check_options(how: str, kind: str, density: float, p: float, trim_scope: str, rank: int | None) -> None:
     if how not in HOWS:
         raise ConfigError(f"how={how!r} is not a combination method; choose one of {', '.join(HOWS)}")
     if kind not in KINDS:
         raise ConfigError(f"kind={kind!r} is not an output kind; choose one of {', '.join(KINDS)}")
     if how in ("cat", "svd") and kind != "lora":
         raise ConfigError(f"how={how!r} produces a LoRA; use kind='lora' (or how='linear' for kind={kind!r})")
-    if not (isinstance(density, (int, float)) and 0 < density <= 1):
-        raise ConfigError(f"density={density!r} must be in (0, 1]; e.g. 0.2 keeps the top 20% of each task vector")
-    if not (isinstance(p, (int, float)) and 0 <= p < 1):
-        raise ConfigError(f"p={p!r} is the DARE drop probability; it must be in [0, 1), e.g. 0.9")
+    check_density_p(density, p)
     if trim_scope not in ("tensor", "global"):
         raise ConfigError(f"trim={trim_scope!r}; use 'tensor' (top-k per weight) or 'global' (top-k per adapter)")
     if rank is not None and not (isinstance(rank, int) and rank >= 1):
         raise ConfigError(f"rank={rank!r} must be a positive integer")
 
 
-def _global_thresholds(layers, names: list[str], density: float) -> dict[str, float]:
+def _global_thresholds(layers: list[tuple[str, AdapterLayer]], names: list[str], density: float) -> dict[str, float]:
     """Per input: the |τ| of its ⌈density·n⌉-th largest entry over all its targets."""
-    out = {}
-    for name in names:
-        flat = torch.cat([layer.deltas[name].delta_weight().detach().float().abs().flatten() for _, layer in layers])
-        k = math.ceil(density * flat.numel())
-        out[name] = flat.topk(k).values[-1].item()
-    return out
+    return {n: global_threshold([layer.deltas[n].delta_weight() for _, layer in layers], density) for n in names}
 
 
-def _combined_delta(layer: AdapterLayer, weights: dict[str, float], how: str, density: float, p: float,
-                    thresholds: dict[str, float] | None, gen: torch.Generator) -> Tensor:
-    taus = {n: layer.deltas[n].delta_weight().detach().float() for n in weights}
-    if how in ("linear", "svd"):
-        return sum(w * taus[n] for n, w in weights.items())
-    if how in ("dare_linear", "dare_ties"):
-        dropped = [w * dare(taus[n], p, gen) for n, w in weights.items()]
-        return sum(dropped) if how == "dare_linear" else disjoint_mean(dropped)
-    trimmed = [w * trim(taus[n], density, thresholds[n] if thresholds else None) for n, w in weights.items()]
-    return sum(trimmed) if how == "magnitude_prune" else disjoint_mean(trimmed)
+def _taus(layer: AdapterLayer, names: Iterable[str]) -> dict[str, Tensor]:
+    return {n: layer.deltas[n].delta_weight() for n in names}
 
 
 def _common_targets(model: nn.Module, names: list[str]) -> list[tuple[str, AdapterLayer]]:
@@ -154,7 +101,7 @@ def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", in
     The new adapter is added inactive and frozen (`al.set_active(model, into)` to use it); on any
     error the model is unchanged.
     """
-    _check_options(how, kind, density, p, trim_scope, rank)
+    check_options(how, kind, density, p, trim_scope, rank)
     if not isinstance(weights, dict) or not weights:
         raise ConfigError(f"weights={weights!r} must be a non-empty {{adapter name: weight}} dict")
     known = adapters(model)
@@ -182,7 +129,8 @@ def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", in
     total = 0.0
     for (path, layer), (_, _, out) in zip(layers, steps):
         if kind != "lora":
-            combined = _combined_delta(layer, weights, how, density, p, thresholds, gen)  # both setters cast
+            combined = combine_tensors(_taus(layer, weights), weights, how, density=density, p=p, generator=gen,
+                                       thresholds=thresholds)  # both setters cast
             if kind == "dense":
                 out.weight_delta.data.copy_(combined)
             else:
@@ -198,7 +146,8 @@ def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", in
             b = torch.cat([w * bm for w, (bm, _) in zip(weights.values(), parts)], dim=1)
             out.set_factors(b, torch.cat([am for _, am in parts], dim=0))
             continue
-        matrix = out.matrix(_combined_delta(layer, weights, how, density, p, thresholds, gen))
+        matrix = out.matrix(combine_tensors(_taus(layer, weights), weights, how, density=density, p=p, generator=gen,
+                                             thresholds=thresholds))
         inner = out.lora_A.weight.shape[0]
         if inner > min(matrix.shape):
             raise ConfigError(f"rank={rank} gives inner dimension {inner} at {path!r}, larger than "

@@ -1,7 +1,6 @@
 """Adapter configurations: one dataclass per method, a registry by method name, JSON round-trip.
-
-A config says *what* to adapt (targets) and *how* (the method's few hyper-parameters). The method
-file registers its config class with `@register`; `config_for("lora", r=8)` builds one by name.
+A config class is also where a method declares itself to the rest of the library (PEFT mapping,
+what `inspect` shows, side network or deltas, train-end hook). docs/architecture.md has the list.
 """
 from __future__ import annotations
 
@@ -30,6 +29,11 @@ def register(cls: C) -> C:
         raise ConfigError(f"cannot register {cls.__name__}: method name {cls.method!r} is empty or taken")
     _REGISTRY[cls.method] = cls
     return cls
+
+
+def peft_config_class(peft_type: Any) -> type[AdapterConfig] | None:
+    """The config class that reads PEFT's `peft_type`, or None."""
+    return next((cls for cls in _REGISTRY.values() if cls.peft_type is not None and cls.peft_type == peft_type), None)
 
 
 def methods() -> list[str]:
@@ -99,6 +103,10 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    # a network around the whole model (LEVI), not deltas on modules: it cannot be merged or combined
+    side_network: ClassVar[bool] = False
+    peft_type: ClassVar[str | None] = None       # PEFT's name for the method, where PEFT can express it
+    summary_fields: ClassVar[tuple[str, ...]] = ()  # the fields `adapterlab inspect` shows as settings
     targets: TargetSpec = "all-linear"
     exclude: TargetSpec | None = None
     layers: list[int] | None = None
@@ -138,7 +146,7 @@ class AdapterConfig:
         raise an `AdapterlabError` saying why none can. The default is `built`."""
         return built
 
-    def resolve(self, model: nn.Module) -> AdapterConfig:
+    def for_model(self, model: nn.Module) -> AdapterConfig:
         """The config `inject` applies to `model`. A method whose targets depend on the model (HFT's
         seeded half, LocFT's layer) returns a copy with `targets` the exact module paths, so the
         saved config names them; others return self."""
@@ -153,6 +161,34 @@ class AdapterConfig:
     def after_step(self, model: nn.Module, name: str, step: int, optimizer: Any | None) -> None:
         """After optimizer step `step`: a method switches phases or re-selects masks here (resetting
         `optimizer`'s state for the parameters it re-purposes). Default: nothing."""
+
+    def train_end(self, model: nn.Module, name: str, step: int) -> None:
+        """When a Trainer run ends after `step` steps (`AdapterCallback`): a method turns a training
+        form into its final one here (LT-SFT: dense phase into sparse deltas). Default: nothing."""
+
+    # -- files: PEFT's format, `adapterlab inspect` --------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The hyper-parameters `adapterlab inspect` shows."""
+        return {k: getattr(self, k) for k in self.summary_fields}
+
+    def to_peft(self, paths: list[str], deltas: list[Delta]) -> dict[str, Any] | None:
+        """PEFT's config fields for this adapter's deltas at `paths`, or None if PEFT cannot express it."""
+        return None
+
+    def peft_refusal(self) -> str:
+        """Why PEFT's format cannot hold this adapter (when `to_peft` gave None)."""
+        return f"holds a {self.method!r} adapter; PEFT's LoRA format holds LoRA only"
+
+    @classmethod
+    def from_peft(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
+        """Our config dict for PEFT's config `data` (of this class's `peft_type`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_modules(cls, data: dict[str, Any], tensors: dict[str, Tensor], where: str) -> dict[str, dict[str, Any]]:
+        """Fingerprint entries {path: {type, shape}} of a PEFT directory, from its tensors' shapes
+        (PEFT stores no fingerprint); tensor keys are relative to the model (no prefix)."""
+        raise NotImplementedError
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import dataclasses
 import math
 import re
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +40,13 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield path, module
 
 
+def deltas(model: nn.Module, name: str, kind: type | tuple[type, ...] | None = None) -> list[tuple[str, AdapterLayer, Delta]]:
+    """(path, layer, delta) of every module adapter `name` changes, in model order; with `kind`,
+    only deltas of that class."""
+    return [(path, layer, layer.deltas[name]) for path, layer in adapter_layers(model)
+            if name in layer.deltas and (kind is None or isinstance(layer.deltas[name], kind))]
+
+
 def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     """{adapter name: config} for every adapter on the model, in the order they were added."""
     found: dict[str, AdapterConfig] = {}
@@ -67,9 +74,11 @@ def _require(model: nn.Module, names: Any) -> list[str]:
     return names
 
 
-def plan(model: nn.Module, config: AdapterConfig, name: str, paths: list[str] | None = None) -> Plan:
+def plan(model: nn.Module, config: AdapterConfig, name: str, paths: list[str] | None = None,
+         build: Callable[[str, nn.Module], Delta] | None = None) -> Plan:
     """Validate and build every delta `inject` would add, without touching the model.
-    `paths` (exact module paths) replaces the config's targeting, as when loading a file."""
+    `paths` (exact module paths) replaces the config's targeting, and `build(path, module)` the
+    config's `make_delta`, as when loading a file."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise AdapterNameError(f"adapter name {name!r} is invalid; use letters, digits, '_' or '-' (e.g. 'default')")
     if name in adapters(model):
@@ -81,7 +90,7 @@ def plan(model: nn.Module, config: AdapterConfig, name: str, paths: list[str] | 
         targets = find_targets(model, config)
     if any(path == "" for path, _ in targets):
         raise TargetError("the model itself is a target; wrap it in a container, e.g. nn.Sequential(module)")
-    return [(path, module, config.make_delta(module)) for path, module in targets]
+    return [(path, module, build(path, module) if build else config.make_delta(module)) for path, module in targets]
 
 
 def apply_plan(model: nn.Module, name: str, steps: Plan, *, trainable: bool = True, activate: bool = True) -> None:
@@ -116,7 +125,7 @@ def inject(model: nn.Module, method: str | AdapterConfig = "lora", name: str = "
     or a config object. Atomic: everything is validated and built before the model changes.
     The new adapter joins the active set and is the only trainable part of the model.
     """
-    config = config_for(method, **options).resolve(model)
+    config = config_for(method, **options).for_model(model)
     apply_plan(model, name, plan(model, config, name))
     return model
 
@@ -188,6 +197,10 @@ def routing(model: nn.Module, ids: Sequence[str | None]) -> Iterator[nn.Module]:
 def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -> None:
     """Fold active adapters (all of them, or `names`) into the base weights, with their active
     weights. `safe` checks every merged weight for NaN/Inf before any weight is written."""
+    _merge_active(model, names, safe)
+
+
+def _merge_active(model: nn.Module, names: list[str] | None, safe: bool) -> None:
     refusal = getattr(model, "merge_refusal", None)  # set by adapters that are not weight deltas (LEVI)
     if refusal:
         raise MergeError(refusal)
@@ -215,9 +228,6 @@ def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -
         layer.merge(weights)
 
 
-_merge = merge  # `unload` takes a flag of the same name
-
-
 def unmerge(model: nn.Module) -> None:
     """Restore every merged base weight (exactly, for dtypes that cannot round-trip)."""
     for _, layer in adapter_layers(model):
@@ -238,7 +248,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         merged = {n for _, layer in adapter_layers(model) for n in layer.merged}
         pending = [n for n in active(model) if n not in merged]
         if pending:
-            _merge(model, pending)
+            _merge_active(model, pending, safe=True)
     else:
         unmerge(model)
     for path, layer in list(adapter_layers(model)):
@@ -286,26 +296,23 @@ def trainable_summary(model: nn.Module) -> Summary:
     """How many parameters train, in all and per adapter."""
     unique = {id(p): p for p in model.parameters()}.values()
     per: dict[str, tuple[int, int]] = {}
-    for _, layer in adapter_layers(model):
-        for name, delta in layer.deltas.items():
-            n, b = per.get(name, (0, 0))
-            ps = list(delta.parameters())
-            per[name] = (n + sum(p.numel() for p in ps), b + sum(p.numel() * p.element_size() for p in ps))
+    for name in adapters(model):
+        ps = [p for _, _, delta in deltas(model, name) for p in delta.parameters()]
+        per[name] = (sum(p.numel() for p in ps), sum(p.numel() * p.element_size() for p in ps))
     return Summary(sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique), per)
 
 
-def training(model: nn.Module) -> dict[str, AdapterConfig]:
+def training_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     """{name: config} of the adapters with a parameter that requires grad (the ones training)."""
-    names = {name for _, layer in adapter_layers(model) for name, delta in layer.deltas.items()
-             if any(p.requires_grad for p in delta.parameters())}
-    return {name: config for name, config in adapters(model).items() if name in names}
+    return {name: config for name, config in adapters(model).items()
+            if any(p.requires_grad for _, _, delta in deltas(model, name) for p in delta.parameters())}
 
 
 def before_step(model: nn.Module, step: int) -> None:
     """Call between `loss.backward()` and `optimizer.step()` of step `step` (0-based): each training
     adapter's method adds its gradient terms or masks (SaRA's nuclear norm, LT-SFT's support, HFT's
     frozen half). `AdapterCallback` calls it for `transformers.Trainer`."""
-    for name, config in training(model).items():
+    for name, config in training_adapters(model).items():
         config.before_step(model, name, step)
 
 
@@ -313,5 +320,5 @@ def after_step(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | N
     """Call right after `optimizer.step()` of step `step`, before the gradients are zeroed: each
     training adapter's method runs its schedule (SaRA's re-selection, LT-SFT's phase switch);
     `optimizer` gets its state reset for parameters a schedule re-purposes."""
-    for name, config in training(model).items():
+    for name, config in training_adapters(model).items():
         config.after_step(model, name, step, optimizer)

@@ -38,9 +38,9 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..errors import AdapterNameError
-from ..io import save_pretrained, write_files_atomic
-from ..methods import sft
-from ..model import adapter_layers, adapters, after_step, before_step, trainable_summary
+from ..files.atomic import write_files_atomic
+from ..io import save_pretrained
+from ..model import adapters, after_step, before_step, trainable_summary
 
 logger = logging.getLogger("adapterlab")
 RESUME_FILE = "model.safetensors"  # the name transformers' resume_from_checkpoint reads
@@ -48,7 +48,8 @@ RESUME_FILE = "model.safetensors"  # the name transformers' resume_from_checkpoi
 
 class AdapterCallback(TrainerCallback):
     """Runs adapterlab's method schedules in a `Trainer` and keeps its checkpoints adapter-only.
-    `finish_sft`: turn scheduled LT-SFT adapters into sparse deltas when training ends."""
+    `finish_sft`: when training ends, run each adapter's `train_end` (scheduled LT-SFT adapters
+    become plain sparse deltas)."""
 
     def __init__(self, finish_sft: bool = True) -> None:
         self.finish_sft = finish_sft
@@ -90,17 +91,6 @@ class AdapterCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module | None = None, **kwargs: Any) -> None:
         model._keys_to_ignore_on_save = self._ignored
-        if not self.finish_sft:
-            return
-        for name, config in adapters(model).items():
-            if isinstance(config, sft.SFTConfig) and config.full_steps is not None and _phased(model, name):
-                if state.global_step >= config.full_steps:
-                    sft.finish(model, name)
-                else:
-                    logger.warning("adapterlab: LT-SFT adapter %r stopped in its full phase (%d of %d steps); "
-                                   "it stays dense", name, state.global_step, config.full_steps)
-
-
-def _phased(model: nn.Module, name: str) -> bool:
-    return any(name in layer.deltas and isinstance(layer.deltas[name], sft.PhasedDelta)
-               for _, layer in adapter_layers(model))
+        if self.finish_sft:
+            for name, config in adapters(model).items():
+                config.train_end(model, name, state.global_step)

@@ -33,12 +33,11 @@ from typing import Any
 
 from torch import nn
 
-from ..config import AdapterConfig, TargetSpec, check_number, register
+from ..config import TargetSpec, check_number, register
 from ..errors import AdapterNameError, ConfigError, TargetError, closest
-from ..layer import Delta
-from ..model import adapter_layers, adapters, inject
+from ..model import adapters, deltas, inject
 from ..targeting import layer_index, layer_stacks, logical_modules, matches, output_head
-from .dense import DenseDelta, dense_kind, dense_unsupported
+from .dense import DenseConfig, dense_kind
 
 Categories = dict[str, list[str]]
 
@@ -65,7 +64,7 @@ ARCHITECTURES: dict[str, Categories] = {
 
 @register
 @dataclass
-class HFTConfig(AdapterConfig):
+class HFTConfig(DenseConfig):
     """Half fine-tuning. `seed` draws the half; `categories` ({category: [paths relative to a layer]})
     replaces the built-in map for the model's architecture. `layers` keeps only those layer indices,
     `exclude` removes modules before the halves are drawn. `targets` is filled in by `inject` with
@@ -94,13 +93,7 @@ class HFTConfig(AdapterConfig):
         if self.stage_steps is not None:
             check_number(self, "stage_steps", low=1, integer=True, hint="or None for one half per adapter")
 
-    def supports(self, module: nn.Module) -> str | None:
-        return dense_unsupported(module)
-
-    def make_delta(self, module: nn.Module) -> Delta:
-        return DenseDelta(self, module)
-
-    def resolve(self, model: nn.Module) -> HFTConfig:
+    def for_model(self, model: nn.Module) -> HFTConfig:
         if isinstance(self.targets, list):  # chosen already (a saved stage, or hand-picked)
             return self
         if self.stage_steps is not None:  # every module some stage may train
@@ -118,18 +111,17 @@ class HFTConfig(AdapterConfig):
         halves = self.__dict__.setdefault("_halves", {})  # per stage; not a config field
         if stage not in halves:
             halves[stage] = set(select_half(model, self.seed + stage, self.categories, self.layers, self.exclude))
-        for path, layer in adapter_layers(model):
-            if name in layer.deltas and path not in halves[stage]:
-                for p in layer.deltas[name].parameters():
+        for path, _, delta in deltas(model, name):
+            if path not in halves[stage]:
+                for p in delta.parameters():
                     p.grad = None
 
     def after_step(self, model: nn.Module, name: str, step: int, optimizer: Any | None) -> None:
         """At a stage boundary, reset the optimizer's state (each stage starts fresh)."""
         if self.stage_steps is not None and optimizer is not None and (step + 1) % self.stage_steps == 0:
-            for _, layer in adapter_layers(model):
-                if name in layer.deltas:
-                    for p in layer.deltas[name].parameters():
-                        optimizer.state.pop(p, None)
+            for _, _, delta in deltas(model, name):
+                for p in delta.parameters():
+                    optimizer.state.pop(p, None)
 
 
 def category_map(model: nn.Module) -> Categories:

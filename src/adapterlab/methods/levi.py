@@ -23,7 +23,6 @@ layout: safetensors + JSON, written atomically).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,9 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, TargetSpec, check_number, config_for, register
 from ..errors import AdapterFileError, ConfigError, FingerprintMismatchError, TargetError, closest
+from ..files.adapter_dir import directory_files, metadata_block, read_adapter
+from ..files.atomic import write_dir_atomic
+from ..files.fill import check_state, copy_state
 from ..targeting import layer_stacks, logical_modules
 
 MERGE_REFUSAL = ("LEVI is a side network (heads on the frozen backbone's layers plus a model trained from scratch), "
@@ -51,6 +53,7 @@ class LEVIConfig(AdapterConfig):
     (batch, tokens, features) output becomes one vector ("mean" over unmasked tokens, or "first")."""
 
     method = "levi"
+    side_network = True
     targets: TargetSpec = "all"  # unused: LEVI taps layers, it does not wrap modules
     num_classes: int = 2
     layer_names: list[str] | None = None
@@ -83,7 +86,7 @@ class LEVIConfig(AdapterConfig):
     def supports(self, module: nn.Module) -> str | None:
         return "LEVI is a side network around the whole model, not a per-module delta"
 
-    def resolve(self, model: nn.Module) -> AdapterConfig:
+    def for_model(self, model: nn.Module) -> AdapterConfig:
         raise ConfigError("levi is a side network around the whole model, not a per-module delta, so al.inject cannot "
                           "add it; build it with al.levi.LEVI(model, num_classes=..., layer_names=[...])")
 
@@ -271,44 +274,30 @@ class LEVI(nn.Module):
 def save(levi: LEVI, directory: str | os.PathLike) -> Path:
     """Write LEVI's trained parts to `directory` (adapter_model.safetensors + adapter_config.json,
     replaced atomically); the backbone is not written."""
-    from safetensors.torch import save as safetensors_bytes
-
-    from ..io import CONFIG_FILE, FORMAT_VERSION, VERSION, WEIGHTS_FILE, write_dir_atomic
-
     if not isinstance(levi, LEVI):
         raise ConfigError(f"levi.save needs a LEVI module, got {type(levi).__name__}; use al.save for weight deltas")
-    block = {"format_version": FORMAT_VERSION, "library_version": VERSION, "method": "levi",
-             "config": levi.config.to_dict(), "fingerprint": levi.fingerprint()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in levi.adapter_state_dict().items()}
-    files = {WEIGHTS_FILE: safetensors_bytes(tensors, metadata={"adapterlab": json.dumps(block)}),
-             CONFIG_FILE: (json.dumps({"adapterlab": block}, indent=2, sort_keys=True) + "\n").encode()}
-    return write_dir_atomic(Path(directory), files)
+    return write_dir_atomic(Path(directory), directory_files(tensors, metadata_block(levi.config, levi.fingerprint())))
 
 
 def load(backbone: nn.Module, directory: str | os.PathLike) -> LEVI:
-    """A LEVI around `backbone` with the parts saved in `directory`."""
-    from ..io import read_adapter
-
-    block, tensors = read_adapter(directory)
-    if block.get("method") != "levi":
-        raise AdapterFileError(f"{str(directory)!r} holds a {block.get('method')!r} adapter, not LEVI; "
+    """A LEVI around `backbone` with the parts saved in `directory`; its shapes are checked on a
+    LEVI built on the meta device first."""
+    metadata, tensors = read_adapter(directory)
+    if metadata["method"] != "levi":
+        raise AdapterFileError(f"{str(directory)!r} holds a {metadata['method']!r} adapter, not LEVI; "
                                "load it with al.load")
-    config = AdapterConfig.from_dict(block.get("config"))
-    expected = (block.get("fingerprint") or {}).get("layers", {})
+    config = AdapterConfig.from_dict(metadata["config"])
+    expected = metadata["fingerprint"].get("layers", {})
     modules = dict(logical_modules(backbone))
     wrong = [f"{p!r} ({'missing' if p not in modules else type(modules[p]).__name__}, saved with {t})"
              for p, t in expected.items() if p not in modules or type(modules[p]).__name__ != t]
     if wrong:
         raise FingerprintMismatchError(f"{str(directory)!r} was saved for another backbone: {'; '.join(wrong[:5])}. "
                                        "Load it onto the backbone it was trained with")
+    with torch.device("meta"):
+        dry = LEVI(backbone, config)
+    check_state(dry.adapter_state_dict(), tensors, repr(str(directory)))
     levi = LEVI(backbone, config)
-    own = levi.adapter_state_dict()
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    bad = [k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape]
-    if missing or unexpected or bad:
-        raise AdapterFileError(f"{str(directory)!r} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                               f"wrong shape {sorted(bad)[:5]}")
-    with torch.no_grad():
-        for k, t in own.items():
-            t.copy_(tensors[k])
+    copy_state(levi.adapter_state_dict(), tensors)
     return levi

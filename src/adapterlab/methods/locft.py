@@ -27,18 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, TargetSpec, register
+from ..config import TargetSpec, register
 from ..errors import ConfigError, TargetError, closest
-from ..layer import Delta
 from ..targeting import layer_stacks, logical_modules
-from .dense import DenseDelta, dense_kind, dense_unsupported
+from .dense import DenseConfig, dense_kind
 
 IGNORE = -100
 
 
 @register
 @dataclass
-class LocFTConfig(AdapterConfig):
+class LocFTConfig(DenseConfig):
     """The edit location: `module` (a path relative to one layer) in layer `layer` (negative counts
     from the end) of the model's layer list (`stack`, found automatically when None). `targets` is
     filled in by `inject` with the one module path."""
@@ -60,13 +59,7 @@ class LocFTConfig(AdapterConfig):
         if self.stack is not None and (not isinstance(self.stack, str) or not self.stack):
             raise ConfigError(f"locft: stack={self.stack!r} must be the path of the layer list, e.g. 'model.layers'")
 
-    def supports(self, module: nn.Module) -> str | None:
-        return dense_unsupported(module)
-
-    def make_delta(self, module: nn.Module) -> Delta:
-        return DenseDelta(self, module)
-
-    def resolve(self, model: nn.Module) -> LocFTConfig:
+    def for_model(self, model: nn.Module) -> LocFTConfig:
         if isinstance(self.targets, list):  # resolved already (e.g. loaded from a file)
             return self
         return dataclasses.replace(self, targets=[edit_location(model, self.layer, self.module, self.stack)])
@@ -189,7 +182,7 @@ def edit(model: nn.Module, tokenizer: Any, requests: Iterable[EditRequest | dict
          batch_size: int = 100, epochs: int = 25, loss_threshold: float = 1e-2, seed: int = 0) -> EditReport:
     """Apply `requests` to `model` by training adapter `name` (a LocFT location, injected at
     `layer`/`module` unless the model has it already). Defaults are the official recipe's."""
-    from ..model import adapter_layers, adapters, inject
+    from ..model import adapters, deltas, inject
 
     reqs = as_requests(requests)
     if strategy not in ("breadth_first", "depth_first"):
@@ -208,8 +201,7 @@ def edit(model: nn.Module, tokenizer: Any, requests: Iterable[EditRequest | dict
         raise ConfigError(f"locft: adapter {name!r} edits {existing.targets[0]!r}, not layer={layer} "
                           f"module={module!r}; pass another name for another location (or layer=None to keep "
                           "editing this one)")
-    params = [p for _, wrapper in adapter_layers(model) if name in wrapper.deltas
-              for p in wrapper.deltas[name].parameters()]
+    params = [p for _, _, delta in deltas(model, name) for p in delta.parameters()]
     for p in params:
         p.requires_grad_(True)
     device = params[0].device

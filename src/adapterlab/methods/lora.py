@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_number, register
-from ..errors import ConfigError, UnsupportedModuleError
+from ..errors import AdapterFileError, ConfigError, UnsupportedModuleError
 from ..kernels import lora_add
 from ..layer import Delta
 from ..targeting import is_conv, is_hf_conv1d, is_linear
@@ -31,6 +32,8 @@ class LoRAConfig(AdapterConfig):
     """Low-rank adaptation. `alpha` scales the update by alpha/r (alpha/√r when `rslora`)."""
 
     method = "lora"
+    peft_type = "LORA"
+    summary_fields = ("r", "alpha", "rslora", "conv_mode", "dropout")
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -63,6 +66,63 @@ class LoRAConfig(AdapterConfig):
         if self.conv_mode == "kernel":
             return KernelConvLoRA(self, module)
         return ReshapeConvLoRA(self, module)
+
+    # -- PEFT's LoraConfig -------------------------------------------------------------------------
+    def to_peft(self, paths: list[str], deltas: list[Delta]) -> dict[str, Any] | None:
+        if not all(getattr(d, "peft_compatible", False) for d in deltas):
+            return None
+        return {
+            "peft_type": "LORA", "task_type": None,
+            "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout, "use_rslora": self.rslora,
+            # a regex PEFT full-matches: exactly these modules (a list would also match dotted suffixes)
+            "target_modules": "^(?:" + "|".join(re.escape(p) for p in paths) + ")$",
+            "fan_in_fan_out": any(getattr(d, "transposed", False) for d in deltas),
+            "bias": "none", "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        }
+
+    def peft_refusal(self) -> str:
+        why = ("reshape-layout conv LoRA (conv_mode='reshape')" if self.conv_mode == "reshape" else
+               "conv LoRA with groups, dilation or a padding mode PEFT does not model")
+        return f"is a {why}, which PEFT cannot load"
+
+    @classmethod
+    def from_peft(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
+        used = [k for k, default in PEFT_UNSUPPORTED.items() if data.get(k, default) not in (default, None, {}, [], False)]
+        if data.get("bias", "none") != "none":
+            used.append(f"bias={data['bias']!r:.50}")
+        if used:
+            raise AdapterFileError(f"{where} uses PEFT LoRA features adapterlab does not read: {used}")
+        return {"method": "lora", "r": data.get("r"), "alpha": data.get("lora_alpha"),
+                "dropout": data.get("lora_dropout", 0.0), "rslora": data.get("use_rslora", False)}
+
+    @classmethod
+    def peft_modules(cls, data: dict[str, Any], tensors: dict[str, Tensor], where: str) -> dict[str, dict[str, Any]]:
+        """Linear (Conv1D with `fan_in_fan_out`) or ConvNd, with shapes read off lora_A / lora_B."""
+        factors: dict[str, dict[str, Tensor]] = {}
+        for key, t in tensors.items():
+            found = _PEFT_FACTOR.fullmatch(key)
+            if found is None:
+                raise AdapterFileError(f"{where}: tensor {key!r} is not a LoRA factor "
+                                       "('base_model.model.<module>.lora_A.weight' / lora_B); adapterlab rebuilds only those")
+            factors.setdefault(found["path"], {})[found["which"]] = t
+        fan_in_fan_out = bool(data.get("fan_in_fan_out"))
+        modules = {}
+        for path, ab in factors.items():
+            if set(ab) != {"A", "B"}:
+                raise AdapterFileError(f"{where}: module {path!r} has lora_{''.join(ab)} but not both factors")
+            a, b = ab["A"].shape, ab["B"].shape
+            if len(a) == 2:
+                kind = "Conv1D" if fan_in_fan_out else "Linear"
+                modules[path] = {"type": kind, "shape": [a[1], b[0]] if fan_in_fan_out else [b[0], a[1]]}
+            else:
+                modules[path] = {"type": f"Conv{len(a) - 2}d", "shape": [b[0], a[1], *a[2:]]}
+        return modules
+
+
+PEFT_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "modules_to_save": None, "rank_pattern": {},
+                    "alpha_pattern": {}, "layer_replication": None, "target_parameters": None,
+                    "trainable_token_indices": None}
+_PEFT_FACTOR = re.compile(r"(?P<path>.+)\.lora_(?P<which>[AB])\.weight")
 
 
 @register

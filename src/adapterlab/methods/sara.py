@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig, check_number, register
 from ..errors import AdapterNameError, ConfigError, MergeError, UnsupportedModuleError
 from ..layer import Delta
-from ..model import adapter_layers, adapters
+from ..model import adapters, deltas
 from .sparse import SparseDelta, sparse_unsupported
 
 
@@ -149,7 +149,7 @@ class SaRADelta(SparseDelta):
 
 
 def _sara_deltas(model: nn.Module, name: str) -> list[tuple[str, nn.Module, SaRADelta]]:
-    found = [(path, layer, layer.deltas[name]) for path, layer in adapter_layers(model) if name in layer.deltas]
+    found = deltas(model, name)
     if not found:
         known = sorted(adapters(model)) or "none"
         raise AdapterNameError(f"no adapter named {name!r} on this model; adapters: {known}")

@@ -31,6 +31,7 @@ checkpoint resume work; `finish(model, name)` then turns the adapter into plain 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,11 +42,12 @@ from torch import Tensor, nn
 from ..config import AdapterConfig, TargetSpec, check_number, config_for, register
 from ..errors import ConfigError, MergeError, TargetError, UnsupportedModuleError
 from ..layer import Delta
-from ..model import adapter_layers, apply_plan, plan
+from ..model import apply_plan, deltas, plan
 from ..targeting import find_targets
 from .dense import DenseDelta
 from .sparse import SparseDelta, sparse_unsupported
 
+logger = logging.getLogger("adapterlab")
 LossFn = Callable[[nn.Module, Any], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -109,6 +111,16 @@ class SFTConfig(AdapterConfig):
         if self.full_steps is not None and step == self.full_steps - 1:
             select(model, name, optimizer)
 
+    def train_end(self, model: nn.Module, name: str, step: int) -> None:
+        """A scheduled adapter past its full phase becomes plain sparse deltas (`finish`)."""
+        if self.full_steps is None or not deltas(model, name, PhasedDelta):
+            return
+        if step >= self.full_steps:
+            finish(model, name)
+        else:
+            logger.warning("adapterlab: LT-SFT adapter %r stopped in its full phase (%d of %d steps); "
+                           "it stays dense", name, step, self.full_steps)
+
 
 class HeadDelta(DenseDelta):
     """A head of an SFT: trained in full and stored dense; merge keeps the head's weight so that
@@ -131,8 +143,7 @@ class PhasedDelta(DenseDelta):
 
 
 def _phased(model: nn.Module, name: str) -> list[tuple[str, nn.Module, PhasedDelta]]:
-    found = [(path, layer, layer.deltas[name]) for path, layer in adapter_layers(model)
-             if isinstance(layer.deltas[name] if name in layer.deltas else None, PhasedDelta)]
+    found = deltas(model, name, PhasedDelta)
     if not found:
         raise ConfigError(f"adapter {name!r} is not an LT-SFT trained by schedule; inject it with "
                           "al.inject(model, 'sft', density=..., full_steps=N)")

@@ -1,0 +1,72 @@
+"""Task arithmetic, TIES, DARE and magnitude pruning as pure functions over ΔW tensors: used by
+`al.combine`, `adapterlab combine CONFIG.yaml` and the streaming `adapterlab merge` alike.
+The formulas: docs/compose.md.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+
+TENSOR_HOWS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # one ΔW per input in, one out
+
+
+def trim(tau: Tensor, density: float, threshold: float | None = None) -> Tensor:
+    """Keep the `density` fraction of entries with the largest |τ| (exactly ⌈density·n⌉ of them),
+    or, given a `threshold`, every entry with |τ| ≥ threshold."""
+    if threshold is not None:
+        return tau * (tau.abs() >= threshold)
+    k = math.ceil(density * tau.numel())
+    keep = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
+    keep[tau.abs().flatten().topk(k).indices] = True
+    return tau * keep.view(tau.shape)
+
+
+def disjoint_mean(taus: list[Tensor]) -> Tensor:
+    """TIES: elect the sign of the sum per entry, average the entries that agree with it."""
+    stacked = torch.stack(taus)
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def dare(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Drop each entry with probability `p`, rescale the rest by 1/(1 − p)."""
+    keep = torch.rand(tau.shape, generator=generator, device=tau.device) >= p
+    return tau * keep / (1.0 - p)
+
+
+def check_density_p(density: float, p: float) -> None:
+    if not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise ConfigError(f"density={density!r} must be in (0, 1]; e.g. 0.2 keeps the top 20% of each task vector")
+    if not (isinstance(p, (int, float)) and 0 <= p < 1):
+        raise ConfigError(f"p={p!r} is the DARE drop probability; it must be in [0, 1), e.g. 0.9")
+
+
+def global_threshold(taus: list[Tensor], density: float) -> float:
+    """The |τ| of the ⌈density·n⌉-th largest entry over all of one input's targets."""
+    flat = torch.cat([t.detach().float().abs().flatten() for t in taus])
+    return flat.topk(math.ceil(density * flat.numel())).values[-1].item()
+
+
+def combine_tensors(taus: dict[str, Tensor], weights: dict[str, float], how: str, *, density: float = 0.2,
+                    p: float = 0.9, generator: torch.Generator | None = None,
+                    thresholds: dict[str, float] | None = None) -> Tensor:
+    """Σ over inputs of `weights[n]`·τₙ by `how` (one of `TENSOR_HOWS`; "svd" combines as
+    "linear"), in fp32. DARE draws its masks from `generator`, input by input in the order of
+    `weights`; `thresholds` (per input) replace `density` for a global trim."""
+    taus = {n: taus[n].detach().float() for n in weights}
+    if how in ("linear", "svd"):
+        return sum(w * taus[n] for n, w in weights.items())
+    if how in ("dare_linear", "dare_ties"):
+        if generator is None:
+            raise ConfigError(f"how={how!r} draws random masks; pass a generator")
+        dropped = [w * dare(taus[n], p, generator) for n, w in weights.items()]
+        return sum(dropped) if how == "dare_linear" else disjoint_mean(dropped)
+    if how not in TENSOR_HOWS:
+        raise ConfigError(f"how={how!r} does not combine ΔW tensors; choose one of {', '.join(TENSOR_HOWS)}")
+    trimmed = [w * trim(taus[n], density, thresholds[n] if thresholds else None) for n, w in weights.items()]
+    return sum(trimmed) if how == "magnitude_prune" else disjoint_mean(trimmed)

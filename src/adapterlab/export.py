@@ -1,0 +1,50 @@
+"""`adapterlab export`: an adapter as PEFT's LoRA directory, or as one safetensors file of dense
+ΔW per module (any per-module method). docs/cli.md#export.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import ConfigError
+from .files.adapter_dir import CONFIG_FILE, WEIGHTS_FILE, AdapterFile
+from .files.atomic import write_dir_atomic, write_file_atomic
+from .files.safetensors import DTYPE_NAMES, SafetensorsWriter
+from .skeleton import skeleton, zeros
+
+
+def export_peft(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """PEFT's LoRA layout (adapter_config.json as peft's LoraConfig + adapter_model.safetensors),
+    loadable with `peft.PeftModel.from_pretrained`; refuses adapters PEFT cannot express."""
+    adapter = AdapterFile.open(directory)
+    if adapter.peft_config is None:
+        raise ConfigError(f"{adapter.name!r} {adapter.config.peft_refusal()}. Use --format dense for its ΔW")
+    files = {CONFIG_FILE: (json.dumps(adapter.peft_config, indent=2, sort_keys=True) + "\n").encode(),
+             WEIGHTS_FILE: (adapter.directory / WEIGHTS_FILE).read_bytes()}
+    return write_dir_atomic(Path(out), files)
+
+
+def export_dense(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """One safetensors file: per target module `<path>.weight` = its scaled ΔW in the base weight's
+    layout (merged weight = W + ΔW); the header metadata holds the adapter's block. Any method but LEVI."""
+    adapter = AdapterFile.open(directory)
+    adapter.require_deltas("exported as a dense ΔW")
+    target = Path(out)
+    if target.is_dir():
+        raise ConfigError(f"--out {str(target)!r} is a directory; --format dense writes one file, "
+                          "e.g. delta.safetensors")
+    dtype = adapter.dtype
+    paths = list(adapter.modules)
+    layout = [(f"{p}.weight", DTYPE_NAMES[dtype], adapter.modules[p]["shape"]) for p in paths]
+    metadata = {"kind": "dense_delta", "source": str(adapter.directory), **adapter.metadata}
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def fill(tmp: Path) -> None:
+        with SafetensorsWriter(tmp, layout, {"format": "pt", "adapterlab": json.dumps(metadata)}) as writer:
+            for path, (key, _, shape) in zip(paths, layout):
+                module = skeleton(adapter.modules[path], zeros(shape, dtype))
+                writer.write(key, adapter.delta(path, module).delta_weight().detach().to(dtype))
+            writer.close()
+
+    return write_file_atomic(target, fill)

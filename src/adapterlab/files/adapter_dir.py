@@ -1,0 +1,288 @@
+"""Adapter directories: the format's constants, the fingerprint, the metadata block (written and
+checked field by field), PEFT's config both ways, and `AdapterFile`, a directory read without its
+base model (what the CLI works on). The format: docs/architecture.md#files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig, peft_config_class
+from ..errors import AdapterFileError, AdapterlabError, FingerprintMismatchError
+from ..layer import Delta
+from ..targeting import is_conv, logical_modules
+from ..version import VERSION
+from .atomic import interrupted_hint, locked
+from .fill import fill_delta
+from .safetensors import encode, naturals, parse_json, read_tensors
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+METADATA_KEYS = {"format_version", "library_version", "method", "config", "fingerprint"}
+
+
+# -- fingerprint ----------------------------------------------------------------------------------
+def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
+    """The targeted modules' types and weight shapes, and a hash of them."""
+    modules = dict(logical_modules(model))
+    info = {p: _module_info(modules[p]) for p in sorted(paths)}
+    return {"modules": info, "sha256": modules_sha256(info)}
+
+
+def modules_sha256(modules: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(modules, sort_keys=True).encode()).hexdigest()
+
+
+def _module_info(module: nn.Module) -> dict[str, Any]:
+    """Type and weight shape; a conv with groups != 1 also records them (the shape alone does not
+    give the input channels). Modules without groups keep the old entry, so old hashes hold."""
+    info = {"type": type(module).__name__, "shape": list(module.weight.shape)}
+    if is_conv(module) and module.groups != 1:
+        info["groups"] = module.groups
+    return info
+
+
+def require_fingerprint_match(model: nn.Module, expected: dict[str, Any]) -> None:
+    """Raise `FingerprintMismatchError` unless `model` has every fingerprinted module, same shapes."""
+    modules = dict(logical_modules(model))
+    problems = []
+    for path, want in expected.get("modules", {}).items():
+        have = modules.get(path)
+        if have is None:
+            problems.append(f"{path!r} is missing")
+            continue
+        weight = getattr(have, "weight", None)
+        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else None
+        if shape != want["shape"]:
+            problems.append(f"{path!r} has weight shape {shape}, the adapter expects {want['shape']}")
+    if problems:
+        raise FingerprintMismatchError(
+            f"this adapter was made for another base model: {'; '.join(problems[:5])}"
+            f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. Load it into the model it was trained on")
+
+
+# -- write ----------------------------------------------------------------------------------------
+def metadata_block(config: AdapterConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The `adapterlab` block: format and library version, method, config, fingerprint."""
+    return {"format_version": FORMAT_VERSION, "library_version": VERSION, "method": config.method,
+            "config": config.to_dict(), "fingerprint": fingerprint}
+
+
+def directory_files(tensors: dict[str, Tensor], metadata: dict[str, Any],
+                    peft: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """{file name: bytes} of an adapter directory; adapter_config.json is PEFT's config if given."""
+    json_config = peft or {"adapterlab": metadata}
+    return {WEIGHTS_FILE: encode(tensors, {"adapterlab": json.dumps(metadata)}),
+            CONFIG_FILE: (json.dumps(json_config, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def peft_config(config: AdapterConfig, paths: list[str], deltas: list[Delta], name_or_path: str | None) -> dict | None:
+    """adapter_config.json as PEFT writes it for this adapter, or None when PEFT cannot express it."""
+    fields = config.to_peft(paths, deltas)
+    return None if fields is None else {"base_model_name_or_path": name_or_path, **fields}
+
+
+# -- read -----------------------------------------------------------------------------------------
+def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The `adapterlab` metadata (made from PEFT's config for PEFT-written dirs) and the tensors.
+
+    Untrusted input: never unpickles; the safetensors header's sizes are checked against the file
+    before anything is read; the metadata is checked field by field and its config by the config's
+    `validate` (unknown keys are dropped with a warning naming them). Every failure is an
+    `AdapterFileError`. Holds a shared lock on the parent directory while reading."""
+    root = Path(directory)
+    with locked(root.parent, shared=True):
+        return _read_adapter(root)
+
+
+def _read_adapter(root: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    if not root.is_dir():
+        raise AdapterFileError(f"adapter directory {str(root)!r} does not exist{interrupted_hint(root)}")
+    weights = root / WEIGHTS_FILE
+    if not weights.is_file():
+        pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise AdapterFileError(
+                f"{str(root)!r} holds only pickle weights {pickles}; adapterlab never unpickles (it can run code). "
+                "Convert them with safetensors in a process you trust: "
+                "safetensors.torch.save_file(torch.load(f, weights_only=True), 'adapter_model.safetensors')")
+        raise AdapterFileError(f"{str(root)!r} has no {WEIGHTS_FILE}; is it an adapter directory?")
+    tensors, header = read_tensors(weights)
+    text = header.get("adapterlab")
+    if text is not None:
+        metadata = parse_json(text, f"the {WEIGHTS_FILE} header")
+    else:
+        metadata = _from_peft(_json_file(root / CONFIG_FILE), root)
+    return _check_metadata(metadata, root), tensors
+
+
+def _json_file(path: Path) -> Any:
+    if not path.is_file():
+        raise AdapterFileError(f"{str(path)!r} is missing; an adapter directory needs {CONFIG_FILE}")
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise AdapterFileError(f"cannot read {str(path)!r} ({e})") from None
+    return parse_json(text, str(path))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metadata(metadata: Any, root: Path) -> dict[str, Any]:
+    """The metadata block with every field checked (and the config validated and normalised by its
+    config class); unknown keys are dropped with a warning."""
+    where = f"{str(root)!r}: the adapterlab metadata"
+    if not isinstance(metadata, dict) or not _is_int(metadata.get("format_version")) or metadata["format_version"] < 1:
+        raise AdapterFileError(f"{where} is not a JSON object with an integer format_version >= 1; re-save the adapter")
+    version, library = metadata["format_version"], metadata.get("library_version", "?")
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{str(root)!r} has format version {version} (written by adapterlab {library!s:.40}); "
+            f"this adapterlab {VERSION} reads up to {FORMAT_VERSION}. Upgrade adapterlab")
+    unknown = sorted(set(metadata) - METADATA_KEYS)
+    if unknown:
+        warnings.warn(f"{where} has unknown key(s) {unknown}; ignoring them", UserWarning, stacklevel=4)
+    method = metadata.get("method")
+    if not isinstance(method, str) or not isinstance(library, str):
+        raise AdapterFileError(f"{where} needs 'method' and 'library_version' strings, got {method!r:.50} and "
+                               f"{library!r:.50}; re-save the adapter")
+    return {"format_version": version, "library_version": library, "method": method,
+            "config": _check_config(metadata.get("config"), method, where),
+            "fingerprint": _parse_fingerprint(metadata.get("fingerprint"), where)}
+
+
+def _check_config(data: Any, method: str, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict) or data.get("method") != method:
+        raise AdapterFileError(f"{where}: config {data!r:.100} is not an object with method {method!r}; "
+                               "re-save the adapter")
+    try:
+        return AdapterConfig.from_dict(data, strict=False).to_dict()
+    except AdapterlabError as e:
+        raise AdapterFileError(f"{where}: {e}") from None
+
+
+def _parse_fingerprint(fingerprint: Any, where: str) -> dict[str, Any]:
+    """The fields loaders read: `modules` {path: {type, shape[, groups]}}, `sha256`, LEVI's `layers`
+    {path: type}. Other keys pass through unchecked."""
+    if fingerprint is None:
+        return {}
+    modules = fingerprint.get("modules", {}) if isinstance(fingerprint, dict) else None
+    layers = fingerprint.get("layers", {}) if isinstance(fingerprint, dict) else None
+    ok = (isinstance(modules, dict) and all(isinstance(m, dict) and isinstance(m.get("type"), str)
+                                            and naturals(m.get("shape")) and _is_int(m.get("groups", 1))
+                                            and m.get("groups", 1) >= 1 for m in modules.values())
+          and isinstance(layers, dict) and all(isinstance(t, str) for t in layers.values())
+          and isinstance(fingerprint.get("sha256", ""), str))
+    if not ok:
+        raise AdapterFileError(f"{where}: fingerprint {fingerprint!r:.100} is malformed; re-save the adapter")
+    return fingerprint
+
+
+def _from_peft(data: Any, root: Path) -> dict[str, Any]:
+    """Our metadata block for a directory PEFT wrote; its values are checked by `_check_metadata`
+    like ours. It has no fingerprint (see `AdapterConfig.peft_modules`)."""
+    if isinstance(data, dict) and "adapterlab" in data:
+        return data["adapterlab"]
+    cls = peft_config_class(data.get("peft_type")) if isinstance(data, dict) else None
+    if cls is None:
+        kind = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
+        raise AdapterFileError(f"{str(root)!r}: cannot read a {kind!r:.50} adapter; adapterlab reads its own "
+                               "directories and PEFT LoRA directories")
+    config = cls.from_peft(data, repr(str(root)))
+    return {"format_version": FORMAT_VERSION, "library_version": f"peft {data.get('peft_version', '?')!s:.40}",
+            "method": config["method"], "config": config, "fingerprint": {}}
+
+
+def split_by_module(tensors: dict[str, Tensor], paths: set[str], where: str, whose: str) -> dict[str, dict[str, Tensor]]:
+    """Each tensor under the longest of `paths` that prefixes its key, keyed relative to it."""
+    owned: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        parts = key[len(PREFIX):].split(".") if key.startswith(PREFIX) else []
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in paths), None)
+        if owner is None:
+            raise AdapterFileError(f"{where}: tensor {key!r} belongs to no module of {whose} (keys look like "
+                                   f"'{PREFIX}<module path>.<param>')")
+        owned.setdefault(owner, {})[key[len(PREFIX) + len(owner) + 1:]] = t
+    if not owned:
+        raise AdapterFileError(f"{where} holds no tensors")
+    return dict(sorted(owned.items()))
+
+
+# -- a directory without its model ----------------------------------------------------------------
+@dataclass
+class AdapterFile:
+    """A saved adapter read without its base model: metadata, tensors, config, targeted modules."""
+
+    directory: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, Tensor]
+    config: AdapterConfig
+    modules: dict[str, dict[str, Any]]          # path -> fingerprint entry {type, shape[, groups]}
+    peft_config: dict[str, Any] | None = None   # adapter_config.json, when it is PEFT's
+    _owned: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> AdapterFile:
+        """Read `directory` (adapterlab's or PEFT's); every failure is an `AdapterFileError`."""
+        root = Path(directory)
+        metadata, tensors = read_adapter(root)
+        config = AdapterConfig.from_dict(metadata["config"])
+        peft = _peft_json(root)
+        if config.side_network:
+            modules = {}
+        elif metadata["fingerprint"].get("modules"):
+            modules = metadata["fingerprint"]["modules"]
+        else:
+            local = {k[len(PREFIX):] if k.startswith(PREFIX) else k: t for k, t in tensors.items()}
+            modules = type(config).peft_modules(peft or {}, local, repr(str(root)))
+        adapter = cls(root, metadata, tensors, config, modules, peft)
+        if modules:
+            adapter._owned = split_by_module(tensors, set(modules), repr(str(root)),
+                                             "the fingerprint; re-save the adapter")
+        return adapter
+
+    @property
+    def method(self) -> str:
+        return self.metadata["method"]
+
+    @property
+    def name(self) -> str:
+        return str(self.directory)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype for zero skeletons: float64 if the adapter holds float64 tensors (it was
+        trained on a float64 base), else float32 (what adapters train in on every other base)."""
+        return torch.float64 if any(t.dtype == torch.float64 for t in self.tensors.values()) else torch.float32
+
+    def require_deltas(self, doing: str) -> None:
+        """Raise unless the adapter is made of per-module deltas (not a side network)."""
+        if self.config.side_network:
+            raise AdapterFileError(f"{self.name!r} holds a {self.config.method.upper()} side network, not weight "
+                                   f"deltas: it cannot be {doing}. Use it with al.{self.method}.load(backbone, directory)")
+
+    def delta(self, path: str, module: nn.Module) -> Delta:
+        """The delta of module `path`, built on `module` (a skeleton) and filled from the file."""
+        return fill_delta(self.config, module, self._owned.get(path, {}), f"{self.name!r}: module {path!r}")
+
+
+def _peft_json(root: Path) -> dict[str, Any] | None:
+    """adapter_config.json when it is PEFT's config (not our block), else None."""
+    try:
+        data = json.loads((root / CONFIG_FILE).read_text())
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested too deep
+        return None
+    return data if isinstance(data, dict) and peft_config_class(data.get("peft_type")) is not None else None
