@@ -328,6 +328,28 @@ def test_in_process_errors(cli, capsys):
     assert "exists; choose a new directory or pass --overwrite" in capsys.readouterr().err
 
 
+def test_a_base_checkpoint_with_a_header_that_does_not_fit_its_bytes_is_refused(tmp_path, capsys):
+    """Base checkpoints go through the one strict safetensors header parser (the adapters' one): a
+    tensor whose shape needs more bytes than its range holds is an error naming the tensor, and
+    nothing is written. (The checkpoint reader before it checked only that the range lay inside
+    the file, so such a base merged into a corrupt output.)"""
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    tiny_llama().save_pretrained(base)
+    al.save(al.inject(tiny_llama(), "lora", r=2), adapter)
+    weights = base / "model.safetensors"
+    data = weights.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    key = next(k for k in header if k.endswith("input_layernorm.weight"))
+    header[key]["shape"] = [2 * header[key]["shape"][0]]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "is not a readable safetensors file" in err and key in err and not out.exists()
+
+
 def test_every_command_has_help_with_an_example(capsys):
     for command in ("demo", "inspect", "merge", "export", "combine", "validate"):
         assert main([command, "--help"]) == 0
