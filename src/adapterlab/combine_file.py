@@ -1,22 +1,6 @@
-"""`adapterlab combine CONFIG.yaml`: al.combine's options from a YAML file, run without the model.
-
-    adapters: {math: runs/math, code: runs/code}   # name: adapter directory
-    weights: {math: 1.0, code: 0.5}                 # or a list in the order of `adapters`; default 1 each
-    how: ties                                       # linear, ties, dare_linear, dare_ties, magnitude_prune, cat, svd
-    kind: lora                                      # lora | sparse | dense
-    density: 0.2                                    # ties / magnitude_prune: fraction kept
-    p: 0.9                                          # DARE drop probability
-    seed: 0                                         # DARE mask seed
-    rank: null                                      # LoRA rank of the result (default: the largest input rank)
-    trim_scope: tensor                              # tensor | global
-    out: runs/merged                                # where the combined adapter is written
-    base: models/llama                              # optional: check the adapters against this checkpoint
-
-Relative paths are relative to the YAML file. The adapters are loaded onto a skeleton built from
-their fingerprints (zero weights), combined with `al.combine`, and saved to `out` with the resolved
-config (every option with its effective value) as `out/combine.yaml`. DARE masks are drawn target
-by target in the skeleton's module order (paths in natural order), so the same seed gives other
-masks than al.combine on the live model does.
+"""`adapterlab combine CONFIG.yaml`: al.combine's options read from a YAML file (checked field by
+field; paths relative to the file), run on a skeleton built from the adapters' fingerprints, and
+saved with the resolved options as `out/combine.yaml`. docs/cli.md#combine.
 """
 from __future__ import annotations
 

@@ -1,30 +1,7 @@
-"""`AdapterCallback`: adapterlab's adapters and method schedules under `transformers.Trainer`.
+"""`AdapterCallback` for `transformers.Trainer`: runs the methods' step schedules and train-end
+hooks, and keeps checkpoints adapter-only (resumable). docs/training.md.
 
-    al.inject(model, "sara", density=0.05, progressive_step=200)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[AdapterCallback()])
-    trainer.train()                               # later: trainer.train(resume_from_checkpoint=True)
-    al.save(model, "adapter/")
-
-At each Trainer event:
-
-- init end: every base-model tensor is marked not-to-save (`_keys_to_ignore_on_save`): checkpoints
-  hold no base weights, and the Trainer does not warn that a resumed checkpoint lacks them;
-- train begin: logs trainable / total parameters (logger "adapterlab");
-- pre optimizer step (after backward and gradient clipping): `al.before_step` (SaRA's nuclear-norm
-  gradient, LT-SFT's support mask, HFT's frozen half);
-- optimizer step (before the gradients are zeroed): `al.after_step` (SaRA's re-selection, LT-SFT's
-  phase switch, HFT's stage boundary);
-- save: the Trainer's own `save_model` already wrote the adapters into `checkpoint-N/` (an injected
-  Hugging Face model's `save_pretrained` writes them, as PEFT lays them out); the callback adds
-  `checkpoint-N/model.safetensors` with the adapters' full training state (masks and schedule
-  buffers too), which `resume_from_checkpoint` loads through the Trainer's usual path (main
-  process only);
-- train end: scheduled LT-SFT adapters past their full phase become plain sparse deltas
-  (`al.sft.finish`), and `_keys_to_ignore_on_save` is restored.
-
-Schedules never add, remove or reshape parameters during training, so the optimizer the Trainer
-built, DDP's buckets and a resumed run all see the same parameters; a schedule's state lives in
-the adapters' buffers (masks) and in the step count, both of which the checkpoint holds.
 """
 from __future__ import annotations
 

@@ -1,27 +1,6 @@
-"""HFT, half fine-tuning (Hui et al., "HFT: Half Fine-Tuning for Large Language Models", ACL 2025).
-
-In each training stage half of every transformer layer's parameters train and half stay frozen,
-chosen at random by category: attention — 2 of {q, k, v, o} train; FFN — 1 of {gate, up, down}
-trains in a random half of the layers and 2 in the others; norms — 1 of 2 trains. Embeddings, the
-LM head and the final norm stay frozen. A new stage draws a new half (`next_stage`).
-
-Each chosen module gets a `DenseDelta` (ΔW of the weight's shape, zero at start): training
-updates W + ΔW, the base weights stay untouched, and the stage is saved as its dense ΔW — so it can
-be merged, reverted (unmerge / disable / delete) and combined like any adapter.
-
-General rule (our reading, it reproduces the paper for Llama): a category of n modules freezes
-n/2 of them when n is even; when n is odd it freezes ⌈n/2⌉ in a random half of the layers and ⌊n/2⌋
-in the others (with an odd layer count, a coin decides the middle layer).
-
-    al.inject(model, "hft", seed=0)            # stage 0: picks and trains a half
-    ... train ...
-    al.hft.next_stage(model, seed=1)           # stage 1: stage 0 stays on (frozen), a new half trains
-
-Stages inside one training run (`transformers.Trainer` + `AdapterCallback`, DDP): with
-`stage_steps=N` the adapter holds a ΔW for every category module and stage s = step // N trains
-the half drawn with seed + s: `al.before_step` drops the gradients of the other half (so the
-optimizer leaves them alone, weight decay included) and `al.after_step` resets the optimizer's
-state at each stage boundary. The parameter set never changes during training.
+"""HFT, half fine-tuning (Hui et al., ACL 2025): each stage trains a seeded half of every layer's
+modules, by category, as dense deltas (`select_half`, `next_stage`, or `stage_steps` within one
+run). docs/methods/hft.md.
 """
 from __future__ import annotations
 

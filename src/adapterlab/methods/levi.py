@@ -1,24 +1,6 @@
-"""LEVI: layer-wise ensemble of different views (Roh et al., "LEVI: Generalizable Fine-tuning via
-Layer-wise Ensemble of Different Views", ICML 2024). No official code.
-
-The paper confirms the idea: the frozen pre-trained model is ensembled, layer-wise and
-adaptively, with a small task-specific model trained from scratch, so that neither model's
-spurious features dominate. Our reading of the unconfirmed details:
-
-- the backbone is frozen (weights bit-identical after training, run in eval mode, no gradients);
-- a small model g is trained from scratch on the raw input (token ids: mean-pooled embeddings and
-  an MLP; a dense input: flattened, an MLP);
-- for each chosen layer l an adapting head a_l maps [pool(h_l(x)); g(x)] to logits (an MLP with
-  `head_hidden` units, or linear with head_hidden=0);
-- the prediction is Σ_l softmax(m)_l · a_l(…), with the mixing logits m learned; one loss on it
-  trains g, the heads and m.
-
-LEVI is a side network around the whole model, not a weight delta: it cannot be merged, and
-`al.merge` says so. It saves and loads through `save` / `load` here (the usual adapter directory
-layout: safetensors + JSON, written atomically).
-
-    levi = al.levi.LEVI(bert, num_classes=2)                     # heads on every encoder layer
-    levi = al.levi.LEVI(net, layer_names=["block1", "block2"], input_dim=32, example=x)
+"""LEVI, layer-wise ensemble of different views (Roh et al., ICML 2024): a side network of heads
+on the frozen backbone's layers plus a small model trained from scratch — not a weight delta, so
+it is never merged; `save` / `load` here. docs/methods/levi.md.
 """
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
-"""LocFT-BF: localized fine-tuning for model editing, breadth-first ("Fine-tuning Done Right in
-Model Editing", 2025; official code ICT-STAR/LocFT).
-
-One location trains — module `module` (default `mlp.down_proj`) of layer `layer` — as a
-`DenseDelta`; everything else is frozen. `edit` runs the breadth-first recipe: epochs over the
-whole edit set in shuffled mini-batches, cross-entropy on the target tokens only (the target gets a
-leading space and EOS), Adam without weight decay, a batch whose loss is below `loss_threshold`
-is skipped, and training stops when an epoch's mean loss is below it. `strategy="depth_first"` is
-the contrast: one edit to convergence (at most `epochs` steps), then the next.
-
-`evaluate` greedy-decodes and scores normalised exact match: reliability (edit prompt → target),
-generalization (paraphrases → target), locality (unrelated prompts give the same output as with
-adapters disabled).
+"""LocFT-BF, localized fine-tuning for model editing (2025; official code ICT-STAR/LocFT): one
+module of one layer trains as a dense delta; `edit` (breadth- or depth-first) and `evaluate`
+(reliability, generalization, locality). docs/methods/locft.md.
 """
 from __future__ import annotations
 

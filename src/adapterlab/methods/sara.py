@@ -1,28 +1,6 @@
-"""SaRA: progressive sparse low-rank adaptation (Hu et al., ICLR 2025).
-
-    al.inject(model, "sara", density=0.1, progressive_step=500)   # or threshold=2e-3 (the official rule)
-    for step, batch in enumerate(batches):
-        task_loss(model, batch).backward()
-        al.before_step(model, step)          # + the nuclear-norm gradient; frozen entries' gradients zeroed
-        opt.step()
-        al.after_step(model, step, opt)      # re-selects at progressive_step; frozen entries held
-        opt.zero_grad()
-
-(`transformers.Trainer` users add `adapterlab.integrations.AdapterCallback`, which makes these calls.
-The lower-level pieces: `nuclear_norm_loss` to add to a loss yourself, `progressive_update`, `reselect`.)
-
-Per targeted weight, the entries with |θ| < threshold (the "ineffective" small ones; with
-`density`, the threshold is that quantile of |θ| in each weight) train, through a `SparseDelta`:
-gradients and optimizer state exist for them only.
-
-- Low-rank constraint: `nuclear_norm_loss` is λ·‖ΔW‖_* of one random eligible weight (2-D, both
-  sides longer than `nuclear_min_dim`). ΔW is built from the sparse values, so the gradient
-  (U·Vᵀ) restricted to the mask reaches them. (The official code computes it on the dense
-  parameter, where no optimizer reads it.)
-- Progressive adjustment: `reselect` keeps training only the entries with |θ₀ + Δ| still below the
-  threshold; the others freeze at their current value (a `frozen` mask and their `held` values;
-  tensor shapes never change, so DDP and checkpoint resume are unaffected) and the optimizer
-  state of the values is reset.
+"""SaRA, progressive sparse low-rank adaptation (Hu et al., ICLR 2025): the small-|θ| entries of
+each weight train as a `SparseDelta`, with a nuclear-norm term (`nuclear_norm_loss`) and
+progressive re-selection (`reselect`, `progressive_update`). docs/methods/sara.md.
 """
 from __future__ import annotations
 

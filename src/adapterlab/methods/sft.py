@@ -1,32 +1,6 @@
-"""Composable sparse fine-tuning, LT-SFT (Ansell et al., ACL 2022).
-
-    result = train_lt_sft(model, batches, loss_fn, SFTConfig(density=0.01), name="lang", steps=1000)
-    al.save(model, "sft-lang/", name="lang")
-
-`train_lt_sft` runs the lottery-ticket procedure:
-1. fine-tune the maskable weights (every targeted module's weight) and the heads, with a fresh
-   optimizer, from θ₀;
-2. select the global top-K entries of |θ − θ₀| over all targeted weights;
-3. write θ₀ back into every trained weight (bit for bit);
-4. add the adapter (a `SparseDelta` per targeted module, with the selected support; a dense delta
-   per head) and train it with a fresh optimizer.
-
-Several SFTs compose by addition: `al.load` each one and they stack (θ_pre + Δ₁ + Δ₂ in the
-forward pass); `al.merge` applies them and `al.unmerge` reverts them bit-exactly.
-`al.inject(model, "sft")` alone adds deltas with empty supports (ΔW = 0); `SparseDelta.set_support`
-gives them one.
-
-Under a training loop you do not own (`transformers.Trainer` + `AdapterCallback`, DDP), the same
-procedure runs as a schedule: `al.inject(model, "sft", density=0.01, full_steps=1000)` adds a dense
-ΔW per targeted weight with a `mask` (all True). Steps 0 … full_steps−1 are the full phase; after
-the last of them `al.after_step` selects the top-K of |ΔW| (= |θ − θ₀|), sets `mask` to them,
-zeroes ΔW (θ₀ back, exactly: the base weights never changed) and resets the optimizer's state for
-ΔW; from then on `al.before_step` zeroes the gradient outside the mask, so only the K entries
-train (AdamW's decay of the zeroed entries is 0). Parameters and shapes never change, so DDP and
-checkpoint resume work; `finish(model, name)` then turns the adapter into plain sparse deltas
-(`AdapterCallback` calls it at the end of training). The trade: the sparse phase keeps the dense
-ΔW and its optimizer state, as the full phase did (no extra peak memory, but not O(k));
-`train_lt_sft` trains the sparse phase in O(k), and also supports dense heads and the L1 pull.
+"""LT-SFT, composable sparse fine-tuning (Ansell et al., ACL 2022): `SFTConfig`, `train_lt_sft`
+(full phase, global top-K of |θ − θ₀|, sparse phase) and the same procedure as a schedule under a
+training loop you do not own (`full_steps`: `select`, then `finish`). docs/methods/sft.md.
 """
 from __future__ import annotations
 
