@@ -43,3 +43,13 @@ def test_json_round_trip(r, alpha, dropout, rslora, mode, targets, exclude, laye
 def test_from_dict_rejects_bad_fields(data):
     with pytest.raises(al.ConfigError):
         AdapterConfig.from_dict(data)
+
+
+def test_each_method_declares_the_settings_inspect_shows():
+    """`adapterlab inspect` prints `config.settings()`: the fields each config class declares."""
+    expected = {"lora": ("r", "alpha", "rslora", "conv_mode", "dropout"),
+                "convlora": ("r", "alpha", "rslora", "conv_mode", "dropout"), "dense": (), "hft": ("seed",),
+                "locft": ("layer", "module"), "levi": (), "sft": ("density", "count", "full_steps"),
+                "sara": ("density", "threshold", "progressive_step")}
+    assert {m: config_class(m).summary_fields for m in methods()} == expected
+    assert al.config_for("sft", density=0.02).settings() == {"density": 0.02, "count": None, "full_steps": None}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
 
-from .errors import ConfigError, UnknownMethodError
+from .errors import AdapterFileError, ConfigError, UnknownMethodError
 
 if TYPE_CHECKING:
     from .layer import Delta
@@ -182,13 +182,14 @@ class AdapterConfig:
     @classmethod
     def from_peft(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
         """Our config dict for PEFT's config `data` (of this class's `peft_type`)."""
-        raise NotImplementedError
+        raise AdapterFileError(f"{where}: adapterlab reads no PEFT {cls.method!r} adapters")
 
     @classmethod
     def peft_modules(cls, data: dict[str, Any], tensors: dict[str, Tensor], where: str) -> dict[str, dict[str, Any]]:
         """Fingerprint entries {path: {type, shape}} of a PEFT directory, from its tensors' shapes
         (PEFT stores no fingerprint); tensor keys are relative to the model (no prefix)."""
-        raise NotImplementedError
+        raise AdapterFileError(f"{where}: the metadata holds no fingerprint of the {cls.method!r} adapter's modules; "
+                               "re-save the adapter")
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

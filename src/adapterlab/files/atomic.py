@@ -95,10 +95,12 @@ def repair(target: Path, temps: bool = False) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def temp_dir(target: Path) -> Path:
-    """A fresh `.NAME.tmp-*` directory beside `target`, with the permissions of a plain mkdir."""
+def temp_dir(target: Path, private: bool = False) -> Path:
+    """A fresh `.NAME.tmp-*` directory beside `target`: owner-only if `private` (as adapter
+    directories have always been written), else with the permissions of a plain mkdir."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; an adapter or model directory is not
+    if not private:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; a model directory is not
     return tmp
 
 
@@ -130,7 +132,7 @@ def write_dir_atomic(target: Path, files: dict[str, bytes]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with locked(target.parent):
         repair(target, temps=True)
-        tmp = temp_dir(target)
+        tmp = temp_dir(target, private=True)
         try:
             for name, data in files.items():
                 fsync_write(tmp / name, data)

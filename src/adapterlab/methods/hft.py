@@ -50,6 +50,7 @@ class HFTConfig(DenseConfig):
     the chosen module paths (pass a list only to hand-pick them)."""
 
     method = "hft"
+    summary_fields = ("seed",)
     targets: TargetSpec = "all"
     seed: int = 0
     categories: Categories | None = None

@@ -33,6 +33,7 @@ class LocFTConfig(DenseConfig):
     filled in by `inject` with the one module path."""
 
     method = "locft"
+    summary_fields = ("layer", "module")
     targets: TargetSpec = "all"
     layer: int | None = None
     module: str = "mlp.down_proj"

@@ -25,6 +25,7 @@ class SaRAConfig(AdapterConfig):
     `progressive_step` the step at which `progressive_update` re-selects (None: never)."""
 
     method = "sara"
+    summary_fields = ("density", "threshold", "progressive_step")
     density: float | None = 0.1
     threshold: float | None = None
     nuclear_weight: float = 5e-4

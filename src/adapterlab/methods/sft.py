@@ -32,6 +32,7 @@ class SFTConfig(AdapterConfig):
     """LT-SFT: K = `count` entries (when set) or `density` × the targeted weights' entries."""
 
     method = "sft"
+    summary_fields = ("density", "count", "full_steps")
     density: float | None = 0.01
     count: int | None = None
     full_steps: int | None = None  # train by schedule: this many full-phase steps, then the sparse phase
