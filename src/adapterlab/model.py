@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quant
 from .config import AdapterConfig, config_for
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
 from .layer import AdapterLayer, Delta
@@ -180,9 +182,16 @@ def routing(model: nn.Module, ids: Sequence[str | None]) -> Iterator[nn.Module]:
             layer.routes = None
 
 
-def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -> None:
+def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -> dict[str, float]:
     """Fold active adapters (all of them, or `names`) into the base weights, with their active
-    weights. `safe` checks every merged weight for NaN/Inf before any weight is written."""
+    weights. `safe` checks every merged weight for NaN/Inf before any weight is written.
+
+    A quantized base (bitsandbytes 4/8-bit, torchao int8) is dequantized, W + Σ w·ΔW is formed
+    in fp32 and requantized; `unmerge` puts the original quantized weight back bit for bit.
+    Returns {module path: rounding error}, max |requantized − (W + Σ w·ΔW)|, for those modules
+    (empty for a full-precision model), and warns when the error is at least the largest entry
+    of Σ w·ΔW: then the merged model keeps only part of the adapter (keep it unmerged, or merge
+    into a dequantized model, `al.dequantize`)."""
     refusal = getattr(model, "merge_refusal", None)  # set by adapters that are not weight deltas (LEVI)
     if refusal:
         raise MergeError(refusal)
@@ -201,6 +210,9 @@ def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -
         unmergeable = [n for n in weights if not layer.deltas[n].mergeable]
         if unmergeable:
             raise MergeError(f"adapter(s) {unmergeable} cannot be merged into weights; keep them unmerged")
+        refusal = quant.merge_refusal(layer.base_layer)
+        if refusal:
+            raise MergeError(f"{path!r}: {refusal}; nothing was merged")
     if safe:
         for path, layer, weights in layers:
             if not torch.isfinite(layer.merged_weight(weights)).all():
@@ -208,6 +220,16 @@ def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -
                                  "Check the adapter weights (al.save and inspect them) or pass safe=False")
     for _, layer, weights in layers:
         layer.merge(weights)
+    errors = {path: layer.merge_error for path, layer, _ in layers if layer.merge_error is not None}
+    lossy = [path for path, layer, _ in layers
+             if layer.merge_error is not None and layer.merge_error >= layer._merge_change > 0]
+    if lossy:
+        path = max(lossy, key=errors.__getitem__)
+        warnings.warn(f"merging into quantized weights: in {len(lossy)} module(s) the rounding error is at least the "
+                      f"adapter's largest change (worst: {path!r}, error {errors[path]:.3g}), so the merged model keeps "
+                      "only part of the adapter. Keep it unmerged, or merge into a dequantized model "
+                      "(al.dequantize(model, torch.bfloat16), then al.merge)", UserWarning, stacklevel=2)
+    return errors
 
 
 _merge = merge  # `unload` takes a flag of the same name
@@ -241,6 +263,35 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     flags = model.__dict__.pop(_FLAGS, {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, True))
+    return model
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every quantized linear layer of `model` (bitsandbytes 4/8-bit, torchao), adapted
+    or not, by an `nn.Linear` of `dtype` holding its dequantized weight; return `model`.
+
+    Adapters stay attached; those merged into a quantized weight are unmerged from it and merged
+    again into the new one. Serving a model trained on a 4-bit base in bf16 is
+    `al.unload(al.dequantize(model, torch.bfloat16), merge=True)`; a method that edits weight
+    entries (SaRA, SFT, HFT, LocFT, dense) needs a dequantized model too."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dequantize: dtype={dtype!r} is not a floating-point torch dtype; use e.g. torch.bfloat16")
+
+    def replace(parent: nn.Module) -> None:
+        for leaf, child in list(parent.named_children()):
+            if isinstance(child, AdapterLayer):
+                if quant.is_quantized(child.base_layer):
+                    weights = dict(child.merged)
+                    child.unmerge()
+                    child.base_layer = quant.dequantized_linear(child.base_layer, dtype)
+                    if weights:
+                        child.merge(weights)
+            elif quant.is_quantized(child):
+                setattr(parent, leaf, quant.dequantized_linear(child, dtype))
+            else:
+                replace(child)
+
+    replace(model)
     return model
 
 
