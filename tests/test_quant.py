@@ -188,6 +188,39 @@ def test_4bit_variants_train_merge_unmerge_exact(quant_type, double, compute, id
     assert same_state(state(model), base)
 
 
+@pytest.mark.parametrize("make", [llama4, llama8, llama_ao], ids=["4bit", "8bit", "torchao"])
+def test_al_load_on_the_same_quantized_base(make, tmp_path, ids):
+    model = make()
+    al.inject(model, "lora", r=4, targets=["q_proj", "down_proj"])
+    randomize_lora(model, std=0.1)
+    ours = logits(model, ids)
+    al.save(model, tmp_path / "a")
+    other = make()
+    packed = state(other)
+    al.load(other, tmp_path / "a")  # the load-time shape check builds deltas on meta copies of the layers
+    assert torch.equal(logits(other, ids), ours)
+    al.unload(other)
+    assert same_state(state(other), packed)
+
+
+def test_bf16_activations_through_a_bf16_compute_4bit_layer():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    q = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.bfloat16)
+    q.load_state_dict(linear.state_dict())
+    model = al.inject(nn.Sequential(q.to("cpu")), "lora", r=4)
+    randomize_lora(model)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    delta = model[0].deltas["default"]
+    assert delta.lora_A.weight.grad is not None and delta.lora_A.weight.grad.dtype == torch.float32
+    expected = nn.functional.linear(x.float(), quant.dequantized_weight(q) + delta.delta_weight().detach(),
+                                    q.bias.float())  # (bitsandbytes cast the bias to bf16 in place)
+    torch.testing.assert_close(y.float(), expected, atol=0.1, rtol=0.02)
+
+
 # -- 8-bit: merge within PEFT's error, exact unmerge, PEFT loads it --------------------------------
 def test_8bit_merge_within_peft_error_and_unmerge_exact(tmp_path, ids):
     model = llama8()
