@@ -117,6 +117,8 @@ def test_quant_helper_shapes_and_dequantization():
     assert quant.kind(llama8().model.layers[0].mlp.down_proj) == quant.BNB_8BIT
     assert quant.kind(llama_ao().model.layers[0].mlp.down_proj) == quant.TORCHAO
     assert not quant.is_quantized(linear) and quant.logical_shape(linear) == (48, 64)
+    full = sum(p.numel() for p in tiny_llama().parameters())
+    assert al.trainable_summary(llama4()).total == al.trainable_summary(llama8()).total == full  # logical entries
     # a has_fp16_weights 8-bit layer keeps a float weight: nothing packed to handle
     assert not quant.is_quantized(bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=True))
     for dq in (True, False):

@@ -328,15 +328,18 @@ class Summary:
 
 
 def trainable_summary(model: nn.Module) -> Summary:
-    """How many parameters train, in all and per adapter."""
+    """How many parameters train, in all and per adapter. A quantized weight counts its logical
+    entries (a 4-bit weight packs two in a byte)."""
     unique = {id(p): p for p in model.parameters()}.values()
+    logical = {id(m.weight): math.prod(quant.logical_shape(m)) for m in model.modules() if quant.is_quantized(m)}
     per: dict[str, tuple[int, int]] = {}
     for _, layer in adapter_layers(model):
         for name, delta in layer.deltas.items():
             n, b = per.get(name, (0, 0))
             ps = list(delta.parameters())
             per[name] = (n + sum(p.numel() for p in ps), b + sum(p.numel() * p.element_size() for p in ps))
-    return Summary(sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique), per)
+    return Summary(sum(p.numel() for p in unique if p.requires_grad), sum(logical.get(id(p), p.numel()) for p in unique),
+                   per)
 
 
 def training(model: nn.Module) -> dict[str, AdapterConfig]:
