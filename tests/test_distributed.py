@@ -166,7 +166,7 @@ def test_callback_checkpoint_is_adapter_only(launch, run):
 @pytest.mark.parametrize("run", ["trainer-callback-lora", "trainer-callback-sara"])
 def test_callback_checkpoint_holds_the_final_adapter(launch, run):
     """(LT-SFT's checkpoint holds the phased ΔW; the callback turns it sparse after the last save.)"""
-    saved = load_file(checkpoint(launch, run) / "adapterlab" / "default" / "adapter_model.safetensors")
+    saved = load_file(checkpoint(launch, run) / "adapter_model.safetensors")
     final = launch.run(run, "rank0")
     assert {k.removeprefix(PREFIX) for k in saved} == final.keys()
     assert all(torch.equal(saved[PREFIX + k], final[k]) for k in final)

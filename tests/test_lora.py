@@ -113,7 +113,7 @@ def test_lora_add_gradcheck_fp64(p):
     x = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     a = torch.randn(2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     b = torch.randn(5, 2, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda o, x, a, b: LoRAAdd.apply(o, x, a, b, 1.5, p, 1234), (out, x, a, b))
+    assert torch.autograd.gradcheck(lambda o, x, a, b: LoRAAdd.apply(o, x, a, b, 1.5, p, 1234, torch.float64), (out, x, a, b))
 
 
 def test_lora_add_dropout_matches_explicit_mask():
@@ -122,7 +122,7 @@ def test_lora_add_dropout_matches_explicit_mask():
     a = torch.randn(3, 4, generator=gen, requires_grad=True)
     b = torch.randn(5, 3, generator=gen, requires_grad=True)
     out = torch.zeros(7, 5)
-    y = LoRAAdd.apply(out, x, a, b, 2.0, 0.5, 99)
+    y = LoRAAdd.apply(out, x, a, b, 2.0, 0.5, 99, a.dtype)
     keep = dropout_mask(x.detach(), 0.5, 99)
     assert keep.dtype == torch.bool and 0 < keep.count_nonzero() < keep.numel()
     mask = keep.float() / 0.5
@@ -167,7 +167,7 @@ def test_no_grad_forward_equals_autograd_forward():
     out, x = torch.randn(5, 6), torch.randn(5, 7)
     a, b = torch.randn(3, 7, requires_grad=True), torch.randn(6, 3, requires_grad=True)
     for p in (0.0, 0.4):
-        with_grad = LoRAAdd.apply(out.clone(), x, a, b, 1.5, p, 11)
+        with_grad = LoRAAdd.apply(out.clone(), x, a, b, 1.5, p, 11, a.dtype)
         with torch.no_grad():
             from adapterlab.kernels.reference import lora_add
             without = lora_add(out.clone(), x, a, b, 1.5, p, 11)

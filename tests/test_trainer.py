@@ -58,7 +58,7 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(method, tmp_pa
     with safe_open(checkpoint / "model.safetensors", framework="pt") as f:
         keys = list(f.keys())
     assert keys and all(".deltas." in k for k in keys)   # adapter tensors only, no base weights
-    al.load(tiny_llama(), checkpoint / "adapterlab" / "default")   # a loadable adapter directory too
+    al.load(tiny_llama(), checkpoint)   # the checkpoint is a loadable adapter directory too (PEFT layout)
 
     resumed = model_with(method)
     train(resumed, tmp_path / "b", steps=6, resume=str(checkpoint))

@@ -122,7 +122,35 @@ def _peft_config(model: nn.Module, config: AdapterConfig, deltas: list[tuple[str
 def save(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter `name` to `directory` (created or replaced atomically, one save at a time
     per parent directory); return the path. A DDP / DataParallel wrapper is looked through."""
-    model = unwrapped(model)
+    return write_dir_atomic(Path(directory), adapter_files(unwrapped(model), name))
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,
+                    **ignored: Any) -> None:
+    """`model.save_pretrained(dir)` (and so `Trainer.save_model`) on a Hugging Face model with
+    adapters: writes the adapters, as PEFT lays them out — "default" in `dir` itself, any other
+    adapter in `dir/<name>/` — and no base weights and no config.json, so a plain
+    `from_pretrained(dir)` can never build a model whose adapted weights are random. Reload with
+    `al.load(AutoModel….from_pretrained(base), dir)` (or PEFT's, for LoRA). Each file is replaced
+    atomically; other files in `dir` are left alone. Without adapters: the model's own method.
+
+    The other keyword arguments of transformers' method (`state_dict`, `safe_serialization`,
+    `max_shard_size`, …) concern the full checkpoint and are ignored."""
+    inner = unwrapped(model)
+    names = list(adapters(inner))
+    if not names:
+        type(inner).save_pretrained(inner, save_directory, is_main_process=is_main_process, **ignored)
+        return
+    if not is_main_process:
+        return
+    root = Path(save_directory)
+    written = [(root if name == "default" else root / name, adapter_files(inner, name)) for name in names]
+    for directory, files in written:
+        write_files_atomic(directory, files)
+
+
+def adapter_files(model: nn.Module, name: str) -> dict[str, bytes]:
+    """{file name: bytes} of adapter `name`'s directory: the safetensors file and the JSON config."""
     deltas = _deltas(model, name)
     config = deltas[0][1].config
     tensors = {f"{PREFIX}{path}.{key}": t.detach().contiguous().cpu()
@@ -130,11 +158,10 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default") 
     block = {"format_version": FORMAT_VERSION, "library_version": VERSION, "method": config.method,
              "config": config.to_dict(), "fingerprint": fingerprint(model, [p for p, _ in deltas])}
     json_config = _peft_config(model, config, deltas) or {"adapterlab": block}
-    files = {
+    return {
         WEIGHTS_FILE: safetensors_bytes(tensors, metadata={"adapterlab": json.dumps(block)}),
         CONFIG_FILE: (json.dumps(json_config, indent=2, sort_keys=True) + "\n").encode(),
     }
-    return write_dir_atomic(Path(directory), files)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -216,6 +243,23 @@ def write_dir_atomic(target: Path, files: dict[str, bytes]) -> Path:
         _recover(target)
         _swap_in(target, files)
     return target
+
+
+def write_files_atomic(directory: Path, files: dict[str, bytes]) -> None:
+    """Write `files` into `directory` (created if missing), each through a fsync'd temp file and a
+    rename, so a reader sees every file whole, old or new; the directory's other entries stay."""
+    if directory.exists() and not directory.is_dir():
+        raise AdapterFileError(f"{str(directory)!r} exists and is not a directory; choose a directory path")
+    directory.mkdir(parents=True, exist_ok=True)
+    with _locked(directory.parent):
+        for fname, data in files.items():
+            tmp = directory / f".{fname}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                _fsync_write(tmp, data)
+                os.replace(tmp, directory / fname)
+            finally:
+                tmp.unlink(missing_ok=True)
+        fsync_path(directory)
 
 
 def _swap_in(target: Path, files: dict[str, bytes]) -> None:

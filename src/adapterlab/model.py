@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -90,6 +91,10 @@ def apply_plan(model: nn.Module, name: str, steps: Plan, *, trainable: bool = Tr
     everything but the new adapter (and that too unless `trainable`)."""
     if not hasattr(model, _FLAGS):
         object.__setattr__(model, _FLAGS, {n: p.requires_grad for n, p in model.named_parameters()})
+    if hasattr(type(model), "save_pretrained") and "save_pretrained" not in model.__dict__:
+        from .io import save_pretrained  # a Hugging Face model: its own method would save wrapper keys
+
+        object.__setattr__(model, "save_pretrained", types.MethodType(save_pretrained, model))
     for path, module, delta in steps:
         current = model.get_submodule(path)
         if not isinstance(current, AdapterLayer):
@@ -261,6 +266,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     for path, layer in list(adapter_layers(model)):
         _unwrap(model, path, layer)
     flags = model.__dict__.pop(_FLAGS, {})
+    model.__dict__.pop("save_pretrained", None)
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, True))
     return model

@@ -7,15 +7,18 @@
 
 At each Trainer event:
 
-- init end: every base-model tensor is marked not-to-save (`_keys_to_ignore_on_save`), so the
-  Trainer's own checkpoints hold only the adapters' tensors (masks and schedule buffers included)
-  and `resume_from_checkpoint` restores them through the Trainer's usual path;
+- init end: every base-model tensor is marked not-to-save (`_keys_to_ignore_on_save`): checkpoints
+  hold no base weights, and the Trainer does not warn that a resumed checkpoint lacks them;
 - train begin: logs trainable / total parameters (logger "adapterlab");
 - pre optimizer step (after backward and gradient clipping): `al.before_step` (SaRA's nuclear-norm
   gradient, LT-SFT's support mask, HFT's frozen half);
 - optimizer step (before the gradients are zeroed): `al.after_step` (SaRA's re-selection, LT-SFT's
   phase switch, HFT's stage boundary);
-- save: `checkpoint-N/adapterlab/<name>/` for every adapter, in `al.save`'s format (main process only);
+- save: the Trainer's own `save_model` already wrote the adapters into `checkpoint-N/` (an injected
+  Hugging Face model's `save_pretrained` writes them, as PEFT lays them out); the callback adds
+  `checkpoint-N/model.safetensors` with the adapters' full training state (masks and schedule
+  buffers too), which `resume_from_checkpoint` loads through the Trainer's usual path (main
+  process only);
 - train end: scheduled LT-SFT adapters past their full phase become plain sparse deltas
   (`al.sft.finish`), and `_keys_to_ignore_on_save` is restored.
 
@@ -26,19 +29,21 @@ the adapters' buffers (masks) and in the step count, both of which the checkpoin
 from __future__ import annotations
 
 import logging
-import os
+from pathlib import Path
 from typing import Any
+
+from safetensors.torch import save as safetensors_bytes
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..errors import AdapterNameError
-from ..io import save
+from ..io import save_pretrained, write_files_atomic
 from ..methods import sft
 from ..model import adapter_layers, adapters, after_step, before_step, trainable_summary
 
 logger = logging.getLogger("adapterlab")
-CHECKPOINT_SUBDIR = "adapterlab"
+RESUME_FILE = "model.safetensors"  # the name transformers' resume_from_checkpoint reads
 
 
 class AdapterCallback(TrainerCallback):
@@ -76,10 +81,11 @@ class AdapterCallback(TrainerCallback):
                 model: nn.Module | None = None, **kwargs: Any) -> None:
         if not args.should_save:
             return
-        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(checkpoint):
-            for name in adapters(model):
-                save(model, os.path.join(checkpoint, CHECKPOINT_SUBDIR, name), name=name)
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            save_pretrained(model, checkpoint)  # done already for Hugging Face models; not for others
+            tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if ".deltas." in k}
+            write_files_atomic(checkpoint, {RESUME_FILE: safetensors_bytes(tensors, metadata={"format": "pt"})})
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module | None = None, **kwargs: Any) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
 from torch import Tensor
 
 from ..errors import ConfigError
@@ -56,11 +57,13 @@ def use_triton(t: Tensor, auto: bool = False) -> bool:
 
 
 def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float = 0.0, seed: int = 0) -> Tensor:
-    """out + scale · drop_p(x) Aᵀ Bᵀ (added into `out` in place where it can be)."""
+    """out + scale · drop_p(x) Aᵀ Bᵀ (added into `out` in place where it can be). Under autocast
+    the torch path runs the products in autocast's dtype; the Triton kernels in the adapter's."""
     if use_triton(x, auto=False):
         from .lora import lora_add as triton_lora_add
 
-        return triton_lora_add(out, x, A, B, scale, p, seed)
+        with torch.autocast(x.device.type, enabled=False):
+            return triton_lora_add(out, x, A, B, scale, p, seed)
     return reference.lora_add(out, x, A, B, scale, p, seed)
 
 

@@ -20,8 +20,18 @@ def dropout_mask(like: Tensor, p: float, seed: int) -> Tensor:
     return bits.view(torch.int16)[:n].view(like.shape) >= round(p * 65536) - 32768
 
 
+def compute_dtype(x: Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the low-rank products run in: the autocast dtype of `x`'s device while autocast
+    is on there (as for the base layer's own matmul), else the adapter's dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return adapter_dtype
+
+
 def _shrink(x2: Tensor, A: Tensor, keep: Tensor | None) -> Tensor:
-    """(x ⊙ keep) Aᵀ, without the 1/(1-p) rescale, which callers fold into rank-r tensors."""
+    """(x ⊙ keep) Aᵀ in A's dtype, without the 1/(1-p) rescale, which callers fold into rank-r
+    tensors."""
     xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
     if keep is not None:
         xa = xa.masked_fill(~keep, 0)
@@ -29,7 +39,7 @@ def _shrink(x2: Tensor, A: Tensor, keep: Tensor | None) -> Tensor:
 
 
 def _expand_into(out: Tensor, h: Tensor, B: Tensor, alpha: float) -> tuple[Tensor, bool]:
-    """out + alpha·h·Bᵀ, in place when `out` allows it; returns (result, in_place)."""
+    """out + alpha·h·Bᵀ (h and B of one dtype), in place when `out` allows it; returns (result, in_place)."""
     if out.dtype == h.dtype and out.is_contiguous() and not (out.is_leaf and out.requires_grad):
         out.view(-1, out.shape[-1]).addmm_(h, B.t(), alpha=alpha)
         return out, True
@@ -37,57 +47,63 @@ def _expand_into(out: Tensor, h: Tensor, B: Tensor, alpha: float) -> tuple[Tenso
 
 
 class LoRAAdd(torch.autograd.Function):
-    """out + scale · dropout(x) Aᵀ Bᵀ, saving x, A, B, the small x·Aᵀ and, with dropout, the
-    boolean keep-mask (a quarter of an fp32 copy of x; PEFT keeps the dropped copy itself).
+    """out + scale · dropout(x) Aᵀ Bᵀ, with the products in `dtype` (the adapter's, or autocast's:
+    see `compute_dtype`). Saves x (in `dtype`: under autocast the same half-size copy the base
+    layer's matmul makes), A, B, the small x·Aᵀ and, with dropout, the boolean keep-mask (a
+    quarter of an fp32 copy of x; PEFT keeps the dropped copy itself).
 
-    The update is added into `out` in place (`mark_dirty`) when `out` is contiguous and of the
-    adapter's dtype: `out` is the base layer's fresh output, which no op saves, and a new
+    The update is added into `out` in place (`mark_dirty`) when `out` is contiguous and of
+    `dtype`: `out` is the base layer's fresh output, which no op saves, and a new
     activation-sized buffer per adapted layer costs measurable time on CPU. Dropout's 1/(1-p) is
-    applied to rank-r tensors only."""
+    applied to rank-r tensors only. Gradients are returned in each input's own dtype."""
 
     @staticmethod
     def forward(ctx, out: Tensor, x: Tensor, A: Tensor, B: Tensor,  # type: ignore[override]
-                scale: float, p: float, seed: int) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        keep = dropout_mask(x2, p, seed) if p > 0 else None
-        h = _shrink(x2, A, keep)                      # (x ⊙ keep) Aᵀ: the true h times (1-p)
-        ctx.save_for_backward(x, A, B, h, keep)
-        ctx.alpha = scale / (1.0 - p)
-        result, in_place = _expand_into(out, h, B, ctx.alpha)
+                scale: float, p: float, seed: int, dtype: torch.dtype) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # every dtype below is explicit
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            keep = dropout_mask(x2, p, seed) if p > 0 else None
+            h = _shrink(x2, A.to(dtype), keep)        # (x ⊙ keep) Aᵀ: the true h times (1-p)
+            ctx.save_for_backward(x2, A, B, h, keep)
+            ctx.alpha, ctx.x_shape, ctx.x_dtype = scale / (1.0 - p), x.shape, x.dtype
+            result, in_place = _expand_into(out, h, B.to(dtype), ctx.alpha)
         if in_place:
             ctx.mark_dirty(out)
         return result
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, A, B, h, keep = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        if g2.dtype != A.dtype:
-            g2 = g2.to(A.dtype)
-        gh = (g2 @ B).mul_(ctx.alpha)                 # d(x ⊙ keep)Aᵀ, (N, r)
-        dA = dB = dx = None
-        if ctx.needs_input_grad[3]:
-            dB = (g2.t() @ h).mul_(ctx.alpha)
-        if ctx.needs_input_grad[2]:
-            xa = x.reshape(-1, x.shape[-1]).to(A.dtype)
-            dA = gh.t() @ (xa if keep is None else xa.masked_fill(~keep, 0))
-        if ctx.needs_input_grad[1]:
-            dx2 = gh @ A
-            if keep is not None:
-                dx2.masked_fill_(~keep, 0)
-            dx = dx2.to(x.dtype).view(x.shape)
-        return grad, dx, dA, dB, None, None, None
+        x2, A, B, h, keep = ctx.saved_tensors
+        dtype = h.dtype
+        with torch.autocast(grad.device.type, enabled=False):
+            g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
+            a = A.to(dtype)
+            gh = (g2 @ B.to(dtype)).mul_(ctx.alpha)     # d(x ⊙ keep)Aᵀ, (N, r)
+            dA = dB = dx = None
+            if ctx.needs_input_grad[3]:
+                dB = (g2.t() @ h).mul_(ctx.alpha).to(B.dtype)
+            if ctx.needs_input_grad[2]:
+                dA = (gh.t() @ (x2 if keep is None else x2.masked_fill(~keep, 0))).to(A.dtype)
+            if ctx.needs_input_grad[1]:
+                dx2 = gh @ a
+                if keep is not None:
+                    dx2.masked_fill_(~keep, 0)
+                dx = dx2.to(ctx.x_dtype).view(ctx.x_shape)
+        return grad, dx, dA, dB, None, None, None, None
 
 
 def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float = 0.0,
              seed: int = 0) -> Tensor:
-    """Reference low-rank update for Linear layouts: out + scale · drop_p(x) Aᵀ Bᵀ. Without a
-    gradient to compute it skips the autograd Function (its bookkeeping is ~3% of a forward)."""
+    """Reference low-rank update for Linear layouts: out + scale · drop_p(x) Aᵀ Bᵀ, in autocast's
+    dtype under autocast (`compute_dtype`). Without a gradient to compute it skips the autograd
+    Function (its bookkeeping is ~3% of a forward)."""
+    dtype = compute_dtype(x, A.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, A, B)):
-        return LoRAAdd.apply(out, x, A, B, scale, p, seed)
-    x2 = x.reshape(-1, x.shape[-1])
-    h = _shrink(x2, A, dropout_mask(x2, p, seed) if p > 0 else None)
-    return _expand_into(out, h, B, scale / (1.0 - p))[0]
+        return LoRAAdd.apply(out, x, A, B, scale, p, seed, dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        h = _shrink(x2, A.to(dtype), dropout_mask(x2, p, seed) if p > 0 else None)
+        return _expand_into(out, h, B.to(dtype), scale / (1.0 - p))[0]
 
 
 def grouped_lora_add(out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor], Bs: list[Tensor],
