@@ -223,6 +223,19 @@ def test_bf16_activations_through_a_bf16_compute_4bit_layer():
     torch.testing.assert_close(y.float(), expected, atol=0.1, rtol=0.02)
 
 
+@pytest.mark.parametrize("make", [llama4, llama8, llama_ao], ids=["4bit", "8bit", "torchao"])
+def test_lora_trains_under_bf16_autocast(make, ids):
+    model = make()
+    al.inject(model, "lora", r=4, targets=["q_proj", "down_proj"])
+    randomize_lora(model, std=0.05)
+    model.train()
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
 # -- 8-bit: merge within PEFT's error, exact unmerge, PEFT loads it --------------------------------
 def test_8bit_merge_within_peft_error_and_unmerge_exact(tmp_path, ids):
     model = llama8()
