@@ -35,6 +35,7 @@ from .model import (
     after_step,
     before_step,
     delete,
+    dequantize,
     disabled,
     inject,
     merge,
@@ -47,7 +48,7 @@ from .model import (
 
 __all__ = [
     "active", "after_step", "before_step", "AdapterConfig", "AdapterFileError", "AdapterlabError", "AdapterNameError", "adapters",
-    "combine", "CombineReport", "config_for", "ConfigError", "ConvLoRAConfig", "delete", "disabled",
+    "combine", "CombineReport", "config_for", "ConfigError", "ConvLoRAConfig", "delete", "dequantize", "disabled",
     "FingerprintMismatchError", "inject", "load", "LoRAConfig", "merge", "MergeError", "routing",
     "RoutingError", "save", "set_active", "TargetError", "trainable_summary", "UnknownMethodError", "unload",
     "unmerge", "UnsupportedModuleError", "__version__",

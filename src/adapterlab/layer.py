@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import quant
 from .errors import MergeError, RoutingError
 
 EXACT_DTYPES = (torch.float32, torch.float64)  # W + d - d returns W to well under 1e-6
@@ -64,6 +65,9 @@ class AdapterLayer(nn.Module):
         self.disabled = False
         self.routes: tuple[int, list[tuple[str, Tensor]]] | None = None  # (batch size, [(name, rows)])
         self._original: Tensor | None = None  # pre-merge weight, kept only for inexact dtypes
+        self._packed: tuple[Any, ...] | None = None  # quantized bases: the pre-merge packed weight (quant.stash)
+        self.merge_error: float | None = None  # quantized bases: max rounding error of the last merge
+        self._merge_change = 0.0  # ... and the largest entry of the Σ w·ΔW it merged
         # exact dtypes: per merge call, its weights and the (support, entries) its exact deltas saved
         self._merges: list[tuple[dict[str, float], list[tuple[Tensor | None, Tensor]]]] = []
 
@@ -134,21 +138,28 @@ class AdapterLayer(nn.Module):
 
     # -- merge ----------------------------------------------------------------------------------
     def merged_weight(self, weights: dict[str, float]) -> Tensor:
-        """W + Σ w·ΔW, computed in fp32 (or fp64) and cast to the base dtype; nothing is written."""
-        base = self.base_layer.weight
-        acc = base.detach().to(torch.promote_types(base.dtype, torch.float32))
+        """W + Σ w·ΔW, computed in fp32 (or fp64) and cast to the base dtype; nothing is written.
+        A quantized base gives its dequantized W, and the sum stays fp32."""
+        if quant.is_quantized(self.base_layer):
+            base, acc = None, quant.dequantized_weight(self.base_layer)
+        else:
+            base = self.base_layer.weight
+            acc = base.detach().to(torch.promote_types(base.dtype, torch.float32))
         for name, w in weights.items():
             delta = self.deltas[name]
             if not delta.mergeable:
                 raise MergeError(f"adapter {name!r} ({type(delta).__name__}) cannot be merged into weights")
             acc = acc + w * delta.delta_weight().detach().to(acc.dtype)
-        return acc.to(base.dtype)
+        return acc if base is None else acc.to(base.dtype)
 
     @torch.no_grad()
     def merge(self, weights: dict[str, float]) -> None:
         twice = [n for n in weights if n in self.merged]
         if twice:
             raise MergeError(f"adapter(s) {twice} are merged already; call unmerge first")
+        if quant.is_quantized(self.base_layer):
+            self._merge_quantized(weights)
+            return
         base = self.base_layer.weight
         new = self.merged_weight(weights)
         if base.dtype not in EXACT_DTYPES and self._original is None:
@@ -163,12 +174,26 @@ class AdapterLayer(nn.Module):
         base.copy_(new)
         self.merged.update(weights)
 
+    def _merge_quantized(self, weights: dict[str, float]) -> None:
+        """Dequantize, add Σ w·ΔW in fp32, requantize into new storage; the first merge keeps the
+        original packed weight aside, so unmerge puts it back bit for bit. `merge_error` is the
+        rounding error: max |requantized − (W + Σ w·ΔW)|, i.e. how far the merged change is off."""
+        saved = self._packed or quant.stash(self.base_layer)
+        before, new = quant.dequantized_weight(self.base_layer), self.merged_weight(weights)
+        self._merge_change = float((new - before).abs().max()) if new.numel() else 0.0
+        self.merge_error = quant.requantize(self.base_layer, new)
+        self._packed = saved
+        self.merged.update(weights)
+
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
         base = self.base_layer.weight
-        if self._original is not None:
+        if self._packed is not None:
+            quant.restore(self.base_layer, self._packed)
+            self._packed = self.merge_error = None
+        elif self._original is not None:
             base.copy_(self._original)
             self._original = None
         else:  # undo merge calls last-first: subtract ΔW, or write back the entries saved for it

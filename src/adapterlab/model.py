@@ -9,6 +9,7 @@ import dataclasses
 import math
 import re
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quant
 from .config import AdapterConfig, config_for
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
 from .layer import AdapterLayer, Delta
@@ -194,13 +196,20 @@ def routing(model: nn.Module, ids: Sequence[str | None]) -> Iterator[nn.Module]:
             layer.routes = None
 
 
-def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -> None:
+def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -> dict[str, float]:
     """Fold active adapters (all of them, or `names`) into the base weights, with their active
-    weights. `safe` checks every merged weight for NaN/Inf before any weight is written."""
-    _merge_active(model, names, safe)
+    weights. `safe` checks every merged weight for NaN/Inf before any weight is written.
+
+    A quantized base (bitsandbytes 4/8-bit, torchao int8) is dequantized, W + Σ w·ΔW is formed
+    in fp32 and requantized; `unmerge` puts the original quantized weight back bit for bit.
+    Returns {module path: rounding error}, max |requantized − (W + Σ w·ΔW)|, for those modules
+    (empty for a full-precision model), and warns when the error is at least the largest entry
+    of Σ w·ΔW: then the merged model keeps only part of the adapter (keep it unmerged, or merge
+    into a dequantized model, `al.dequantize`)."""
+    return _merge_active(model, names, safe)
 
 
-def _merge_active(model: nn.Module, names: list[str] | None, safe: bool) -> None:
+def _merge_active(model: nn.Module, names: list[str] | None, safe: bool) -> dict[str, float]:
     refusal = getattr(model, "merge_refusal", None)  # set by adapters that are not weight deltas (LEVI)
     if refusal:
         raise MergeError(refusal)
@@ -219,6 +228,9 @@ def _merge_active(model: nn.Module, names: list[str] | None, safe: bool) -> None
         unmergeable = [n for n in weights if not layer.deltas[n].mergeable]
         if unmergeable:
             raise MergeError(f"adapter(s) {unmergeable} cannot be merged into weights; keep them unmerged")
+        refusal = quant.merge_refusal(layer.base_layer)
+        if refusal:
+            raise MergeError(f"{path!r}: {refusal}; nothing was merged")
     if safe:
         for path, layer, weights in layers:
             if not torch.isfinite(layer.merged_weight(weights)).all():
@@ -226,6 +238,16 @@ def _merge_active(model: nn.Module, names: list[str] | None, safe: bool) -> None
                                  "Check the adapter weights (al.save and inspect them) or pass safe=False")
     for _, layer, weights in layers:
         layer.merge(weights)
+    errors = {path: layer.merge_error for path, layer, _ in layers if layer.merge_error is not None}
+    lossy = [path for path, layer, _ in layers
+             if layer.merge_error is not None and layer.merge_error >= layer._merge_change > 0]
+    if lossy:
+        path = max(lossy, key=errors.__getitem__)
+        warnings.warn(f"merging into quantized weights: in {len(lossy)} module(s) the rounding error is at least the "
+                      f"adapter's largest change (worst: {path!r}, error {errors[path]:.3g}), so the merged model keeps "
+                      "only part of the adapter. Keep it unmerged, or merge into a dequantized model "
+                      "(al.dequantize(model, torch.bfloat16), then al.merge)", UserWarning, stacklevel=2)
+    return errors
 
 
 def unmerge(model: nn.Module) -> None:
@@ -257,6 +279,35 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     model.__dict__.pop("save_pretrained", None)
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, True))
+    return model
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every quantized linear layer of `model` (bitsandbytes 4/8-bit, torchao), adapted
+    or not, by an `nn.Linear` of `dtype` holding its dequantized weight; return `model`.
+
+    Adapters stay attached; those merged into a quantized weight are unmerged from it and merged
+    again into the new one. Serving a model trained on a 4-bit base in bf16 is
+    `al.unload(al.dequantize(model, torch.bfloat16), merge=True)`; a method that edits weight
+    entries (SaRA, SFT, HFT, LocFT, dense) needs a dequantized model too."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dequantize: dtype={dtype!r} is not a floating-point torch dtype; use e.g. torch.bfloat16")
+
+    def replace(parent: nn.Module) -> None:
+        for leaf, child in list(parent.named_children()):
+            if isinstance(child, AdapterLayer):
+                if quant.is_quantized(child.base_layer):
+                    weights = dict(child.merged)
+                    child.unmerge()
+                    child.base_layer = quant.dequantized_linear(child.base_layer, dtype)
+                    if weights:
+                        child.merge(weights)
+            elif quant.is_quantized(child):
+                setattr(parent, leaf, quant.dequantized_linear(child, dtype))
+            else:
+                replace(child)
+
+    replace(model)
     return model
 
 
@@ -293,13 +344,16 @@ class Summary:
 
 
 def trainable_summary(model: nn.Module) -> Summary:
-    """How many parameters train, in all and per adapter."""
+    """How many parameters train, in all and per adapter. A quantized weight counts its logical
+    entries (a 4-bit weight packs two in a byte)."""
     unique = {id(p): p for p in model.parameters()}.values()
+    logical = {id(m.weight): math.prod(quant.logical_shape(m)) for m in model.modules() if quant.is_quantized(m)}
     per: dict[str, tuple[int, int]] = {}
     for name in adapters(model):
         ps = [p for _, _, delta in deltas(model, name) for p in delta.parameters()]
         per[name] = (sum(p.numel() for p in ps), sum(p.numel() * p.element_size() for p in ps))
-    return Summary(sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique), per)
+    return Summary(sum(p.numel() for p in unique if p.requires_grad), sum(logical.get(id(p), p.numel()) for p in unique),
+                   per)
 
 
 def training_adapters(model: nn.Module) -> dict[str, AdapterConfig]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import quant
 from ..config import AdapterConfig, peft_config_class
 from ..errors import AdapterFileError, AdapterlabError, FingerprintMismatchError
 from ..layer import Delta
@@ -46,7 +47,11 @@ def modules_sha256(modules: dict[str, Any]) -> str:
 
 def _module_info(module: nn.Module) -> dict[str, Any]:
     """Type and weight shape; a conv with groups != 1 also records them (the shape alone does not
-    give the input channels). Modules without groups keep the old entry, so old hashes hold."""
+    give the input channels). Modules without groups keep the old entry, so old hashes hold.
+    A quantized Linear is recorded as the Linear it stands for (its logical shape), so an adapter
+    trained on a 4-bit base fits the full-precision model too."""
+    if quant.is_quantized(module):
+        return {"type": "Linear", "shape": list(quant.logical_shape(module))}
     info = {"type": type(module).__name__, "shape": list(module.weight.shape)}
     if is_conv(module) and module.groups != 1:
         info["groups"] = module.groups
@@ -63,7 +68,7 @@ def require_fingerprint_match(model: nn.Module, expected: dict[str, Any]) -> Non
             problems.append(f"{path!r} is missing")
             continue
         weight = getattr(have, "weight", None)
-        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else None
+        shape = list(quant.logical_shape(have)) if isinstance(weight, torch.Tensor) else None
         if shape != want["shape"]:
             problems.append(f"{path!r} has weight shape {shape}, the adapter expects {want['shape']}")
     if problems:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .. import quant
 from ..config import AdapterConfig, register
 from ..errors import UnsupportedModuleError
 from ..layer import Delta
@@ -59,6 +60,8 @@ def dense_kind(module: nn.Module) -> str | None:
 
 def dense_unsupported(module: nn.Module) -> str | None:
     """None if `DenseDelta` can wrap `module`, else why not (for `AdapterConfig.supports`)."""
+    if quant.is_quantized(module):
+        return quant.entrywise_refusal(module)
     if dense_kind(module) is None:
         return ("a dense delta wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.LayerNorm with a weight, "
                 "and RMSNorm layers")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import quant
 from ..config import AdapterConfig, check_number, register
 from ..errors import AdapterFileError, ConfigError, UnsupportedModuleError
 from ..kernels import lora_add
@@ -185,12 +186,13 @@ class LowRankDelta(Delta):
 
 
 class LinearLoRA(LowRankDelta):
-    """x ↦ s·B·A·drop(x). The base may be nn.Linear (W: out×in) or HF Conv1D (W: in×out)."""
+    """x ↦ s·B·A·drop(x). The base may be nn.Linear (W: out×in), HF Conv1D (W: in×out), or a
+    quantized Linear (bitsandbytes, torchao: sized from its logical out×in, not the packed weight)."""
 
     def __init__(self, config: LoRAConfig, base: nn.Module) -> None:
         super().__init__(config)
         self.transposed = is_hf_conv1d(base)
-        n_in, n_out = base.weight.shape[::-1] if not self.transposed else base.weight.shape
+        n_in, n_out = quant.logical_shape(base)[::-1] if not self.transposed else base.weight.shape
         self.lora_A, self.lora_B = _factors((config.r, n_in), (n_out, config.r), base.weight)
         self.scaling = config.scaling
         self.dropout = config.dropout

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import quant
 from ..config import AdapterConfig
 from ..errors import ConfigError, UnsupportedModuleError
 from ..kernels import sparse_linear_add
@@ -40,6 +41,8 @@ def index_dtype(numel: int) -> torch.dtype:
 
 def sparse_unsupported(module: nn.Module) -> str | None:
     """None if `SparseDelta` can wrap `module`, else why not (for `AdapterConfig.supports`)."""
+    if quant.is_quantized(module):
+        return quant.entrywise_refusal(module)
     if is_linear(module) or is_conv(module):
         return None
     return "a sparse delta wraps nn.Linear, transformers Conv1D and nn.Conv1d/2d/3d"
