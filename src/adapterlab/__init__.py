@@ -12,12 +12,14 @@ from .errors import (
     AdapterNameError,
     ConfigError,
     FingerprintMismatchError,
+    HotswapError,
     MergeError,
     RoutingError,
     TargetError,
     UnknownMethodError,
     UnsupportedModuleError,
 )
+from .hotswap import hotswap, prepare_hotswap
 from .io import VERSION as __version__
 from .io import load, save
 from .methods import hft, levi, locft
@@ -48,8 +50,8 @@ from .model import (
 __all__ = [
     "active", "after_step", "before_step", "AdapterConfig", "AdapterFileError", "AdapterlabError", "AdapterNameError", "adapters",
     "combine", "CombineReport", "config_for", "ConfigError", "ConvLoRAConfig", "delete", "disabled",
-    "FingerprintMismatchError", "inject", "load", "LoRAConfig", "merge", "MergeError", "routing",
-    "RoutingError", "save", "set_active", "TargetError", "trainable_summary", "UnknownMethodError", "unload",
+    "FingerprintMismatchError", "hotswap", "HotswapError", "inject", "load", "LoRAConfig", "merge", "MergeError", "routing",
+    "prepare_hotswap", "RoutingError", "save", "set_active", "TargetError", "trainable_summary", "UnknownMethodError", "unload",
     "unmerge", "UnsupportedModuleError", "__version__",
     "hft", "HFTConfig", "losses", "levi", "LEVIConfig", "locft", "LocFTConfig",
     "sara", "SaRAConfig", "sft", "SFTConfig", "SparseDelta", "train_lt_sft",

@@ -40,8 +40,11 @@ def _shrink(x2: Tensor, A: Tensor, keep: Tensor | None) -> Tensor:
 
 
 def _expand_into(out: Tensor, h: Tensor, B: Tensor, alpha: float) -> tuple[Tensor, bool]:
-    """out + alpha·h·Bᵀ (h and B of one dtype), in place when `out` allows it; returns (result, in_place)."""
-    if out.dtype == h.dtype and out.is_contiguous() and not (out.is_leaf and out.requires_grad):
+    """out + alpha·h·Bᵀ (h and B of one dtype), in place when `out` allows it; returns (result, in_place).
+    Never in place under `torch.compile`: the compiler fuses the add itself, and AOT autograd
+    mishandles an in-place write (`mark_dirty`) into a view such as HF Conv1D's output."""
+    if out.dtype == h.dtype and out.is_contiguous() and not (out.is_leaf and out.requires_grad) \
+            and not torch.compiler.is_compiling():
         out.view(-1, out.shape[-1]).addmm_(h, B.t(), alpha=alpha)
         return out, True
     return out + (h @ B.t()).mul_(alpha).to(out.dtype).view(out.shape), False
