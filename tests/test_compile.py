@@ -361,3 +361,46 @@ def test_hotswap_sparse_and_dense_adapters_of_equal_shapes(tmp_path):
             torch.testing.assert_close(compiled(IDS).logits, eager_output(dirs[method, "y"]), rtol=0, atol=1e-5)
         assert counter.graphs == graphs
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("conv_mode", ["reshape", "kernel"])
+def test_hotswap_convlora_ranks_up_to_the_prepared_maximum(tmp_path, conv_mode):
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    dirs, want = [], []
+    for r, alpha, seed in ((2, 4, 1), (4, 2, 2), (1, 3, 3)):
+        model = conv_net()
+        al.inject(model, "convlora", r=r, alpha=alpha, conv_mode=conv_mode)
+        randomize_lora(model, seed=seed)
+        dirs.append(str(al.save(model, tmp_path / f"{conv_mode}-{r}")))
+        with torch.no_grad():
+            want.append(model(x))
+    model = conv_net()
+    al.load(model, dirs[0])
+    al.prepare_hotswap(model, max_rank=4)
+    counter = Counter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), want[0], rtol=0, atol=1e-5)
+        graphs = counter.graphs
+        for directory, expected in zip(dirs[1:], want[1:]):
+            al.hotswap(model, directory)
+            torch.testing.assert_close(compiled(x), expected, rtol=0, atol=1e-5)
+    assert counter.graphs == graphs
+
+
+def test_hotswap_checks_a_sparse_file_s_indices(tmp_path):
+    from conftest import read_weights
+    from safetensors.torch import save_file
+
+    model = tiny_llama(layers=1)
+    al.inject(model, "sara", density=0.1, targets=["q_proj"])
+    directory = str(al.save(model, tmp_path / "sara"))
+    weights = f"{directory}/adapter_model.safetensors"
+    tensors, metadata = read_weights(weights)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.indices"
+    tensors[key] = tensors[key].flip(0).contiguous()  # unsorted
+    save_file(tensors, weights, metadata=metadata)
+    before = state(model)
+    with pytest.raises(al.HotswapError, match="q_proj.indices in the file must be strictly increasing"):
+        al.hotswap(model, directory)
+    assert_unchanged(model, before)

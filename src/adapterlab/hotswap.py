@@ -31,10 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .errors import AdapterNameError, HotswapError, MergeError
+from .errors import AdapterNameError, ConfigError, HotswapError, MergeError
 from .io import PREFIX, _module_paths, check_fingerprint, read_adapter
 from .layer import AdapterLayer, Delta
 from .methods.lora import LinearLoRA, LoRAConfig, LowRankDelta
+from .methods.sparse import SparseDelta, check_indices
 from .model import adapter_layers, adapters, unwrapped
 
 
@@ -144,6 +145,11 @@ def _planned_writes(where: str, path: str, delta: Delta, tensors: dict[str, Tens
             raise HotswapError(f"{where}: {path}.{key} has shape {list(own[key].shape)} in the file but "
                                f"{list(target.shape)} in the adapter; hot-swap needs equal shapes for "
                                f"{delta.config.method!r} (e.g. the same number of sparse entries)")
+    if isinstance(delta, SparseDelta):  # the file's support must be one this weight can hold
+        try:
+            check_indices(own["indices"], delta.numel, what=f"{path}.indices in the file")
+        except ConfigError as e:
+            raise HotswapError(f"{where}: {e}") from None
     return [(target, own[key]) for key, target in state.items()]
 
 
