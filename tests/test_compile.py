@@ -231,8 +231,9 @@ def test_hotswap_does_not_recompile_and_matches_a_fresh_load(tmp_path):
     assert counter.graphs == graphs
 
 
-def test_hotswap_at_equal_rank_needs_no_prepare(tmp_path):
-    a, b = saved_lora(tmp_path, "a", 8, 16, 1), saved_lora(tmp_path, "b", 4, 4, 2)
+def test_hotswap_up_to_the_adapter_s_own_rank_needs_no_prepare(tmp_path):
+    a, b, c = (saved_lora(tmp_path, "a", 8, 16, 1), saved_lora(tmp_path, "b", 8, 4, 2),
+               saved_lora(tmp_path, "c", 4, 4, 3))
     model = tiny_llama(layers=1)
     al.load(model, a)
     counter = Counter()
@@ -240,8 +241,9 @@ def test_hotswap_at_equal_rank_needs_no_prepare(tmp_path):
     with torch.no_grad():
         compiled(IDS)
         graphs = counter.graphs
-        al.hotswap(model, b)  # rank 4 fits into rank 8: zero-padded
-        torch.testing.assert_close(compiled(IDS).logits, eager_output(b), rtol=0, atol=1e-5)
+        for directory in (b, c):  # the same rank (another alpha), then rank 4 zero-padded into 8
+            al.hotswap(model, directory)
+            torch.testing.assert_close(compiled(IDS).logits, eager_output(directory), rtol=0, atol=1e-5)
     assert counter.graphs == graphs
 
 
