@@ -50,9 +50,10 @@ from .model import (
 __all__ = [
     "active", "after_step", "before_step", "AdapterConfig", "AdapterFileError", "AdapterlabError", "AdapterNameError", "adapters",
     "combine", "CombineReport", "config_for", "ConfigError", "ConvLoRAConfig", "delete", "disabled",
-    "FingerprintMismatchError", "hotswap", "HotswapError", "inject", "load", "LoRAConfig", "merge", "MergeError", "routing",
-    "prepare_hotswap", "RoutingError", "save", "set_active", "TargetError", "trainable_summary", "UnknownMethodError", "unload",
+    "FingerprintMismatchError", "inject", "load", "LoRAConfig", "merge", "MergeError", "routing",
+    "RoutingError", "save", "set_active", "TargetError", "trainable_summary", "UnknownMethodError", "unload",
     "unmerge", "UnsupportedModuleError", "__version__",
     "hft", "HFTConfig", "losses", "levi", "LEVIConfig", "locft", "LocFTConfig",
     "sara", "SaRAConfig", "sft", "SFTConfig", "SparseDelta", "train_lt_sft",
+    "hotswap", "HotswapError", "prepare_hotswap",
 ]
