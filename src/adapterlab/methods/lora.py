@@ -149,8 +149,7 @@ class LinearLoRA(LowRankDelta):
 
     def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
         p = self.dropout if self.training else 0.0
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        return lora_add(out, x, self.lora_A.weight, self.lora_B.weight, self.scaling * scale, p, seed)
+        return lora_add(out, x, self.lora_A.weight, self.lora_B.weight, self.scaling * scale, p)
 
 
 def _conv_nd_fn(ndim: int):
