@@ -113,7 +113,8 @@ def test_lora_add_gradcheck_fp64(p):
     x = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     a = torch.randn(2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     b = torch.randn(5, 2, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda o, x, a, b: LoRAAdd.apply(o, x, a, b, 1.5, p, 1234, torch.float64), (out, x, a, b))
+    keep = dropout_mask(x, p, torch.Generator().manual_seed(1234)) if p > 0 else None
+    assert torch.autograd.gradcheck(lambda o, x, a, b: LoRAAdd.apply(o, x, a, b, 1.5, p, keep, torch.float64), (out, x, a, b))
 
 
 def test_lora_add_dropout_matches_explicit_mask():
@@ -122,8 +123,8 @@ def test_lora_add_dropout_matches_explicit_mask():
     a = torch.randn(3, 4, generator=gen, requires_grad=True)
     b = torch.randn(5, 3, generator=gen, requires_grad=True)
     out = torch.zeros(7, 5)
-    y = LoRAAdd.apply(out, x, a, b, 2.0, 0.5, 99, a.dtype)
-    keep = dropout_mask(x.detach(), 0.5, 99)
+    keep = dropout_mask(x.detach(), 0.5, torch.Generator().manual_seed(99))
+    y = LoRAAdd.apply(out, x, a, b, 2.0, 0.5, keep, a.dtype)
     assert keep.dtype == torch.bool and 0 < keep.count_nonzero() < keep.numel()
     mask = keep.float() / 0.5
     x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
@@ -167,10 +168,11 @@ def test_no_grad_forward_equals_autograd_forward():
     out, x = torch.randn(5, 6), torch.randn(5, 7)
     a, b = torch.randn(3, 7, requires_grad=True), torch.randn(6, 3, requires_grad=True)
     for p in (0.0, 0.4):
-        with_grad = LoRAAdd.apply(out.clone(), x, a, b, 1.5, p, 11, a.dtype)
+        keep = dropout_mask(x, p, torch.Generator().manual_seed(11)) if p > 0 else None
+        with_grad = LoRAAdd.apply(out.clone(), x, a, b, 1.5, p, keep, a.dtype)
         with torch.no_grad():
             from adapterlab.kernels.reference import lora_add
-            without = lora_add(out.clone(), x, a, b, 1.5, p, 11)
+            without = lora_add(out.clone(), x, a, b, 1.5, p, torch.Generator().manual_seed(11))
         assert torch.allclose(with_grad, without, atol=1e-6)
 
 

@@ -12,12 +12,14 @@ from .errors import (
     AdapterNameError,
     ConfigError,
     FingerprintMismatchError,
+    HotswapError,
     MergeError,
     RoutingError,
     TargetError,
     UnknownMethodError,
     UnsupportedModuleError,
 )
+from .hotswap import hotswap, prepare_hotswap
 from .io import load, save
 from .methods import hft, levi, locft
 from .methods.hft import HFTConfig
@@ -54,4 +56,5 @@ __all__ = [
     "unmerge", "UnsupportedModuleError", "__version__",
     "hft", "HFTConfig", "losses", "levi", "LEVIConfig", "locft", "LocFTConfig",
     "sara", "SaRAConfig", "sft", "SFTConfig", "SparseDelta", "train_lt_sft",
+    "hotswap", "HotswapError", "prepare_hotswap",
 ]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
 
-from .errors import AdapterFileError, ConfigError, UnknownMethodError
+from .errors import AdapterFileError, ConfigError, HotswapError, UnknownMethodError
 
 if TYPE_CHECKING:
     from .layer import Delta
@@ -165,6 +165,23 @@ class AdapterConfig:
     def train_end(self, model: nn.Module, name: str, step: int) -> None:
         """When a Trainer run ends after `step` steps (`AdapterCallback`): a method turns a training
         form into its final one here (LT-SFT: dense phase into sparse deltas). Default: nothing."""
+
+    # -- hot-swap: al.prepare_hotswap, al.hotswap ---------------------------------------------------
+    def pad_for_hotswap(self, deltas: dict[str, Delta], max_rank: int, name: str) -> None:
+        """Make room in adapter `name`'s `deltas` ({path: delta}) for hot-swapping up to rank `max_rank` (LoRA:
+        zero padding, ΔW unchanged). Default: refused, the shapes do not depend on a rank."""
+        raise HotswapError(f"prepare_hotswap pads LoRA ranks; adapter {name!r} is {self.method!r}, whose shapes "
+                           "do not depend on a rank: hot-swap it directly with al.hotswap (same shapes needed)")
+
+    def hotswap_refusal(self, loaded: AdapterConfig, deltas: list[Delta]) -> str | None:
+        """Why a saved adapter of config `loaded` cannot be written into these deltas, or None."""
+        return None
+
+    def hotswap_values(self, where: str, path: str, delta: Delta, own: dict[str, Tensor],
+                       loaded: AdapterConfig) -> list[tuple[Tensor, Tensor]] | None:
+        """(target, value) pairs writing a file's tensors `own` into `delta` in place, checked; None
+        (the default): equal shapes, copied as they are."""
+        return None
 
     # -- files: PEFT's format, `adapterlab inspect` --------------------------------------------------
     def settings(self) -> dict[str, Any]:

@@ -43,6 +43,11 @@ class RoutingError(AdapterlabError, ValueError):
     """Per-sample routing ids do not fit the batch or name unknown adapters."""
 
 
+class HotswapError(AdapterlabError, ValueError):
+    """`hotswap` cannot write a saved adapter into an existing one in place (another method, other
+    targets or shapes, a rank above the prepared maximum)."""
+
+
 class AdapterFileError(AdapterlabError, OSError):
     """An adapter directory is missing, corrupted, unsafe (pickle), or from a newer format."""
 

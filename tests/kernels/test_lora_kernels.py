@@ -143,3 +143,21 @@ def test_model_forward_through_triton_backend(monkeypatch):
     assert torch.allclose(got, want, atol=1e-5)
     got.sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora" in n)
+
+
+def test_dropout_through_triton_backend_draws_its_seed(monkeypatch):
+    """Only the Triton path draws a Python seed (the torch path draws its mask in the graph)."""
+    import adapterlab as al
+    from conftest import randomize_lora
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9))
+    al.inject(model, "lora", r=3, dropout=0.5)
+    randomize_lora(model)
+    model.to(DEVICE).train()
+    x = torch.randn(4, 12, device=DEVICE)
+    monkeypatch.setenv("ADAPTERLAB_BACKEND", "triton")
+    y1, y2 = model(x), model(x)
+    assert torch.isfinite(y1).all() and not torch.equal(y1, y2)  # a fresh seed per call
+    y1.sum().backward()
+    assert model[0].deltas["default"].lora_A.weight.grad is not None

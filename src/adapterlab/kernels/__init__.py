@@ -56,15 +56,18 @@ def use_triton(t: Tensor, auto: bool = False) -> bool:
     return auto and t.is_cuda and triton_available()
 
 
-def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float = 0.0, seed: int = 0) -> Tensor:
+def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float = 0.0) -> Tensor:
     """out + scale · drop_p(x) Aᵀ Bᵀ (added into `out` in place where it can be). Under autocast
-    the torch path runs the products in autocast's dtype; the Triton kernels in the adapter's."""
+    the torch path runs the products in autocast's dtype; the Triton kernels in the adapter's.
+    The torch path draws its dropout mask from torch's global RNG inside the traced graph; only
+    the Triton path, which regenerates its mask from a seed in every kernel, draws a Python seed."""
     if use_triton(x, auto=False):
         from .lora import lora_add as triton_lora_add
 
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         with torch.autocast(x.device.type, enabled=False):
             return triton_lora_add(out, x, A, B, scale, p, seed)
-    return reference.lora_add(out, x, A, B, scale, p, seed)
+    return reference.lora_add(out, x, A, B, scale, p)
 
 
 def grouped_lora_add(out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor], Bs: list[Tensor],

@@ -7,16 +7,17 @@ import torch
 from torch import Tensor
 
 
-def dropout_mask(like: Tensor, p: float, seed: int) -> Tensor:
-    """The boolean keep-mask that `seed` stands for (the 1/(1-p) rescale is left to the caller).
+def dropout_mask(like: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """A boolean keep-mask of `like`'s shape drawn from `generator` (torch's global RNG when None);
+    the 1/(1-p) rescale is left to the caller.
 
     Each entry draws 16 random bits and is dropped when they fall below round(p·2¹⁶), so the drop
     rate is p to within 2⁻¹⁶. Slicing 64-bit draws into 16-bit ones makes this ~2.7× faster on the
-    CPU than `bernoulli_`."""
-    gen = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
+    CPU than `bernoulli_`. With the global RNG it is plain tensor ops, so `torch.compile` traces it
+    into the graph (no seed leaves the graph as a Python number)."""
     n = like.numel()
-    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen, device=like.device)
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=generator,
+                         device=like.device)
     return bits.view(torch.int16)[:n].view(like.shape) >= round(p * 65536) - 32768
 
 
@@ -39,8 +40,11 @@ def _shrink(x2: Tensor, A: Tensor, keep: Tensor | None) -> Tensor:
 
 
 def _expand_into(out: Tensor, h: Tensor, B: Tensor, alpha: float) -> tuple[Tensor, bool]:
-    """out + alpha·h·Bᵀ (h and B of one dtype), in place when `out` allows it; returns (result, in_place)."""
-    if out.dtype == h.dtype and out.is_contiguous() and not (out.is_leaf and out.requires_grad):
+    """out + alpha·h·Bᵀ (h and B of one dtype), in place when `out` allows it; returns (result, in_place).
+    Never in place under `torch.compile`: the compiler fuses the add itself, and AOT autograd
+    mishandles an in-place write (`mark_dirty`) into a view such as HF Conv1D's output."""
+    if out.dtype == h.dtype and out.is_contiguous() and not (out.is_leaf and out.requires_grad) \
+            and not torch.compiler.is_compiling():
         out.view(-1, out.shape[-1]).addmm_(h, B.t(), alpha=alpha)
         return out, True
     return out + (h @ B.t()).mul_(alpha).to(out.dtype).view(out.shape), False
@@ -48,7 +52,8 @@ def _expand_into(out: Tensor, h: Tensor, B: Tensor, alpha: float) -> tuple[Tenso
 
 class LoRAAdd(torch.autograd.Function):
     """out + scale · dropout(x) Aᵀ Bᵀ, with the products in `dtype` (the adapter's, or autocast's:
-    see `compute_dtype`). Saves x (in `dtype`: under autocast the same half-size copy the base
+    see `compute_dtype`). Dropout is given as its boolean keep-mask `keep` (None: no dropout; see
+    `dropout_mask`) and its rate `p`, drawn by the caller, so this Function holds no RNG. Saves x (in `dtype`: under autocast the same half-size copy the base
     layer's matmul makes), A, B, the small x·Aᵀ and, with dropout, the boolean keep-mask (a
     quarter of an fp32 copy of x; PEFT keeps the dropped copy itself).
 
@@ -59,10 +64,10 @@ class LoRAAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: Tensor, x: Tensor, A: Tensor, B: Tensor,  # type: ignore[override]
-                scale: float, p: float, seed: int, dtype: torch.dtype) -> Tensor:
+                scale: float, p: float, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):  # every dtype below is explicit
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            keep = dropout_mask(x2, p, seed) if p > 0 else None
+            keep = None if keep is None else keep.reshape(x2.shape)
             h = _shrink(x2, A.to(dtype), keep)        # (x ⊙ keep) Aᵀ: the true h times (1-p)
             ctx.save_for_backward(x2, A, B, h, keep)
             ctx.alpha, ctx.x_shape, ctx.x_dtype = scale / (1.0 - p), x.shape, x.dtype
@@ -93,16 +98,18 @@ class LoRAAdd(torch.autograd.Function):
 
 
 def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float = 0.0,
-             seed: int = 0) -> Tensor:
+             generator: torch.Generator | None = None) -> Tensor:
     """Reference low-rank update for Linear layouts: out + scale · drop_p(x) Aᵀ Bᵀ, in autocast's
-    dtype under autocast (`compute_dtype`). Without a gradient to compute it skips the autograd
-    Function (its bookkeeping is ~3% of a forward)."""
+    dtype under autocast (`compute_dtype`), the dropout mask drawn from `generator` (torch's global
+    RNG when None, which keeps the whole call traceable by `torch.compile`). Without a gradient to
+    compute it skips the autograd Function (its bookkeeping is ~3% of a forward)."""
     dtype = compute_dtype(x, A.dtype)
+    keep = dropout_mask(x, p, generator) if p > 0 else None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, A, B)):
-        return LoRAAdd.apply(out, x, A, B, scale, p, seed, dtype)
+        return LoRAAdd.apply(out, x, A, B, scale, p, keep, dtype)
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        h = _shrink(x2, A.to(dtype), dropout_mask(x2, p, seed) if p > 0 else None)
+        h = _shrink(x2, A.to(dtype), None if keep is None else keep.reshape(x2.shape))
         return _expand_into(out, h, B.to(dtype), scale / (1.0 - p))[0]
 
 
@@ -129,9 +136,14 @@ def scatter_dense(shape: tuple[int, ...], values: Tensor, indices: Tensor) -> Te
     return values.new_zeros(numel).index_put((indices.long(),), values).view(shape)
 
 
-def sampled_matmul(left_t: Tensor, right: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
+@torch.library.custom_op("adapterlab::sampled_matmul", mutates_args=())
+def sampled_matmul(left_t: Tensor, right: Tensor, indices: Tensor, shape: list[int]) -> Tensor:
     """(left_t @ right).flatten()[indices] without forming the product: one dot product per index
-    (an SDDMM). `left_t` is (a, N), `right` (N, b), `indices` sorted flat positions in (a, b)."""
+    (an SDDMM). `left_t` is (a, N), `right` (N, b), `indices` sorted flat positions in (a, b).
+
+    A `torch.library` custom op: `torch.compile` sees one opaque op whose output has the shape of
+    `indices` (see the fake implementation below) instead of tracing the CSR build, whose
+    `bincount` has a data-dependent shape and would break the graph."""
     a, b = shape
     if indices.numel() == 0:
         return right.new_zeros(0)
@@ -142,7 +154,12 @@ def sampled_matmul(left_t: Tensor, right: Tensor, indices: Tensor, shape: tuple[
         warnings.simplefilter("ignore")
         pattern = torch.sparse_csr_tensor(crow, cols, right.new_zeros(indices.numel()), (a, b),
                                           check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, left_t, right, beta=0.0).values()
+        return torch.sparse.sampled_addmm(pattern, left_t, right, beta=0.0).values().clone()
+
+
+@sampled_matmul.register_fake
+def _(left_t: Tensor, right: Tensor, indices: Tensor, shape: list[int]) -> Tensor:
+    return right.new_empty(indices.shape)
 
 
 class SparseLinearAdd(torch.autograd.Function):
@@ -186,7 +203,7 @@ class SparseLinearAdd(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
             # the stored layout's gradient is leftᵀ·right: dYᵀ·X (Linear) or Xᵀ·dY (Conv1D)
             left, right = (x2, g2) if ctx.transposed else (g2, x2)
-            dvalues = sampled_matmul(left.t(), right, indices, ctx.shape).mul_(ctx.scale)
+            dvalues = sampled_matmul(left.t(), right, indices, list(ctx.shape)).mul_(ctx.scale)
         return grad, dx, dvalues, None, None, None, None
 
 

@@ -9,6 +9,7 @@ Conv layouts (`conv_mode`):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import quant
 from ..config import AdapterConfig, check_number, register
-from ..errors import AdapterFileError, ConfigError, UnsupportedModuleError
+from ..errors import AdapterFileError, ConfigError, HotswapError, UnsupportedModuleError
 from ..kernels import lora_add
 from ..layer import Delta
 from ..targeting import is_conv, is_hf_conv1d, is_linear
@@ -67,6 +68,63 @@ class LoRAConfig(AdapterConfig):
         if self.conv_mode == "kernel":
             return KernelConvLoRA(self, module)
         return ReshapeConvLoRA(self, module)
+
+    # -- hot-swap ------------------------------------------------------------------------------------
+    def pad_for_hotswap(self, deltas: dict[str, Delta], max_rank: int, name: str) -> None:
+        """Zero-pad every factor to rank `max_rank` (ΔW unchanged); the config becomes r = max_rank
+        with the α that keeps each delta's scaling (so `al.save` still writes this ΔW)."""
+        if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < self.r:
+            raise HotswapError(f"max_rank={max_rank!r} must be an integer >= adapter {name!r}'s rank r={self.r}; "
+                               f"pass the largest rank you will hot-swap in (e.g. max_rank={max(16, self.r)})")
+        if max_rank == self.r:
+            return
+        for path, delta in deltas.items():
+            if not delta.refactorable:
+                raise HotswapError(f"{path!r}: a grouped kernel-layout conv LoRA keeps its rank split across groups, so it cannot "
+                                   f"be zero-padded; hot-swap adapters of its rank r={self.r} only (skip prepare_hotswap)")
+        scaling = next(iter(deltas.values())).scaling
+        padded = dataclasses.replace(self, r=max_rank, alpha=scaling * (math.sqrt(max_rank) if self.rslora else max_rank))
+        with torch.no_grad():
+            for delta in deltas.values():
+                inner = delta.lora_A.weight.shape[0] // self.r * max_rank
+                for factor, dim in ((delta.lora_A, 0), (delta.lora_B, 1)):
+                    w = factor.weight
+                    shape = list(w.shape)
+                    shape[dim] = inner
+                    new = w.new_zeros(shape)
+                    new.narrow(dim, 0, w.shape[dim]).copy_(w)
+                    w.data = new
+                    w.grad = None
+                delta.config = padded
+
+    def hotswap_refusal(self, loaded: AdapterConfig, deltas: list[Delta]) -> str | None:
+        if loaded.conv_mode != self.conv_mode and not all(isinstance(d, LinearLoRA) for d in deltas):
+            return (f"the file's conv_mode={loaded.conv_mode!r} differs from the adapter's {self.conv_mode!r} "
+                    "(another factor layout)")
+        return None
+
+    def hotswap_values(self, where: str, path: str, delta: Delta, own: dict[str, Tensor],
+                       loaded: AdapterConfig) -> list[tuple[Tensor, Tensor]]:
+        """A, B padded with zeros to the adapter's rank, B times s'/s (the loaded scaling over ours)."""
+        a, b = delta.lora_A.weight, delta.lora_B.weight
+        new_a, new_b = own["lora_A.weight"], own["lora_B.weight"]
+        rank, new_rank = a.shape[0], new_a.shape[0]
+        fits = (new_a.dim() == a.dim() and new_b.dim() == b.dim() and new_a.shape[1:] == a.shape[1:]
+                and new_b.shape[0] == b.shape[0] and new_b.shape[2:] == b.shape[2:] and new_b.shape[1] == new_rank
+                if delta.refactorable else new_a.shape == a.shape and new_b.shape == b.shape)
+        if not fits:
+            raise HotswapError(f"{where}: {path!r} has lora_A {list(new_a.shape)} and lora_B {list(new_b.shape)} in "
+                               f"the file; the adapter has {list(a.shape)} and {list(b.shape)} (another layer shape or "
+                               "layout)")
+        if new_rank > rank:
+            raise HotswapError(f"{where}: {path!r} has rank r={loaded.r} in the file, above the adapter's "
+                               f"r={delta.config.r}; call al.prepare_hotswap(model, max_rank={loaded.r}) (or larger) "
+                               "before compiling")
+        pad_a = a.new_zeros(a.shape)
+        pad_a[:new_rank] = new_a
+        pad_b = b.new_zeros(b.shape)
+        pad_b[:, :new_rank] = new_b.to(torch.float64) * (loaded.scaling / delta.scaling)
+        return [(a, pad_a), (b, pad_b)]
 
     # -- PEFT's LoraConfig -------------------------------------------------------------------------
     def to_peft(self, paths: list[str], deltas: list[Delta]) -> dict[str, Any] | None:
@@ -209,8 +267,7 @@ class LinearLoRA(LowRankDelta):
 
     def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
         p = self.dropout if self.training else 0.0
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        return lora_add(out, x, self.lora_A.weight, self.lora_B.weight, self.scaling * scale, p, seed)
+        return lora_add(out, x, self.lora_A.weight, self.lora_B.weight, self.scaling * scale, p)
 
 
 def _conv_nd_fn(ndim: int):

@@ -13,7 +13,7 @@ from ..config import AdapterConfig, check_number, register
 from ..errors import AdapterNameError, ConfigError, MergeError, UnsupportedModuleError
 from ..layer import Delta
 from ..model import adapters, deltas
-from .sparse import SparseDelta, sparse_unsupported
+from .sparse import SparseDelta, check_swapped_indices, sparse_unsupported
 
 
 @register
@@ -68,6 +68,10 @@ class SaRAConfig(AdapterConfig):
     def loaded_delta(self, module: nn.Module, built: Delta, tensors: dict[str, Tensor]) -> Delta:
         """The file's support; the threshold stays the one computed from the base weights."""
         return SaRADelta(self, module, tensors.get("indices", built.indices), built.threshold)
+
+    def hotswap_values(self, where: str, path: str, delta: Delta, own: dict[str, Tensor],
+                       loaded: AdapterConfig) -> None:
+        check_swapped_indices(where, path, delta, own)  # then copied as they are, at equal shapes
 
     def before_step(self, model: nn.Module, name: str, step: int) -> None:
         """Add the nuclear-norm term's gradient (one weight, drawn with a generator seeded by

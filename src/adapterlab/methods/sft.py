@@ -19,7 +19,7 @@ from ..layer import Delta
 from ..model import apply_plan, deltas, plan
 from ..targeting import find_targets
 from .dense import DenseDelta
-from .sparse import SparseDelta, sparse_unsupported
+from .sparse import SparseDelta, check_swapped_indices, sparse_unsupported
 
 logger = logging.getLogger("adapterlab")
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -73,6 +73,10 @@ class SFTConfig(AdapterConfig):
         if indices is None:
             return built
         return SparseDelta(dataclasses.replace(self, full_steps=None), module, indices)
+
+    def hotswap_values(self, where: str, path: str, delta: Delta, own: dict[str, Tensor],
+                       loaded: AdapterConfig) -> None:
+        check_swapped_indices(where, path, delta, own)  # then copied as they are, at equal shapes
 
     def before_step(self, model: nn.Module, name: str, step: int) -> None:
         """Sparse phase: zero the gradient outside each weight's support."""

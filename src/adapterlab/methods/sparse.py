@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import quant
 from ..config import AdapterConfig
-from ..errors import ConfigError, UnsupportedModuleError
+from ..errors import ConfigError, HotswapError, UnsupportedModuleError
 from ..kernels import sparse_linear_add
 from ..kernels.reference import scatter_dense
 from ..layer import Delta
@@ -125,3 +125,12 @@ class SparseDelta(Delta):
     def extra_repr(self) -> str:
         return (f"k={self.k}, weight_shape={self.weight_shape}, density={self.k / max(self.numel, 1):.4g}, "
                 f"dtype={self.values.dtype}")
+
+
+def check_swapped_indices(where: str, path: str, delta: Delta, own: dict[str, Tensor]) -> None:
+    """Hot-swap: a sparse delta's indices from a file must be a support this weight can hold."""
+    if isinstance(delta, SparseDelta) and "indices" in own:
+        try:
+            check_indices(own["indices"], delta.numel, what=f"{path}.indices in the file")
+        except ConfigError as e:
+            raise HotswapError(f"{where}: {e}") from None
