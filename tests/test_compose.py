@@ -275,3 +275,20 @@ def test_mixed_lora_sparse_and_dense_inputs(tmp_path):
         al.set_active(model, [name])
         with torch.no_grad():
             assert torch.allclose(fresh(x), model(x), atol=1e-6)
+
+
+def test_the_tensor_level_functions_are_what_combine_uses():
+    """`arithmetic.combine_tensors` works on a dict of ΔW tensors alone (no model): the math
+    al.combine, `adapterlab combine` and the streaming merge share."""
+    from adapterlab.arithmetic import combine_tensors, disjoint_mean, trim
+
+    gen = torch.Generator().manual_seed(0)
+    taus = {"a": torch.randn(6, 5, generator=gen), "b": torch.randn(6, 5, generator=gen)}
+    weights = {"a": 1.0, "b": -0.5}
+    torch.testing.assert_close(combine_tensors(taus, weights, "linear"), taus["a"] - 0.5 * taus["b"])
+    expected = disjoint_mean([trim(taus["a"], 0.4), -0.5 * trim(taus["b"], 0.4)])
+    torch.testing.assert_close(combine_tensors(taus, weights, "ties", density=0.4), expected)
+    with pytest.raises(al.ConfigError, match="generator"):
+        combine_tensors(taus, weights, "dare_linear")
+    with pytest.raises(al.ConfigError, match="does not combine"):
+        combine_tensors(taus, weights, "cat")
