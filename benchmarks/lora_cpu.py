@@ -278,12 +278,13 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(table: str) -> None:
-    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
+def write_doc(table: str, doc: Path = DOC, begin: str = BEGIN, end: str = END) -> None:
+    """Put `table` between the `begin` and `end` markers of `doc` (appended if they are missing)."""
+    text = doc.read_text() if doc.exists() else f"# {doc.stem.capitalize()}\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    doc.write_text(f"{head}{begin}\n{table}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ from torch import nn
 import adapterlab as al
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lora_cpu import environment, interleaved, median_ratio, zero_grads  # noqa: E402  (same protocol)
+from lora_cpu import environment, interleaved, median_ratio, write_doc, zero_grads  # noqa: E402  (same protocol)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS, DOC = ROOT / "benchmarks/results/qlora_cpu.json", ROOT / "docs/precision.md"
@@ -188,14 +188,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(table: str) -> None:
-    text = DOC.read_text() if DOC.exists() else f"{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few rounds, print only (smoke test)")
@@ -216,7 +208,7 @@ def main() -> None:
     if not args.quick:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(res, indent=1) + "\n")
-        write_doc(table)
+        write_doc(table, DOC, BEGIN, END)
 
 
 if __name__ == "__main__":
