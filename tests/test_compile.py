@@ -206,6 +206,21 @@ def eager_output(directory: str) -> torch.Tensor:
         return model(IDS).logits
 
 
+def assert_swaps_without_recompiling(model: nn.Module, loaded: str, swaps: list[str]) -> None:
+    """Compile `model` (holding adapter `loaded`) once with a counting backend, then hot-swap each
+    of `swaps` in turn: every output equals that adapter loaded into a fresh model, and no graph is
+    compiled again."""
+    counter = Counter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(IDS).logits, eager_output(loaded), rtol=0, atol=1e-5)
+        graphs = counter.graphs
+        for directory in swaps:
+            al.hotswap(model, directory)
+            torch.testing.assert_close(compiled(IDS).logits, eager_output(directory), rtol=0, atol=1e-5)
+    assert counter.graphs == graphs
+
+
 def test_hotswap_does_not_recompile_and_matches_a_fresh_load(tmp_path):
     a = saved_lora(tmp_path, "a", r=8, alpha=16, seed=1)
     b = saved_lora(tmp_path, "b", r=8, alpha=4, seed=2)      # same rank, other scaling
@@ -214,15 +229,7 @@ def test_hotswap_does_not_recompile_and_matches_a_fresh_load(tmp_path):
     model = tiny_llama(layers=1)
     al.load(model, a)
     al.prepare_hotswap(model, max_rank=16)
-    counter = Counter()
-    compiled = torch.compile(model, backend=counter)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(IDS).logits, eager_output(a), rtol=0, atol=1e-5)
-        graphs = counter.graphs
-        for directory in (b, c, d, a):
-            al.hotswap(model, directory)
-            torch.testing.assert_close(compiled(IDS).logits, eager_output(directory), rtol=0, atol=1e-5)
-    assert counter.graphs == graphs
+    assert_swaps_without_recompiling(model, a, [b, c, d, a])
 
 
 def test_hotswap_up_to_the_adapter_s_own_rank_needs_no_prepare(tmp_path):
@@ -230,15 +237,7 @@ def test_hotswap_up_to_the_adapter_s_own_rank_needs_no_prepare(tmp_path):
                saved_lora(tmp_path, "c", 4, 4, 3))
     model = tiny_llama(layers=1)
     al.load(model, a)
-    counter = Counter()
-    compiled = torch.compile(model, backend=counter)
-    with torch.no_grad():
-        compiled(IDS)
-        graphs = counter.graphs
-        for directory in (b, c):  # the same rank (another alpha), then rank 4 zero-padded into 8
-            al.hotswap(model, directory)
-            torch.testing.assert_close(compiled(IDS).logits, eager_output(directory), rtol=0, atol=1e-5)
-    assert counter.graphs == graphs
+    assert_swaps_without_recompiling(model, a, [b, c])  # the same rank (another alpha), then rank 4 padded into 8
 
 
 def test_naive_replacement_recompiles(tmp_path):
@@ -348,14 +347,7 @@ def test_hotswap_sparse_and_dense_adapters_of_equal_shapes(tmp_path):
             dirs[method, tag] = str(al.save(model, tmp_path / f"{method}-{tag}"))
         model = tiny_llama(layers=1)
         al.load(model, dirs[method, "x"])
-        counter = Counter()
-        compiled = torch.compile(model, backend=counter)
-        with torch.no_grad():
-            compiled(IDS)
-            graphs = counter.graphs
-            al.hotswap(model, dirs[method, "y"])
-            torch.testing.assert_close(compiled(IDS).logits, eager_output(dirs[method, "y"]), rtol=0, atol=1e-5)
-        assert counter.graphs == graphs
+        assert_swaps_without_recompiling(model, dirs[method, "x"], [dirs[method, "y"]])
         torch._dynamo.reset()
 
 
