@@ -61,7 +61,8 @@ class AdapterCallback(TrainerCallback):
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
-            save_pretrained(model, checkpoint)  # done already for Hugging Face models; not for others
+            if "save_pretrained" not in model.__dict__:  # a Hugging Face model's (ours) wrote them already
+                save_pretrained(model, checkpoint)
             tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if ".deltas." in k}
             write_files_atomic(checkpoint, {RESUME_FILE: safetensors_bytes(tensors, metadata={"format": "pt"})})
 
