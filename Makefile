@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The pinned CPU build: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo lint test bench clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ $(VENV)/.dev: $(VENV)/.base
 
 demo: $(VENV)/.base
 	$(VENV)/bin/adapterlab demo
+
+# Style first: a lint or format failure is reported in seconds, before the tests.
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests

@@ -8,6 +8,7 @@ Shapes (full run): M ∈ {16, 512, 8192} tokens, K = N = 4096, r ∈ {16, 64}, b
 adapters r=16, samples of 512 tokens spread over them. Sparse: density 1% of a 4096×4096 weight.
 Timings: triton.testing.do_bench (median), every variant of a row measured back to back.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,9 @@ def lora_rows(shapes, ranks, n, dtype, device, dry):
     for m in shapes:
         for r in ranks:
             gen = torch.Generator(device=device).manual_seed(0)
-            w = torch.randn(n, n, device=device, dtype=dtype, generator=gen) / n ** 0.5
+            w = torch.randn(n, n, device=device, dtype=dtype, generator=gen) / n**0.5
             x = torch.randn(m, n, device=device, dtype=dtype, generator=gen, requires_grad=True)
-            a = (torch.randn(r, n, device=device, dtype=dtype, generator=gen) / n ** 0.5).requires_grad_()
+            a = (torch.randn(r, n, device=device, dtype=dtype, generator=gen) / n**0.5).requires_grad_()
             b = (torch.randn(n, r, device=device, dtype=dtype, generator=gen) * 0.01).requires_grad_()
             g = torch.randn(m, n, device=device, dtype=dtype, generator=gen)
             theirs = peft_lora_layer(w, r, 2 * r)
@@ -98,9 +99,9 @@ def routing_rows(tokens_list, seq, n, dtype, device, dry, adapters=8, r=16):
     for tokens in tokens_list:
         batch = max(1, tokens // seq)
         gen = torch.Generator(device=device).manual_seed(0)
-        w = torch.randn(n, n, device=device, dtype=dtype, generator=gen) / n ** 0.5
+        w = torch.randn(n, n, device=device, dtype=dtype, generator=gen) / n**0.5
         x = torch.randn(batch, seq, n, device=device, dtype=dtype, generator=gen)
-        As = [torch.randn(r, n, device=device, dtype=dtype, generator=gen) / n ** 0.5 for _ in range(adapters)]
+        As = [torch.randn(r, n, device=device, dtype=dtype, generator=gen) / n**0.5 for _ in range(adapters)]
         Bs = [torch.randn(n, r, device=device, dtype=dtype, generator=gen) * 0.01 for _ in range(adapters)]
         names = [f"a{i}" for i in range(adapters)]
         sample_ids = [i % adapters for i in range(batch)]
@@ -122,18 +123,27 @@ def routing_rows(tokens_list, seq, n, dtype, device, dry, adapters=8, r=16):
                 rows_g = torch.tensor([i for i, s in enumerate(sample_ids) if s == g], device=device)
                 if len(rows_g):
                     xs = x.index_select(0, rows_g)
-                    out.index_copy_(0, rows_g, out.index_select(0, rows_g) + 2.0 * (xs @ As[g].t()) @ Bs[g].t())
+                    out.index_copy_(
+                        0, rows_g, out.index_select(0, rows_g) + 2.0 * (xs @ As[g].t()) @ Bs[g].t()
+                    )
             return out
 
         with torch.no_grad():
             want = ours_loop().float()
             err = (ours().float() - want).abs().max().item()
             assert err <= 2e-2 * want.abs().max().item(), err
-            row = {"tokens": batch * seq, "adapters": adapters, "r": r, "grouped_max_err": err,
-                   "base_ms": bench(lambda: F.linear(x, w), dry=dry),
-                   "peft_adapter_names_ms": bench(lambda: theirs(x, adapter_names=[names[s] for s in sample_ids]), dry=dry),
-                   "ours_torch_loop_ms": bench(ours_loop, dry=dry),
-                   "ours_triton_grouped_ms": bench(ours, dry=dry)}
+            row = {
+                "tokens": batch * seq,
+                "adapters": adapters,
+                "r": r,
+                "grouped_max_err": err,
+                "base_ms": bench(lambda: F.linear(x, w), dry=dry),
+                "peft_adapter_names_ms": bench(
+                    lambda: theirs(x, adapter_names=[names[s] for s in sample_ids]), dry=dry
+                ),
+                "ours_torch_loop_ms": bench(ours_loop, dry=dry),
+                "ours_triton_grouped_ms": bench(ours, dry=dry),
+            }
         row["speedup_vs_peft"] = row["peft_adapter_names_ms"] / row["ours_triton_grouped_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -152,15 +162,27 @@ def sparse_rows(tokens_list, n, density, dtype, device, dry):
         flat = torch.randperm(n * n, device=device, generator=gen)[:k].sort().values
         r_idx, c_idx = flat // n, flat % n
         want = (dy.float().t() @ x.float()).view(-1)[flat]
-        err = (triton_sparse.sampled_grad(dy, x, r_idx, c_idx, out_dtype=torch.float32) - want).abs().max().item()
+        err = (
+            (triton_sparse.sampled_grad(dy, x, r_idx, c_idx, out_dtype=torch.float32) - want)
+            .abs()
+            .max()
+            .item()
+        )
         assert err <= 1e-2 * want.abs().max().item(), err
-        row = {"tokens": tokens, "K=N": n, "density": density, "k": k, "sampled_max_err": err,
-               "dense_dW_gather_ms": bench(lambda: (dy.t() @ x).view(-1)[flat], dry=dry),
-               "ours_sampled_ms": bench(lambda: triton_sparse.sampled_grad(dy, x, r_idx, c_idx), dry=dry),
-               "ours_sampled_pretransposed_ms": None}
+        row = {
+            "tokens": tokens,
+            "K=N": n,
+            "density": density,
+            "k": k,
+            "sampled_max_err": err,
+            "dense_dW_gather_ms": bench(lambda: (dy.t() @ x).view(-1)[flat], dry=dry),
+            "ours_sampled_ms": bench(lambda: triton_sparse.sampled_grad(dy, x, r_idx, c_idx), dry=dry),
+            "ours_sampled_pretransposed_ms": None,
+        }
         dyt, xt = dy.t().contiguous(), x.t().contiguous()  # token dim contiguous per entry's row/col
         row["ours_sampled_pretransposed_ms"] = bench(
-            lambda: triton_sparse.sampled_grad(dyt.t(), xt.t(), r_idx, c_idx), dry=dry)
+            lambda: triton_sparse.sampled_grad(dyt.t(), xt.t(), r_idx, c_idx), dry=dry
+        )
         row["speedup_vs_dense"] = row["dense_dW_gather_ms"] / row["ours_sampled_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -170,8 +192,10 @@ def sparse_rows(tokens_list, n, density, dtype, device, dry):
 def table(rows: list[dict]) -> str:
     keys = list(rows[0])
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-                     + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
+    return "\n".join(
+        ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    )
 
 
 def main() -> None:
@@ -190,7 +214,9 @@ def main() -> None:
     results = {
         "device": "cpu (dry run)" if dry else torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "lora": lora_rows([16, 48] if dry else [16, 512, 8192], [4] if dry else [16, 64], n, dtype, device, dry),
+        "lora": lora_rows(
+            [16, 48] if dry else [16, 512, 8192], [4] if dry else [16, 64], n, dtype, device, dry
+        ),
         "routing": routing_rows([64] if dry else [512, 8192], 8 if dry else 512, n, dtype, device, dry),
         "sparse": sparse_rows([16] if dry else [512, 8192], n, 0.01 if not dry else 0.1, dtype, device, dry),
     }

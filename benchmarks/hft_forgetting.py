@@ -17,6 +17,7 @@ Setup (CPU, fp32, 1 intra-op thread, no download):
     python benchmarks/hft_forgetting.py            # writes benchmarks/results/hft_forgetting.json
     python benchmarks/hft_forgetting.py --quick    # a smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,15 @@ VARIANTS = ["full", "full_layers", "hft"]
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -68,8 +76,9 @@ def accuracy(model: nn.Module, task: str) -> float:
     return (pred == ids[:, 2:]).float().mean().item()
 
 
-def train(model: nn.Module, task: str, steps: int, lr: float, seed: int,
-          checkpoints: tuple[int, ...] = ()) -> dict[int, dict[str, float]]:
+def train(
+    model: nn.Module, task: str, steps: int, lr: float, seed: int, checkpoints: tuple[int, ...] = ()
+) -> dict[int, dict[str, float]]:
     """Train on `task`; return {step: accuracy on A and B} at the checkpoints."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -96,11 +105,14 @@ def prepare(variant: str, pretrained: nn.Module, seed: int) -> nn.Module:
 
 def step_times(pretrained: nn.Module, rounds: int) -> dict[str, float]:
     models = {v: prepare(v, pretrained, 0).train() for v in VARIANTS}
-    opts = {v: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3) for v, m in models.items()}
+    opts = {
+        v: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+        for v, m in models.items()
+    }
     ids = sequences("B", BATCH, torch.Generator().manual_seed(5))
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(rounds + 3):
-        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
         for v in order:
             start = time.perf_counter()
             loss_fn(models[v], ids).backward()
@@ -137,19 +149,34 @@ def main() -> None:
     for v in VARIANTS:
         for c in checkpoints:
             a, b = ([r[c][k] for r in runs[v]] for k in ("acc_A", "acc_B"))
-            summary[v]["curve"][c] = {"acc_A": statistics.mean(a), "acc_A_min": min(a), "acc_A_max": max(a),
-                                      "acc_B": statistics.mean(b), "acc_B_min": min(b), "acc_B_max": max(b)}
+            summary[v]["curve"][c] = {
+                "acc_A": statistics.mean(a),
+                "acc_A_min": min(a),
+                "acc_A_max": max(a),
+                "acc_B": statistics.mean(b),
+                "acc_B_min": min(b),
+                "acc_B_max": max(b),
+            }
     print("\n| variant | trainable params | step ms (median) |\n| --- | --- | --- |")
     for v, s in summary.items():
         print(f"| {v} | {s['trainable']:,} | {s['step_ms']:.1f} |")
     print("\naccuracy on B / on A (mean of the seeds) after n steps on B\n")
     print("| steps | " + " | ".join(VARIANTS) + " |\n| --- |" + " --- |" * len(VARIANTS))
     for c in checkpoints:
-        cells = " | ".join(f"{summary[v]['curve'][c]['acc_B']:.3f} / {summary[v]['curve'][c]['acc_A']:.3f}"
-                           for v in VARIANTS)
+        cells = " | ".join(
+            f"{summary[v]['curve'][c]['acc_B']:.3f} / {summary[v]['curve'][c]['acc_A']:.3f}" for v in VARIANTS
+        )
         print(f"| {c} | {cells} |")
-    result = {"pretrained": base, "steps": steps, "seeds": seeds, "runs": runs, "summary": summary,
-              "torch": torch.__version__, "threads": 1, "seconds": time.time() - start}
+    result = {
+        "pretrained": base,
+        "steps": steps,
+        "seeds": seeds,
+        "runs": runs,
+        "summary": summary,
+        "torch": torch.__version__,
+        "threads": 1,
+        "seconds": time.time() - start,
+    }
     if not args.quick:
         out = ROOT / "benchmarks/results/hft_forgetting.json"
         out.parent.mkdir(parents=True, exist_ok=True)

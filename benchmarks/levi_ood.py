@@ -23,6 +23,7 @@ Setup (CPU, fp32, 1 intra-op thread, no download):
     python benchmarks/levi_ood.py            # writes benchmarks/results/levi_ood.json
     python benchmarks/levi_ood.py --quick    # a smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,15 +47,19 @@ NEUTRAL = list(range(25, 65))
 VOCAB, LENGTH, WORDS = 65, 16, 14
 
 
-def make_data(n: int, rho: float | None, gen: torch.Generator, core: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(
+    n: int, rho: float | None, gen: torch.Generator, core: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences and labels; rho=None gives random markers (pre-training)."""
     sentiment = torch.randint(0, 2, (n,), generator=gen)  # 1: positive words are the majority
     n_sent = torch.randint(3, 6, (n,), generator=gen)
     low = n_sent // 2 + 1
     n_major = low + (torch.rand(n, generator=gen) * (n_sent + 1 - low)).long()
     slot = torch.arange(WORDS).expand(n, WORDS)
-    pos, neg, neutral = (torch.tensor(pool)[torch.randint(0, len(pool), (n, WORDS), generator=gen)]
-                         for pool in (POS, NEG, NEUTRAL))
+    pos, neg, neutral = (
+        torch.tensor(pool)[torch.randint(0, len(pool), (n, WORDS), generator=gen)]
+        for pool in (POS, NEG, NEUTRAL)
+    )
     major = torch.where(sentiment[:, None] == 1, pos, neg)
     minor = torch.where(sentiment[:, None] == 1, neg, pos)
     words = torch.where(slot < n_major[:, None], major, torch.where(slot < n_sent[:, None], minor, neutral))
@@ -69,8 +74,15 @@ def make_data(n: int, rho: float | None, gen: torch.Generator, core: float = 1.0
 
 
 def bert_config() -> transformers.BertConfig:
-    return transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                   intermediate_size=128, max_position_embeddings=LENGTH, pad_token_id=PAD)
+    return transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=LENGTH,
+        pad_token_id=PAD,
+    )
 
 
 def pretrain(steps: int) -> dict[str, torch.Tensor]:
@@ -99,7 +111,9 @@ def encoder(weights: dict[str, torch.Tensor]) -> transformers.BertModel:
     return model.eval()
 
 
-def fit(model: nn.Module, forward, train: tuple[torch.Tensor, torch.Tensor], lr: float, steps: int, seed: int) -> None:
+def fit(
+    model: nn.Module, forward, train: tuple[torch.Tensor, torch.Tensor], lr: float, steps: int, seed: int
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
@@ -119,14 +133,17 @@ def accuracy(forward, data: tuple[torch.Tensor, torch.Tensor]) -> float:
     return (forward(ids).argmax(-1) == y).float().mean().item()
 
 
-def run(method: str, weights: dict[str, torch.Tensor], train, tests, steps: int, seed: int) -> dict[str, float]:
+def run(
+    method: str, weights: dict[str, torch.Tensor], train, tests, steps: int, seed: int
+) -> dict[str, float]:
     torch.manual_seed(seed)
     if method == "full":
         model = transformers.BertForSequenceClassification(bert_config())
-        model.bert.load_state_dict(weights, strict=False)  # the pooler and classifier start fresh
+        model.bert.load_state_dict(weights, strict=True)  # the pooler and classifier start fresh
 
         def forward(ids):
             return model(input_ids=ids, attention_mask=(ids != PAD).long()).logits
+
         lr = 3e-4
     elif method == "probe":
         backbone = encoder(weights).requires_grad_(False)
@@ -136,12 +153,14 @@ def run(method: str, weights: dict[str, torch.Tensor], train, tests, steps: int,
             with torch.no_grad():
                 h = backbone(input_ids=ids).last_hidden_state.mean(1)
             return model(h)
+
         lr = 1e-2
     else:
         model = al.levi.LEVI(encoder(weights), num_classes=2)
 
         def forward(ids):
             return model(input_ids=ids, attention_mask=(ids != PAD).long())
+
         lr = 1e-3
     fit(model, forward, train, lr, steps, seed)
     return {name: accuracy(forward, data) for name, data in tests.items()}
@@ -158,10 +177,14 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {}
     for core in (1.0, 0.85):
         train = make_data(4000, 0.95, torch.Generator().manual_seed(10), core)
-        tests = {"id": make_data(2000, 0.95, torch.Generator().manual_seed(11), core),
-                 "ood": make_data(2000, 0.05, torch.Generator().manual_seed(12), core)}
+        tests = {
+            "id": make_data(2000, 0.95, torch.Generator().manual_seed(11), core),
+            "ood": make_data(2000, 0.05, torch.Generator().manual_seed(12), core),
+        }
         for method in ("full", "probe", "levi"):
-            runs[f"core={core} {method}"] = [run(method, weights, train, tests, steps, seed) for seed in seeds]
+            runs[f"core={core} {method}"] = [
+                run(method, weights, train, tests, steps, seed) for seed in seeds
+            ]
             print(core, method, runs[f"core={core} {method}"])
     print("\n| regime, method | ID accuracy (mean, min–max) | OOD accuracy (mean, min–max) |")
     print("| --- | --- | --- |")
@@ -177,8 +200,20 @@ def main() -> None:
     if not args.quick:
         out = ROOT / "benchmarks/results/levi_ood.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"runs": runs, "summary": summary, "steps": steps, "seeds": seeds,
-                                   "threads": 1, "seconds": time.time() - start}, indent=2) + "\n")
+        out.write_text(
+            json.dumps(
+                {
+                    "runs": runs,
+                    "summary": summary,
+                    "steps": steps,
+                    "seeds": seeds,
+                    "threads": 1,
+                    "seconds": time.time() - start,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {out}")
     print(f"total {time.time() - start:.0f} s")
 

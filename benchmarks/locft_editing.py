@@ -18,6 +18,7 @@ Setup (CPU, fp32, 1 intra-op thread, no download):
     python benchmarks/locft_editing.py            # writes benchmarks/results/locft_editing.json
     python benchmarks/locft_editing.py --quick    # a smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,13 +44,30 @@ JOB = ["{} works as", "the job of {} is", "{} is employed as"]
 
 
 def tokenizer() -> transformers.PreTrainedTokenizerFast:
-    words = ["[PAD]", "[EOS]", "[UNK]", "lives", "in", "the", "home", "of", "is", "resides", "works", "as",
-             "job", "employed", *(f"s{i}" for i in range(SUBJECTS)), *(f"c{i}" for i in range(CITIES)),
-             *(f"j{i}" for i in range(JOBS))]
+    words = [
+        "[PAD]",
+        "[EOS]",
+        "[UNK]",
+        "lives",
+        "in",
+        "the",
+        "home",
+        "of",
+        "is",
+        "resides",
+        "works",
+        "as",
+        "job",
+        "employed",
+        *(f"s{i}" for i in range(SUBJECTS)),
+        *(f"c{i}" for i in range(CITIES)),
+        *(f"j{i}" for i in range(JOBS)),
+    ]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]",
-                                                unk_token="[UNK]")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]"
+    )
 
 
 def facts(seed: int = 0) -> tuple[list[int], list[int]]:
@@ -58,8 +76,9 @@ def facts(seed: int = 0) -> tuple[list[int], list[int]]:
 
 
 def sentences(subjects: list[int], city: list[int], job: list[int]) -> list[tuple[str, str]]:
-    return [(t.format(f"s{s}"), f"c{city[s]}") for s in subjects for t in CITY] + \
-           [(t.format(f"s{s}"), f"j{job[s]}") for s in subjects for t in JOB]
+    return [(t.format(f"s{s}"), f"c{city[s]}") for s in subjects for t in CITY] + [
+        (t.format(f"s{s}"), f"j{job[s]}") for s in subjects for t in JOB
+    ]
 
 
 def lm_batch(tok, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -75,8 +94,9 @@ def lm_batch(tok, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                       ignore_index=IGNORE, reduction="sum")
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 @torch.no_grad()
@@ -89,8 +109,15 @@ def perplexity(model: nn.Module, tok, pairs: list[tuple[str, str]]) -> float:
 
 def pretrain(tok, corpus: list[tuple[str, str]], max_steps: int) -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=16,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     rng = random.Random(0)
@@ -116,25 +143,57 @@ def edit_requests(city: list[int], job: list[int], edited: list[int], kept: list
     reqs = []
     for k, s in enumerate(edited):
         new = (city[s] + rng.randrange(1, CITIES)) % CITIES
-        reqs.append({"prompt": CITY[0].format(f"s{s}"), "target": f"c{new}",
-                     "paraphrases": [t.format(f"s{s}") for t in CITY[1:]],
-                     "locality": [JOB[0].format(f"s{s}"), CITY[0].format(f"s{kept[k]}")]})
+        reqs.append(
+            {
+                "prompt": CITY[0].format(f"s{s}"),
+                "target": f"c{new}",
+                "paraphrases": [t.format(f"s{s}") for t in CITY[1:]],
+                "locality": [JOB[0].format(f"s{s}"), CITY[0].format(f"s{kept[k]}")],
+            }
+        )
     return reqs
 
 
-def run(pretrained: nn.Module, tok, reqs: list[dict], held_out: list[tuple[str, str]], layer: int,
-        strategy: str, lr: float, batch: int, epochs: int) -> dict:
+def run(
+    pretrained: nn.Module,
+    tok,
+    reqs: list[dict],
+    held_out: list[tuple[str, str]],
+    layer: int,
+    strategy: str,
+    lr: float,
+    batch: int,
+    epochs: int,
+) -> dict:
     model = copy.deepcopy(pretrained)
-    report = al.locft.edit(model, tok, reqs, layer=layer, strategy=strategy, lr=lr, batch_size=batch, epochs=epochs)
+    report = al.locft.edit(
+        model, tok, reqs, layer=layer, strategy=strategy, lr=lr, batch_size=batch, epochs=epochs
+    )
     scores = al.locft.evaluate(model, tok, reqs)
-    same, other = (al.locft.evaluate(model, tok, [{**r, "paraphrases": [], "locality": [r["locality"][k]]}
-                                                  for r in reqs])["locality"] for k in (0, 1))
-    return {"layer": layer, "strategy": strategy, "lr": lr, "batch": batch, "epochs_max": epochs,
-            "reliability": scores["reliability"], "generalization": scores["generalization"],
-            "locality": scores["locality"], "locality_same_subject": same, "locality_other_subjects": other,
-            "ppl_after": perplexity(model, tok, held_out),
-            "steps": report.steps, "skipped": report.skipped, "epochs_run": report.epochs,
-            "final_loss": report.final_loss, "seconds": report.seconds}
+    same, other = (
+        al.locft.evaluate(
+            model, tok, [{**r, "paraphrases": [], "locality": [r["locality"][k]]} for r in reqs]
+        )["locality"]
+        for k in (0, 1)
+    )
+    return {
+        "layer": layer,
+        "strategy": strategy,
+        "lr": lr,
+        "batch": batch,
+        "epochs_max": epochs,
+        "reliability": scores["reliability"],
+        "generalization": scores["generalization"],
+        "locality": scores["locality"],
+        "locality_same_subject": same,
+        "locality_other_subjects": other,
+        "ppl_after": perplexity(model, tok, held_out),
+        "steps": report.steps,
+        "skipped": report.skipped,
+        "epochs_run": report.epochs,
+        "final_loss": report.final_loss,
+        "seconds": report.seconds,
+    }
 
 
 def main() -> None:
@@ -161,7 +220,9 @@ def main() -> None:
     rows = []
     for layer in layers:
         for strategy in ("breadth_first", "depth_first"):
-            rows.append(run(pretrained, tok, reqs, held_out, layer, strategy, args.lr, args.batch, args.epochs))
+            rows.append(
+                run(pretrained, tok, reqs, held_out, layer, strategy, args.lr, args.batch, args.epochs)
+            )
             print(rows[-1])
     for layer in layers:
         rows.append(run(pretrained, tok, reqs, held_out, layer, "breadth_first", 5e-4, 100, 25))
@@ -170,20 +231,36 @@ def main() -> None:
         rows.append(run(pretrained, tok, reqs, held_out, layers[-1], "breadth_first", lr, args.batch, 100))
         print(rows[-1])
     print(f"\nheld-out perplexity before editing: {ppl_before:.3f}\n")
-    print("| layer | strategy | lr | batch | max epochs | reliability | generalization | locality (same subject / "
-          "others) | held-out ppl | steps | s |")
+    print(
+        "| layer | strategy | lr | batch | max epochs | reliability | generalization | locality (same subject / "
+        "others) | held-out ppl | steps | s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         batch = r["batch"] if r["strategy"] == "breadth_first" else 1
-        print(f"| {r['layer']} | {r['strategy']} | {r['lr']:g} | {batch} | {r['epochs_max']} "
-              f"| {r['reliability']:.2f} | {r['generalization']:.2f} | {r['locality']:.2f} "
-              f"({r['locality_same_subject']:.2f} / {r['locality_other_subjects']:.2f}) | {r['ppl_after']:.2f} "
-              f"| {r['steps']} | {r['seconds']:.1f} |")
+        print(
+            f"| {r['layer']} | {r['strategy']} | {r['lr']:g} | {batch} | {r['epochs_max']} "
+            f"| {r['reliability']:.2f} | {r['generalization']:.2f} | {r['locality']:.2f} "
+            f"({r['locality_same_subject']:.2f} / {r['locality_other_subjects']:.2f}) | {r['ppl_after']:.2f} "
+            f"| {r['steps']} | {r['seconds']:.1f} |"
+        )
     if not args.quick:
         out = ROOT / "benchmarks/results/locft_editing.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"before": before, "ppl_before": ppl_before, "rows": rows, "args": vars(args),
-                                   "threads": 1, "seconds": time.time() - start}, indent=2) + "\n")
+        out.write_text(
+            json.dumps(
+                {
+                    "before": before,
+                    "ppl_before": ppl_before,
+                    "rows": rows,
+                    "args": vars(args),
+                    "threads": 1,
+                    "seconds": time.time() - start,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {out}")
     print(f"total {time.time() - start:.0f} s")
 

@@ -22,6 +22,7 @@ LoRA r=16 / alpha=32 on every linear layer but lm_head, B ~ N(0, 0.01) so the up
                                              # and the results section of docs/benchmarks.md
     python benchmarks/lora_cpu.py --quick    # smoke test: few rounds, prints only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,14 @@ MiB, OTHERS_MAX = 2**20, 0.1  # OTHERS_MAX: cores other processes may use during
 
 def llama() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=VOCAB)
+    config = transformers.LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=VOCAB,
+    )
     return transformers.LlamaForCausalLM(config).float()
 
 
@@ -116,8 +123,9 @@ def zero_grads(model: nn.Module) -> None:
 def cpu_seconds() -> tuple[float, float]:
     """CPU seconds used so far by the whole machine and by this process."""
     machine, own = psutil.cpu_times(), psutil.Process().cpu_times()
-    return sum(getattr(machine, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal")), \
-        own.user + own.system
+    return sum(
+        getattr(machine, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal")
+    ), own.user + own.system
 
 
 def wait_quiet(max_wait_s: float = 10.0) -> None:
@@ -130,8 +138,9 @@ def wait_quiet(max_wait_s: float = 10.0) -> None:
 Steps = dict[str, Callable[[], None]]
 
 
-def interleaved(steps: Steps, rounds: int, warmup: int, budget_s: float,
-                before: Steps | None = None) -> tuple[dict[str, list[float]], dict]:
+def interleaved(
+    steps: Steps, rounds: int, warmup: int, budget_s: float, before: Steps | None = None
+) -> tuple[dict[str, list[float]], dict]:
     """Run every step once per round in a rotating order (`before` runs untimed ahead of each step),
     until `rounds` quiet rounds (others used <= OTHERS_MAX cores) are in, or the budget is spent
     (then the `rounds` least contended rounds are used). Returns times per step and round stats."""
@@ -158,14 +167,18 @@ def interleaved(steps: Steps, rounds: int, warmup: int, budget_s: float,
         else:
             done.append((others, took))
     chosen = quiet if len(quiet) >= rounds else sorted(done, key=lambda r: r[0])[:rounds]
-    stats = {"rounds_run": len(done), "rounds_used": len(chosen), "all_quiet": len(quiet) >= rounds,
-             "max_other_cores": round(max(r[0] for r in chosen), 3),
-             "other_cores_per_used_round": [round(r[0], 3) for r in chosen]}
+    stats = {
+        "rounds_run": len(done),
+        "rounds_used": len(chosen),
+        "all_quiet": len(quiet) >= rounds,
+        "max_other_cores": round(max(r[0] for r in chosen), 3),
+        "other_cores_per_used_round": [round(r[0], 3) for r in chosen],
+    }
     return {n: [r[1][n] for r in chosen] for n in names}, stats
 
 
 def median_ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b))
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def memory_only(variant: str) -> dict[str, int]:
@@ -186,51 +199,94 @@ def memory_only(variant: str) -> dict[str, int]:
     for _ in range(2):
         zero_grads(model)
         train_step(model, ids)
-    return {"saved_activations": sum(n for k, n in seen.items() if k not in fixed),
-            "saved_total": sum(seen.values()), "rss_built": rss_built,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {
+        "saved_activations": sum(n for k, n in seen.items() if k not in fixed),
+        "saved_total": sum(seen.values()),
+        "rss_built": rss_built,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
 def measure_memory(variant: str) -> dict[str, int]:
-    out = subprocess.run([sys.executable, __file__, "--memory-only", variant], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-only", variant], check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run(train_rounds: int, infer_rounds: int, warmup: int, train_budget_s: float, infer_budget_s: float) -> dict:
+def run(
+    train_rounds: int, infer_rounds: int, warmup: int, train_budget_s: float, infer_budget_s: float
+) -> dict:
     ids = token_ids()
     memory = {v: measure_memory(v) for v in TRAIN}
     models = {v: train_model(v) for v in TRAIN}
-    t_train, train_stats = interleaved({v: (lambda m=m: train_step(m, ids)) for v, m in models.items()}, train_rounds,
-                                       warmup, train_budget_s, {v: (lambda m=m: zero_grads(m)) for v, m in models.items()})
+    t_train, train_stats = interleaved(
+        {v: (lambda m=m: train_step(m, ids)) for v, m in models.items()},
+        train_rounds,
+        warmup,
+        train_budget_s,
+        {v: (lambda m=m: zero_grads(m)) for v, m in models.items()},
+    )
     del models
     models = {v: infer_model(v) for v in INFER}
     with torch.no_grad():
-        t_infer, infer_stats = interleaved({v: (lambda m=m: m(input_ids=ids)) for v, m in models.items()}, infer_rounds,
-                                           warmup, infer_budget_s)
+        t_infer, infer_stats = interleaved(
+            {v: (lambda m=m: m(input_ids=ids)) for v, m in models.items()},
+            infer_rounds,
+            warmup,
+            infer_budget_s,
+        )
     train = {}
     for v in TRAIN:
         peer = v.replace("ours", "peft") if v.startswith("ours") else None
-        train[v] = {"median_s": statistics.median(t_train[v]), "x_floor": median_ratio(t_train[v], t_train["floor"]),
-                    "x_peft": median_ratio(t_train[v], t_train[peer]) if peer else None,
-                    "saved_x_peft": memory[v]["saved_activations"] / memory[peer]["saved_activations"] if peer else None,
-                    **memory[v], "times_s": t_train[v]}
-    infer = {v: {"median_s": statistics.median(t_infer[v]), "x_base": median_ratio(t_infer[v], t_infer["base"]),
-                 "times_s": t_infer[v]} for v in INFER}
-    return {"train": train, "infer": infer, "targets": targets(train, infer),
-            "rounds": {"train": train_stats, "infer": infer_stats}}
+        train[v] = {
+            "median_s": statistics.median(t_train[v]),
+            "x_floor": median_ratio(t_train[v], t_train["floor"]),
+            "x_peft": median_ratio(t_train[v], t_train[peer]) if peer else None,
+            "saved_x_peft": memory[v]["saved_activations"] / memory[peer]["saved_activations"]
+            if peer
+            else None,
+            **memory[v],
+            "times_s": t_train[v],
+        }
+    infer = {
+        v: {
+            "median_s": statistics.median(t_infer[v]),
+            "x_base": median_ratio(t_infer[v], t_infer["base"]),
+            "times_s": t_infer[v],
+        }
+        for v in INFER
+    }
+    return {
+        "train": train,
+        "infer": infer,
+        "targets": targets(train, infer),
+        "rounds": {"train": train_stats, "infer": infer_stats},
+    }
 
 
 def targets(train: dict, infer: dict) -> list[dict]:
     rows = []
     for p in ("0", "0.1"):
         ours = train[f"ours_p{p}"]
-        rows += [{"name": f"train step p={p} <= 1.2x floor", "value": ours["x_floor"], "limit": 1.2},
-                 {"name": f"train step p={p} <= 0.9x peft", "value": ours["x_peft"], "limit": 0.9}]
-    rows += [{"name": "saved activations p=0.1 <= 0.75x peft", "value": train["ours_p0.1"]["saved_x_peft"], "limit": 0.75},
-             {"name": "saved activations p=0 <= 1.0x peft", "value": train["ours_p0"]["saved_x_peft"], "limit": 1.0},
-             {"name": "unmerged inference <= 1.12x base", "value": infer["ours"]["x_base"], "limit": 1.12},
-             {"name": "merged inference <= 1.02x base", "value": infer["ours_merged"]["x_base"], "limit": 1.02}]
+        rows += [
+            {"name": f"train step p={p} <= 1.2x floor", "value": ours["x_floor"], "limit": 1.2},
+            {"name": f"train step p={p} <= 0.9x peft", "value": ours["x_peft"], "limit": 0.9},
+        ]
+    rows += [
+        {
+            "name": "saved activations p=0.1 <= 0.75x peft",
+            "value": train["ours_p0.1"]["saved_x_peft"],
+            "limit": 0.75,
+        },
+        {
+            "name": "saved activations p=0 <= 1.0x peft",
+            "value": train["ours_p0"]["saved_x_peft"],
+            "limit": 1.0,
+        },
+        {"name": "unmerged inference <= 1.12x base", "value": infer["ours"]["x_base"], "limit": 1.12},
+        {"name": "merged inference <= 1.02x base", "value": infer["ours_merged"]["x_base"], "limit": 1.02},
+    ]
     for row in rows:
         row["pass"] = row["value"] <= row["limit"]
     return rows
@@ -239,18 +295,42 @@ def targets(train: dict, infer: dict) -> list[dict]:
 def git_commit() -> str:
     """HEAD of the checkout, with '+dirty' when src/ has uncommitted changes ('' outside git)."""
     git = ["git", "-C", str(ROOT)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "src"], capture_output=True, text=True
+    ).stdout.strip()
     return head + ("+dirty" if head and dirty else "")
 
 
 def environment(command: str, settings: dict) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
-            "adapterlab": al.__version__, "commit": git_commit(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), **settings}
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
+    return {
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "adapterlab": al.__version__,
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        **settings,
+    }
 
 
 def fmt(x: float | None) -> str:
@@ -259,22 +339,36 @@ def fmt(x: float | None) -> str:
 
 def markdown(res: dict) -> str:
     env, rt, ri = res["env"], res["rounds"]["train"], res["rounds"]["infer"]
-    lines = [f"Command: `{env['command']}` · {env['date']} · adapterlab {env['commit']} · torch {env['torch']}, peft {env['peft']}, "
-             f"transformers {env['transformers']} · {env['cpu']}, {env['cpu_count']} cores, "
-             f"{env['threads']} threads · rounds used/run: train {rt['rounds_used']}/{rt['rounds_run']}, "
-             f"inference {ri['rounds_used']}/{ri['rounds_run']}; other processes used at most "
-             f"{rt['max_other_cores']} / {ri['max_other_cores']} cores during a used round",
-             "", "**Training step** (forward + backward; ratios are medians of per-round ratios)", "",
-             "| variant | step ms | × floor | × peft | saved act. MiB | × peft | saved incl. params MiB | peak RSS MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Command: `{env['command']}` · {env['date']} · adapterlab {env['commit']} · torch {env['torch']}, peft {env['peft']}, "
+        f"transformers {env['transformers']} · {env['cpu']}, {env['cpu_count']} cores, "
+        f"{env['threads']} threads · rounds used/run: train {rt['rounds_used']}/{rt['rounds_run']}, "
+        f"inference {ri['rounds_used']}/{ri['rounds_run']}; other processes used at most "
+        f"{rt['max_other_cores']} / {ri['max_other_cores']} cores during a used round",
+        "",
+        "**Training step** (forward + backward; ratios are medians of per-round ratios)",
+        "",
+        "| variant | step ms | × floor | × peft | saved act. MiB | × peft | saved incl. params MiB | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for v, r in res["train"].items():
-        lines.append(f"| {v} | {1e3 * r['median_s']:.0f} | {r['x_floor']:.3f} | {fmt(r['x_peft'])} | "
-                     f"{r['saved_activations'] / MiB:.1f} | {fmt(r['saved_x_peft'])} | "
-                     f"{r['saved_total'] / MiB:.1f} | {r['peak_rss'] / MiB:.0f} |")
-    lines += ["", "**Inference** (eval, no_grad, forward only)", "", "| variant | forward ms | × base |", "|---|---:|---:|"]
+        lines.append(
+            f"| {v} | {1e3 * r['median_s']:.0f} | {r['x_floor']:.3f} | {fmt(r['x_peft'])} | "
+            f"{r['saved_activations'] / MiB:.1f} | {fmt(r['saved_x_peft'])} | "
+            f"{r['saved_total'] / MiB:.1f} | {r['peak_rss'] / MiB:.0f} |"
+        )
+    lines += [
+        "",
+        "**Inference** (eval, no_grad, forward only)",
+        "",
+        "| variant | forward ms | × base |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {v} | {1e3 * r['median_s']:.1f} | {r['x_base']:.3f} |" for v, r in res["infer"].items()]
     lines += ["", "**Targets**", "", "| target | measured | result |", "|---|---:|---|"]
-    lines += [f"| {t['name']} | {t['value']:.3f} | {'PASS' if t['pass'] else 'FAIL'} |" for t in res["targets"]]
+    lines += [
+        f"| {t['name']} | {t['value']:.3f} | {'PASS' if t['pass'] else 'FAIL'} |" for t in res["targets"]
+    ]
     return "\n".join(lines)
 
 
@@ -297,8 +391,11 @@ def main() -> None:
     if args.memory_only:
         print(json.dumps(memory_only(args.memory_only)))
         return
-    settings = dict(train_rounds=3, infer_rounds=3, warmup=1, train_budget_s=0, infer_budget_s=0) if args.quick \
+    settings = (
+        dict(train_rounds=3, infer_rounds=3, warmup=1, train_budget_s=0, infer_budget_s=0)
+        if args.quick
         else dict(train_rounds=15, infer_rounds=25, warmup=2, train_budget_s=180, infer_budget_s=45)
+    )
     command = "python benchmarks/lora_cpu.py" + (" --quick" if args.quick else "")
     start = time.perf_counter()
     res = {"env": environment(command, settings), **run(**settings)}

@@ -5,6 +5,7 @@
 
 A plot is skipped (with a line saying so) when its results file is missing.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,15 +54,20 @@ def merge_cli(d: dict) -> None:
     mib = 2**20
     fig, (a, b) = plt.subplots(1, 2, figsize=(7, 3.2))
     names = ["adapterlab merge", "peft merge_and_unload"]
-    a.bar(names, [s["ours"]["peak_above_baseline"] / mib, s["peft"]["peak_above_baseline"] / mib],
-          color=["C0", "C1"])
+    a.bar(
+        names,
+        [s["ours"]["peak_above_baseline"] / mib, s["peft"]["peak_above_baseline"] / mib],
+        color=["C0", "C1"],
+    )
     a.axhline(d["largest_input_shard_bytes"] / mib, color="gray", ls="--", lw=0.8, label="largest shard")
     a.set_ylabel("peak RSS above baseline (MiB)")
     a.legend()
     b.bar(names, [s["ours"]["wall_s"], s["peft"]["wall_s"]], color=["C0", "C1"])
     b.set_ylabel("wall time (s)")
-    fig.suptitle(f"Merging a LoRA into a {d['checkpoint_bytes'] / 1e9:.1f} GB bf16 checkpoint "
-                 f"({d['input_shards']} shards)")
+    fig.suptitle(
+        f"Merging a LoRA into a {d['checkpoint_bytes'] / 1e9:.1f} GB bf16 checkpoint "
+        f"({d['input_shards']} shards)"
+    )
     for ax in (a, b):
         ax.tick_params(axis="x", labelsize=8)
     finish(fig, "merge_cli")
@@ -69,8 +75,13 @@ def merge_cli(d: dict) -> None:
 
 def sparse_memory(d: dict) -> None:
     rows = d["rows"]
-    labels = {"full": "full FT", "dense_masked": "dense + mask", "sparse_1pct": "sparse 1%",
-              "sparse_10pct": "sparse 10%", "lora_peft_r16": "peft LoRA r=16"}
+    labels = {
+        "full": "full FT",
+        "dense_masked": "dense + mask",
+        "sparse_1pct": "sparse 1%",
+        "sparse_10pct": "sparse 10%",
+        "lora_peft_r16": "peft LoRA r=16",
+    }
     keys = [k for k in labels if k in rows]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.bar([labels[k] for k in keys], [rows[k]["persistent_bytes"] / 2**20 for k in keys])
@@ -100,7 +111,7 @@ def hft_forgetting(d: dict) -> None:
 def locft_editing(d: dict) -> None:
     rows = [r for r in d["rows"] if r["lr"] == d["args"]["lr"] and r["batch"] == d["args"]["batch"]]
     fig, axes = plt.subplots(1, 3, figsize=(9, 3), sharey=True)
-    for ax, metric in zip(axes, ("reliability", "generalization", "locality")):
+    for ax, metric in zip(axes, ("reliability", "generalization", "locality"), strict=True):
         for strategy, style in (("breadth_first", "o-"), ("depth_first", "s--")):
             pts = sorted((r["layer"], r[metric]) for r in rows if r["strategy"] == strategy)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=strategy.replace("_", "-"))
@@ -113,8 +124,13 @@ def locft_editing(d: dict) -> None:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, draw in (("lora_cpu", lora_cpu), ("merge_cli", merge_cli), ("sparse_memory", sparse_memory),
-                       ("hft_forgetting", hft_forgetting), ("locft_editing", locft_editing)):
+    for name, draw in (
+        ("lora_cpu", lora_cpu),
+        ("merge_cli", merge_cli),
+        ("sparse_memory", sparse_memory),
+        ("hft_forgetting", hft_forgetting),
+        ("locft_editing", locft_editing),
+    ):
         d = results(name)
         if d is not None:
             draw(d)

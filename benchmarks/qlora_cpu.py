@@ -24,6 +24,7 @@ bitsandbytes LoRA layers, as `from_pretrained(..., quantization_config=...)` wou
                                               # and docs/precision.md's results block
     python benchmarks/qlora_cpu.py --quick    # smoke test: few rounds, prints only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,14 +61,26 @@ MiB = 2**20
 def llama4() -> nn.Module:
     """The benchmark's Llama with every decoder Linear quantized to NF4 (double quantization)."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
-                                      num_attention_heads=6, num_key_value_heads=6, vocab_size=VOCAB)
+    config = transformers.LlamaConfig(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        vocab_size=VOCAB,
+    )
     model = transformers.LlamaForCausalLM(config).float()
     for module in list(model.model.layers.modules()):
         for leaf, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.float32,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                )
                 q.load_state_dict(child.state_dict())
                 setattr(module, leaf, q.to("cpu"))  # quantizes; the fp32 weight is freed
     model.is_loaded_in_4bit = True
@@ -83,7 +96,9 @@ def train_model(variant: str) -> nn.Module:
     if variant == "ours":
         al.inject(model, "lora", r=R, alpha=ALPHA, targets="all-linear")
     else:
-        model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear"))
+        model = peft.get_peft_model(
+            model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear")
+        )
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -138,14 +153,21 @@ def memory_only(variant: str) -> dict:
         zero_grads(model)
         train_step(model, ids)
     peak = _status_kib("VmHWM") * 1024 if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"saved_activations": sum(n for k, n in seen.items() if k not in fixed), "rss_built": rss_built,
-            "peak_rss": peak, "train_peak_over_built": peak - rss_built, "peak_reset": exact,
-            "param_bytes": params, "trainable_params": trainable}
+    return {
+        "saved_activations": sum(n for k, n in seen.items() if k not in fixed),
+        "rss_built": rss_built,
+        "peak_rss": peak,
+        "train_peak_over_built": peak - rss_built,
+        "peak_reset": exact,
+        "param_bytes": params,
+        "trainable_params": trainable,
+    }
 
 
 def measure_memory(variant: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--memory-only", variant], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-only", variant], check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -153,15 +175,29 @@ def run(rounds: int, warmup: int, budget_s: float) -> dict:
     ids = token_ids()
     memory = {v: measure_memory(v) for v in TRAIN}
     models = {v: train_model(v) for v in TRAIN}
-    times, stats = interleaved({v: (lambda m=m: train_step(m, ids)) for v, m in models.items()}, rounds, warmup,
-                               budget_s, {v: (lambda m=m: zero_grads(m)) for v, m in models.items()})
-    train = {v: {"median_s": statistics.median(times[v]), "x_floor": median_ratio(times[v], times["floor"]),
-                 "x_peft": median_ratio(times[v], times["peft"]) if v == "ours" else None,
-                 **memory[v], "times_s": times[v]} for v in TRAIN}
+    times, stats = interleaved(
+        {v: (lambda m=m: train_step(m, ids)) for v, m in models.items()},
+        rounds,
+        warmup,
+        budget_s,
+        {v: (lambda m=m: zero_grads(m)) for v, m in models.items()},
+    )
+    train = {
+        v: {
+            "median_s": statistics.median(times[v]),
+            "x_floor": median_ratio(times[v], times["floor"]),
+            "x_peft": median_ratio(times[v], times["peft"]) if v == "ours" else None,
+            **memory[v],
+            "times_s": times[v],
+        }
+        for v in TRAIN
+    }
     ours, theirs = train["ours"], train["peft"]
-    ratios = {"step_x_peft": ours["x_peft"],
-              "train_peak_x_peft": ours["train_peak_over_built"] / theirs["train_peak_over_built"],
-              "saved_x_peft": ours["saved_activations"] / theirs["saved_activations"]}
+    ratios = {
+        "step_x_peft": ours["x_peft"],
+        "train_peak_x_peft": ours["train_peak_over_built"] / theirs["train_peak_over_built"],
+        "saved_x_peft": ours["saved_activations"] / theirs["saved_activations"],
+    }
     return {"train": train, "ratios": ratios, "rounds": stats}
 
 
@@ -171,20 +207,28 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
 
 def markdown(res: dict) -> str:
     env, rs, ratios = res["env"], res["rounds"], res["ratios"]
-    lines = [f"Command: `{env['command']}` · {env['date']} · adapterlab {env['commit']} · torch {env['torch']}, "
-             f"peft {env['peft']}, transformers {env['transformers']}, bitsandbytes {env['bitsandbytes']} · "
-             f"{env['cpu']}, {env['cpu_count']} cores, {env['threads']} threads · rounds used/run "
-             f"{rs['rounds_used']}/{rs['rounds_run']}; other processes used at most {rs['max_other_cores']} cores "
-             "during a used round",
-             "", "| variant | step ms | × floor | × peft | train peak RSS over built, MiB | saved act. MiB | "
-                 "RSS built MiB | trainable params |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Command: `{env['command']}` · {env['date']} · adapterlab {env['commit']} · torch {env['torch']}, "
+        f"peft {env['peft']}, transformers {env['transformers']}, bitsandbytes {env['bitsandbytes']} · "
+        f"{env['cpu']}, {env['cpu_count']} cores, {env['threads']} threads · rounds used/run "
+        f"{rs['rounds_used']}/{rs['rounds_run']}; other processes used at most {rs['max_other_cores']} cores "
+        "during a used round",
+        "",
+        "| variant | step ms | × floor | × peft | train peak RSS over built, MiB | saved act. MiB | "
+        "RSS built MiB | trainable params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for v, r in res["train"].items():
-        lines.append(f"| {v} | {1e3 * r['median_s']:.0f} | {r['x_floor']:.3f} | {fmt(r['x_peft'])} | "
-                     f"{r['train_peak_over_built'] / MiB:.1f} | {r['saved_activations'] / MiB:.1f} | "
-                     f"{r['rss_built'] / MiB:.0f} | {r['trainable_params']:,} |")
-    lines += ["", f"ours / peft: step time {ratios['step_x_peft']:.3f}, training peak memory "
-                  f"{ratios['train_peak_x_peft']:.3f}, saved activations {ratios['saved_x_peft']:.3f}."]
+        lines.append(
+            f"| {v} | {1e3 * r['median_s']:.0f} | {r['x_floor']:.3f} | {fmt(r['x_peft'])} | "
+            f"{r['train_peak_over_built'] / MiB:.1f} | {r['saved_activations'] / MiB:.1f} | "
+            f"{r['rss_built'] / MiB:.0f} | {r['trainable_params']:,} |"
+        )
+    lines += [
+        "",
+        f"ours / peft: step time {ratios['step_x_peft']:.3f}, training peak memory "
+        f"{ratios['train_peak_x_peft']:.3f}, saved activations {ratios['saved_x_peft']:.3f}.",
+    ]
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ training step (forward + backward) for ours.
 
     python benchmarks/routing_cpu.py [--rounds 15] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,14 @@ def build(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=8, vocab_size=2048)
+    cfg = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=2048,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -94,7 +101,7 @@ def main() -> None:
         for fn in variants.values():  # warm-up
             fn()
         for r in range(rounds):
-            order = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]
+            order = list(variants)[r % len(variants) :] + list(variants)[: r % len(variants)]
             for k in order:
                 times[k].append(timed(variants[k]))
 
@@ -109,10 +116,20 @@ def main() -> None:
     train_step()
     train = [timed(train_step) for _ in range(max(3, rounds // 3))]
 
-    ratio = {k: statistics.median(t / b for t, b in zip(times[k], times["base"])) for k in variants}
+    ratio = {
+        k: statistics.median(t / b for t, b in zip(times[k], times["base"], strict=True)) for k in variants
+    }
     result = {
-        "config": {"batch": batch, "seq": seq, "adapters": N_ADAPTERS, "rank": RANK, "rounds": rounds,
-                   "torch": torch.__version__, "peft": peft.__version__, "threads": 2},
+        "config": {
+            "batch": batch,
+            "seq": seq,
+            "adapters": N_ADAPTERS,
+            "rank": RANK,
+            "rounds": rounds,
+            "torch": torch.__version__,
+            "peft": peft.__version__,
+            "threads": 2,
+        },
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "ratio_to_base": ratio,
         "routed_train_step_s": statistics.median(train),

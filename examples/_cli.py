@@ -1,5 +1,6 @@
 """The two helpers every example uses: run the `adapterlab` command, print the JSON result line.
 (Light on purpose: it imports nothing heavy, so an example that needs no Trainer stays quick.)"""
+
 from __future__ import annotations
 
 import json

@@ -18,6 +18,7 @@ written as `kind: dense` (a full ΔW per module): a TIES result is not low-rank,
 cannot take a rank-8 re-factoring anyway (`kind: lora` needs rank ≤ 6 there).
 The last line is the table as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,16 @@ LORA = dict(r=8, alpha=16, targets=["query", "value", "classifier"])
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a random tiny BERT and a small data sample (CI)")
-    parser.add_argument("--out", type=Path, default=OUT, help="where everything is written (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=OUT, help="where everything is written (default: %(default)s)"
+    )
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--density", type=float, default=0.2, help="TIES: fraction of each task vector kept")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy shared machine)"
+    )
     return parser.parse_args()
 
 
@@ -58,30 +63,47 @@ def label_ids(tasks: dict[str, C.Task]) -> dict[str, list[int]]:
     return ids
 
 
-def train_task(name: str, tasks: dict[str, C.Task], ids: dict[str, list[int]], tokenizer: Any,
-               args: argparse.Namespace) -> Path:
+def train_task(
+    name: str, tasks: dict[str, C.Task], ids: dict[str, list[int]], tokenizer: Any, args: argparse.Namespace
+) -> Path:
     """A LoRA for task `name` on a fresh base, trained on its own head outputs; saved to out/<name>."""
     model = C.base_model(sum(len(ids[t]) for t in tasks), args.tiny, args.seed)
     al.inject(model, "lora", **LORA)
     data = C.to_dataset(tasks[name].train, tokenizer, label_offset=ids[name][0])
-    C.train(model, tokenizer, data, args.out / "trainer" / name, epochs=args.epochs, lr=args.lr,
-            label_ids=ids[name], seed=args.seed)
+    C.train(
+        model,
+        tokenizer,
+        data,
+        args.out / "trainer" / name,
+        epochs=args.epochs,
+        lr=args.lr,
+        label_ids=ids[name],
+        seed=args.seed,
+    )
     others = [i for i in range(model.num_labels) if i not in ids[name]]
     if model.classifier.deltas["default"].delta_weight()[others].any():
         sys.exit(f"{name}: the head rows of the other task changed; they should get no gradient")
     return al.save(model, args.out / name)
 
 
-def scores(model: torch.nn.Module, tasks: dict[str, C.Task], ids: dict[str, list[int]],
-           tokenizer: Any) -> dict[str, float]:
+def scores(
+    model: torch.nn.Module, tasks: dict[str, C.Task], ids: dict[str, list[int]], tokenizer: Any
+) -> dict[str, float]:
     """Test accuracy per task, each by the argmax over its own outputs."""
     return {name: C.accuracy(model, tokenizer, task.test, ids[name]) for name, task in tasks.items()}
 
 
 def write_config(out: Path, dirs: dict[str, Path], density: float) -> Path:
     """The `adapterlab combine` YAML file (paths relative to it)."""
-    config = {"adapters": {name: d.name for name, d in dirs.items()}, "weights": {name: 1.0 for name in dirs},
-              "how": "ties", "kind": "dense", "density": density, "trim_scope": "tensor", "out": "ties"}
+    config = {
+        "adapters": {name: d.name for name, d in dirs.items()},
+        "weights": {name: 1.0 for name in dirs},
+        "how": "ties",
+        "kind": "dense",
+        "density": density,
+        "trim_scope": "tensor",
+        "out": "ties",
+    }
     path = out / "ties.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"--- {path}\n{path.read_text()}---")
@@ -120,8 +142,16 @@ def main() -> None:
     print(f"\n| adapter | {' | '.join(tasks)} |\n| --- |{' --- |' * len(tasks)}")
     for row, accs in table.items():
         print(f"| {row} | {' | '.join(f'{accs[t]:.3f}' for t in tasks)} |")
-    C.report({"example": "combine_ties", "tiny": args.tiny, "accuracy": table, "density": args.density,
-              "combined_dir": str(args.out / "ties"), "seconds": round(time.time() - start, 1)})
+    C.report(
+        {
+            "example": "combine_ties",
+            "tiny": args.tiny,
+            "accuracy": table,
+            "density": args.density,
+            "combined_dir": str(args.out / "ties"),
+            "seconds": round(time.time() - start, 1),
+        }
+    )
 
 
 if __name__ == "__main__":

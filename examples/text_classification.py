@@ -20,6 +20,7 @@ Prints accuracy before / after, the sizes of the adapter and of the Trainer chec
 largest logit difference between the exported adapter (loaded by peft, or added to the base
 weights as dense ΔW) and the trained model; the last line is all of it as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,9 @@ import adapterlab as al
 OUT = Path(tempfile.gettempdir()) / "adapterlab-examples" / "text_classification"
 METHODS = {
     "lora": dict(method="lora", r=8, alpha=16, targets=["query", "value", "classifier"]),
-    "sara": dict(method="sara", density=0.1, targets="all-linear"),  # + progressive_step, set from the run length
+    "sara": dict(
+        method="sara", density=0.1, targets="all-linear"
+    ),  # + progressive_step, set from the run length
 }
 
 
@@ -46,11 +49,15 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--method", choices=list(METHODS), default="lora")
     parser.add_argument("--tiny", action="store_true", help="a random tiny BERT and a small data sample (CI)")
-    parser.add_argument("--out", type=Path, default=OUT, help="where everything is written (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=OUT, help="where everything is written (default: %(default)s)"
+    )
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--lr", type=float, default=None, help="default: 5e-3 (LoRA), 2e-3 (SaRA)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy shared machine)"
+    )
     return parser.parse_args()
 
 
@@ -62,8 +69,16 @@ def inject(model: torch.nn.Module, method: str, steps: int) -> None:
     al.inject(model, options.pop("method"), **options)
 
 
-def check_peft_export(model: torch.nn.Module, tokenizer: Any, texts: list[str], adapter: Path, out: Path,
-                      tiny: bool, num_labels: int, seed: int) -> float:
+def check_peft_export(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    adapter: Path,
+    out: Path,
+    tiny: bool,
+    num_labels: int,
+    seed: int,
+) -> float:
     """`adapterlab export --format peft`, loaded into a fresh base by peft: the largest logit difference."""
     from peft import PeftModel
 
@@ -74,8 +89,16 @@ def check_peft_export(model: torch.nn.Module, tokenizer: Any, texts: list[str], 
     return (C.logits(loaded, tokenizer, texts) - C.logits(model, tokenizer, texts)).abs().max().item()
 
 
-def check_dense_export(model: torch.nn.Module, tokenizer: Any, texts: list[str], adapter: Path, out: Path,
-                       tiny: bool, num_labels: int, seed: int) -> float:
+def check_dense_export(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    adapter: Path,
+    out: Path,
+    tiny: bool,
+    num_labels: int,
+    seed: int,
+) -> float:
     """`adapterlab export --format dense` (one safetensors file, `<module>.weight` = ΔW), added to
     the weights of a fresh base: the largest logit difference."""
     from safetensors.torch import load_file
@@ -100,7 +123,9 @@ def main() -> None:
     lr = args.lr or {"lora": 5e-3, "sara": 2e-3}[args.method]
     tokenizer = C.tokenizer_for(args.tiny)
     model = C.base_model(len(task.labels), args.tiny, args.seed)
-    print(f"task {task.name}: labels {task.labels}, {len(task.train)} train / {len(task.test)} test sentences")
+    print(
+        f"task {task.name}: labels {task.labels}, {len(task.train)} train / {len(task.test)} test sentences"
+    )
     before = C.accuracy(model, tokenizer, task.test)
 
     batch_size = 16
@@ -108,8 +133,16 @@ def main() -> None:
     inject(model, args.method, steps)
     summary = al.trainable_summary(model)
     print(f"{args.method}: {summary}")
-    trainer = C.train(model, tokenizer, C.to_dataset(task.train, tokenizer), args.out / "trainer", epochs=args.epochs,
-                      lr=lr, batch_size=batch_size, seed=args.seed)
+    trainer = C.train(
+        model,
+        tokenizer,
+        C.to_dataset(task.train, tokenizer),
+        args.out / "trainer",
+        epochs=args.epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=args.seed,
+    )
     checkpoint = args.out / "trainer" / f"checkpoint-{trainer.state.global_step}"
     after = C.accuracy(model, tokenizer, task.test)
     train_accuracy = C.accuracy(model, tokenizer, task.train)
@@ -119,23 +152,42 @@ def main() -> None:
     texts = [t for t, _ in task.test]
     with al.disabled(model):
         base_logits = C.logits(model, tokenizer, texts)
-    result = {"example": "text_classification", "method": args.method, "tiny": args.tiny,
-              "accuracy_before": before, "accuracy_after": after, "train_accuracy": train_accuracy,
-              "steps": trainer.state.global_step, "lr": lr, "trainable": summary.trainable,
-              "adapter_bytes": C.dir_bytes(adapter), "checkpoint_bytes": C.dir_bytes(checkpoint),
-              "adapter_dir": str(adapter),
-              # how far training moved the logits: the export differences below are small against this
-              "adapter_max_logit_change": (C.logits(model, tokenizer, texts) - base_logits).abs().max().item()}
+    result = {
+        "example": "text_classification",
+        "method": args.method,
+        "tiny": args.tiny,
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "train_accuracy": train_accuracy,
+        "steps": trainer.state.global_step,
+        "lr": lr,
+        "trainable": summary.trainable,
+        "adapter_bytes": C.dir_bytes(adapter),
+        "checkpoint_bytes": C.dir_bytes(checkpoint),
+        "adapter_dir": str(adapter),
+        # how far training moved the logits: the export differences below are small against this
+        "adapter_max_logit_change": (C.logits(model, tokenizer, texts) - base_logits).abs().max().item(),
+    }
     if args.method == "lora":
         result["peft_dir"] = str(args.out / "peft")
-        result["peft_max_abs_diff"] = check_peft_export(model, tokenizer, texts, adapter, args.out / "peft",
-                                                        args.tiny, len(task.labels), args.seed)
+        result["peft_max_abs_diff"] = check_peft_export(
+            model, tokenizer, texts, adapter, args.out / "peft", args.tiny, len(task.labels), args.seed
+        )
     else:
-        result["frozen_by_reselection"] = sum(int(layer.deltas["default"].frozen.sum())
-                                              for _, layer in al.model.adapter_layers(model))
+        result["frozen_by_reselection"] = sum(
+            int(layer.deltas["default"].frozen.sum()) for _, layer in al.model.adapter_layers(model)
+        )
         result["dense_file"] = str(args.out / "dense.safetensors")
-        result["dense_max_abs_diff"] = check_dense_export(model, tokenizer, texts, adapter, Path(result["dense_file"]),
-                                                          args.tiny, len(task.labels), args.seed)
+        result["dense_max_abs_diff"] = check_dense_export(
+            model,
+            tokenizer,
+            texts,
+            adapter,
+            Path(result["dense_file"]),
+            args.tiny,
+            len(task.labels),
+            args.seed,
+        )
     result["seconds"] = round(time.time() - start, 1)
     C.report(result)
 

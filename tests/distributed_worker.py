@@ -21,6 +21,7 @@ without the nuclear-norm term), `report.json` (losses, the saved files' identiti
 one `al.save` directory per DDP and FSDP run.
 The test makes the assertions.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,9 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def train(model: nn.Module, inner: nn.Module, batches: list[Tensor], nuclear: bool = False,
-          schedules: bool = False) -> list[float]:
+def train(
+    model: nn.Module, inner: nn.Module, batches: list[Tensor], nuclear: bool = False, schedules: bool = False
+) -> list[float]:
     """SGD with momentum on `inner`'s trainable parameters through `model` (a wrapper or `inner`
     itself), one step per batch. `nuclear`: add SaRA's nuclear-norm term to the loss (drawn with a
     generator seeded alike everywhere); `schedules`: call `al.before_step` / `al.after_step` around
@@ -116,7 +118,7 @@ def train(model: nn.Module, inner: nn.Module, batches: list[Tensor], nuclear: bo
 def local(batches: Tensor, rank: int, world: int) -> list[Tensor]:
     """This rank's slice of every global batch."""
     per = batches.shape[1] // world
-    return list(batches[:, rank * per:(rank + 1) * per])
+    return list(batches[:, rank * per : (rank + 1) * per])
 
 
 class Recorder:
@@ -140,8 +142,9 @@ class Recorder:
         for r, got in enumerate(everyone):
             self.tensors.update({f"{run}/rank{r}/{k}": v for k, v in got.items()})
 
-    def single_run(self, run: str, method: str, batches: list[Tensor], options: dict | None = None,
-                   **train_options: Any) -> None:
+    def single_run(
+        self, run: str, method: str, batches: list[Tensor], options: dict | None = None, **train_options: Any
+    ) -> None:
         """Rank 0's reference: `method` trained in one process on the whole global batches; records
         the adapter before (`RUN/initial/KEY`) and after (`RUN/single/KEY`) and the losses."""
         model = build(method, **(options or {}))
@@ -165,8 +168,12 @@ def save_on_rank0(rec: Recorder, run: str, model: nn.Module, target: Path) -> No
         existed = target.exists()
         al.save(model, target)
         st = (target / "adapter_model.safetensors").stat()
-        rec.report["saves"][run] = {"dir": target.name, "existed_before": existed,
-                                    "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
+        rec.report["saves"][run] = {
+            "dir": target.name,
+            "existed_before": existed,
+            "ino": st.st_ino,
+            "mtime_ns": st.st_mtime_ns,
+        }
         loaded = al.load(tiny_llama(), target)
         rec.tensors.update({f"{run}/loaded/{k}": v for k, v in adapter_tensors(loaded).items()})
     dist.barrier()
@@ -211,17 +218,40 @@ def trainer_run(rec: Recorder, scratch: Path, run: str, method: str, callback: t
         return {"input_ids": ids, "labels": ids.clone()}
 
     args = TrainingArguments(
-        output_dir=str(scratch / run), use_cpu=True, per_device_train_batch_size=GLOBAL // rec.world,
-        max_steps=STEPS, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, optim="sgd",
-        optim_args=f"momentum={MOMENTUM}", weight_decay=0.0, max_grad_norm=0.0, report_to="none",
-        save_strategy="steps" if callback else "no", save_steps=STEPS, save_only_model=True,
-        logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0, remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=collate,
-                      callbacks=[callback()] if callback else [])
+        output_dir=str(scratch / run),
+        use_cpu=True,
+        per_device_train_batch_size=GLOBAL // rec.world,
+        max_steps=STEPS,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="sgd",
+        optim_args=f"momentum={MOMENTUM}",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        report_to="none",
+        save_strategy="steps" if callback else "no",
+        save_steps=STEPS,
+        save_only_model=True,
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=samples,
+        data_collator=collate,
+        callbacks=[callback()] if callback else [],
+    )
     trainer.train()
     rec.report.setdefault("trainer", {})[run] = {
-        "ddp": type(trainer.model_wrapped).__name__, "world": trainer.args.world_size,
-        "logged_losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+        "ddp": type(trainer.model_wrapped).__name__,
+        "world": trainer.args.world_size,
+        "logged_losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    }
     rec.gather(run, adapter_tensors(trainer.model))
     everyone = [None] * rec.world
     dist.all_gather_object(everyone, seen[:STEPS])  # the loader may have fetched one batch ahead
@@ -253,10 +283,11 @@ def fsdp_runs(rec: Recorder, out: Path) -> None:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         plain = build(method)  # same supports and shapes; its adapter tensors are overwritten
         if rec.rank == 0:
-            result = plain.load_state_dict({k: v for k, v in full.items() if ".deltas." in k}, strict=False)
+            result = plain.load_state_dict({k: v for k, v in full.items() if ".deltas." in k}, strict=True)
             rec.report.setdefault("fsdp_load", {})[run] = {
                 "unexpected": result.unexpected_keys,
-                "missing_deltas": [k for k in result.missing_keys if ".deltas." in k]}
+                "missing_deltas": [k for k in result.missing_keys if ".deltas." in k],
+            }
         save_on_rank0(rec, run, plain, out / run)
         if rec.rank == 0:
             rec.single_run(run, method, list(batches))
@@ -274,8 +305,15 @@ def main(argv: list[str]) -> None:
         from adapterlab.integrations import AdapterCallback
 
         for method in SCHEDULES:
-            rec.timed(f"trainer-callback-{method}", trainer_run, rec, scratch, f"trainer-callback-{method}",
-                      method, AdapterCallback)
+            rec.timed(
+                f"trainer-callback-{method}",
+                trainer_run,
+                rec,
+                scratch,
+                f"trainer-callback-{method}",
+                method,
+                AdapterCallback,
+            )
     if "--fsdp" in argv:
         rec.timed("fsdp", fsdp_runs, rec, out)
     if rec.rank == 0:

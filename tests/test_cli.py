@@ -5,6 +5,7 @@ directories) are built once; every invocation then runs concurrently (3 at a tim
 ~3-5 s torch import) and the tests assert on the results. Unit properties of the streaming
 safetensors code, the key resolution and the shard split run in process (hypothesis).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,14 +45,24 @@ def other_llama():
     """A Llama of another shape (intermediate 48): adapters on it do not fit tiny_llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 def build_inputs(root: Path) -> dict[str, Path]:
     """Every file the invocations read; returns the paths by name."""
-    p = {name: root / name for name in ("base", "lora_a", "lora_b", "sft", "gpt2_lora", "nan", "other", "pickle")}
+    p = {
+        name: root / name
+        for name in ("base", "lora_a", "lora_b", "sft", "gpt2_lora", "nan", "other", "pickle")
+    }
     tiny_llama().save_pretrained(p["base"], max_shard_size="20KB")  # 7 shards of a ~99 KB model
     for name, seed in (("lora_a", 1), ("lora_b", 2)):
         model = tiny_llama()
@@ -76,8 +87,10 @@ def build_inputs(root: Path) -> dict[str, Path]:
     al.save(other, p["other"])
     p["pickle"].mkdir()
     (p["pickle"] / "adapter_model.bin").write_bytes(b"not read")
-    (root / "combine.yaml").write_text("adapters: {a: lora_a, b: lora_b}\nweights: {a: 1.0, b: 0.5}\nhow: ties\n"
-                                       "kind: lora\ndensity: 0.5\nout: combined\n")
+    (root / "combine.yaml").write_text(
+        "adapters: {a: lora_a, b: lora_b}\nweights: {a: 1.0, b: 0.5}\nhow: ties\n"
+        "kind: lora\ndensity: 0.5\nout: combined\n"
+    )
     (root / "bad.yaml").write_text("adapters: {a: lora_a\nout: x\n")
     (root / "unknown.yaml").write_text("adapters: {a: lora_a}\nwieghts: {a: 1.0}\nout: x\n")
     return p
@@ -87,13 +100,41 @@ def commands(root: Path, p: dict[str, Path]) -> dict[str, list[str]]:
     merge = ["merge", "--base", str(p["base"])]
     return {
         "inspect": ["inspect", str(p["lora_a"]), "--json"],
-        "merge": [*merge, "--adapter", str(p["lora_a"]), "--out", str(root / "m_lora"), "--shard-size", "30KB"],
+        "merge": [
+            *merge,
+            "--adapter",
+            str(p["lora_a"]),
+            "--out",
+            str(root / "m_lora"),
+            "--shard-size",
+            "30KB",
+        ],
         "dry": [*merge, "--adapter", str(p["lora_a"]), "--out", str(root / "m_dry"), "--dry-run"],
         "merge_sft": [*merge, "--adapter", str(p["sft"]), "--out", str(root / "m_sft")],
-        "merge_ties": [*merge, "--adapter", str(p["lora_a"]), "--adapter", str(p["lora_b"]), "--weights", "1,0.5",
-                       "--how", "ties", "--density", "0.5", "--out", str(root / "m_ties")],
+        "merge_ties": [
+            *merge,
+            "--adapter",
+            str(p["lora_a"]),
+            "--adapter",
+            str(p["lora_b"]),
+            "--weights",
+            "1,0.5",
+            "--how",
+            "ties",
+            "--density",
+            "0.5",
+            "--out",
+            str(root / "m_ties"),
+        ],
         "export_peft": ["export", str(p["lora_a"]), "--format", "peft", "--out", str(root / "peft")],
-        "export_dense": ["export", str(p["gpt2_lora"]), "--format", "dense", "--out", str(root / "dense.safetensors")],
+        "export_dense": [
+            "export",
+            str(p["gpt2_lora"]),
+            "--format",
+            "dense",
+            "--out",
+            str(root / "dense.safetensors"),
+        ],
         "combine": ["combine", str(root / "combine.yaml")],
         "validate": ["validate", str(p["lora_a"]), "--base", str(p["base"])],
         "validate_nan": ["validate", str(p["nan"]), "--base", str(p["base"])],
@@ -114,12 +155,13 @@ def cli(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread, no OpenMP spinning between runs
 
     def run(args: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=300, cwd=root,
-                              check=False, env=env)
+        return subprocess.run(
+            [str(CLI), *args], capture_output=True, text=True, timeout=300, cwd=root, check=False, env=env
+        )
 
     todo = commands(root, paths)
     with ThreadPoolExecutor(max_workers=3) as pool:
-        done = dict(zip(todo, pool.map(run, todo.values())))
+        done = dict(zip(todo, pool.map(run, todo.values()), strict=True))
     return SimpleNamespace(root=root, paths=paths, runs=done)
 
 
@@ -154,8 +196,11 @@ def test_inspect_reports_method_rank_targets_and_fingerprint(cli):
     info = json.loads(ok(cli, "inspect").stdout)
     assert info["method"] == "lora" and info["settings"]["r"] == 4 and info["settings"]["alpha"] == 8
     assert info["targets"] == 14 and info["target_types"] == {"Linear": 14}
-    assert info["parameters"] == sum(4 * (w.shape[0] + w.shape[1]) for k, w in tiny_llama().state_dict().items()
-                                     if k.endswith("proj.weight"))
+    assert info["parameters"] == sum(
+        4 * (w.shape[0] + w.shape[1])
+        for k, w in tiny_llama().state_dict().items()
+        if k.endswith("proj.weight")
+    )
     assert info["bytes_on_disk"] > 0 and len(info["fingerprint"]) == 64
 
 
@@ -195,8 +240,12 @@ def test_dry_run_lists_modules_per_shard_and_writes_nothing(cli):
     assert not (cli.root / "m_dry").exists()
     shard_lines = [line for line in text.splitlines() if line.strip().startswith("model-0")]
     assert len(shard_lines) == 7 and "nothing written" in text
-    merged = {m for line in shard_lines if ": " in line.split("merged", 1)[-1]
-              for m in line.split("merged: ", 1)[1].split(", ")}
+    merged = {
+        m
+        for line in shard_lines
+        if ": " in line.split("merged", 1)[-1]
+        for m in line.split("merged: ", 1)[1].split(", ")
+    }
     assert len(merged) == 14 and "model.layers.1.mlp.down_proj.weight" in merged
 
 
@@ -260,8 +309,19 @@ def test_combine_from_yaml_equals_al_combine_and_writes_the_resolved_config(cli)
     ok(cli, "combine")
     out = cli.root / "combined"
     resolved = yaml.safe_load((out / "combine.yaml").read_text())
-    assert list(resolved) == ["adapters", "weights", "how", "kind", "density", "p", "seed", "rank", "trim_scope",
-                              "out", "base"]
+    assert list(resolved) == [
+        "adapters",
+        "weights",
+        "how",
+        "kind",
+        "density",
+        "p",
+        "seed",
+        "rank",
+        "trim_scope",
+        "out",
+        "base",
+    ]
     assert resolved["rank"] == 4 and resolved["seed"] == 0 and resolved["base"] is None
     assert resolved["adapters"]["a"] == str(cli.paths["lora_a"]) and resolved["out"] == str(out)
     ours = tiny_llama()
@@ -270,8 +330,13 @@ def test_combine_from_yaml_equals_al_combine_and_writes_the_resolved_config(cli)
     al.combine(ours, {"a": 1.0, "b": 0.5}, how="ties", kind="lora", into="ab", density=0.5)
     al.load(ours, out, name="cli")
     for path, layer in al.model.adapter_layers(ours):
-        torch.testing.assert_close(layer.deltas["cli"].delta_weight(), layer.deltas["ab"].delta_weight(),
-                                   rtol=1e-4, atol=1e-6, msg=path)
+        torch.testing.assert_close(
+            layer.deltas["cli"].delta_weight(),
+            layer.deltas["ab"].delta_weight(),
+            rtol=1e-4,
+            atol=1e-6,
+            msg=path,
+        )
     first = read_weights(out / "adapter_model.safetensors")[0]
     assert main(["combine", str(out / "combine.yaml")]) == 0  # the resolved config is a config: same adapter
     again = read_weights(out / "adapter_model.safetensors")[0]
@@ -280,8 +345,15 @@ def test_combine_from_yaml_equals_al_combine_and_writes_the_resolved_config(cli)
 
 def test_validate_passes_every_check(cli):
     lines = ok(cli, "validate").stdout.splitlines()
-    assert [line.split()[1] for line in lines] == ["format", "fingerprint", "modules", "shapes", "dtypes", "tensors",
-                                                   "finite"]
+    assert [line.split()[1] for line in lines] == [
+        "format",
+        "fingerprint",
+        "modules",
+        "shapes",
+        "dtypes",
+        "tensors",
+        "finite",
+    ]
     assert all(line.split()[0] == "ok" for line in lines)
 
 
@@ -320,11 +392,25 @@ def test_in_process_errors(cli, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["merge", "--base", str(cli.paths["base"])])
     assert exit_info.value.code == 2 and "Missing option" in capsys.readouterr().err
-    assert main(["export", str(cli.paths["sft"]), "--format", "peft", "--out", str(cli.root / "peft_sft")]) == 1
+    assert (
+        main(["export", str(cli.paths["sft"]), "--format", "peft", "--out", str(cli.root / "peft_sft")]) == 1
+    )
     assert "'sft' adapter; PEFT's LoRA format holds LoRA only" in capsys.readouterr().err
     out = cli.root / "m_lora"
-    assert main(["merge", "--base", str(cli.paths["base"]), "--adapter", str(cli.paths["lora_a"]),
-                 "--out", str(out)]) == 1
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(cli.paths["base"]),
+                "--adapter",
+                str(cli.paths["lora_a"]),
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
     assert "exists; choose a new directory or pass --overwrite" in capsys.readouterr().err
 
 
@@ -339,12 +425,12 @@ def test_a_base_checkpoint_with_a_header_that_does_not_fit_its_bytes_is_refused(
     weights = base / "model.safetensors"
     data = weights.read_bytes()
     length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + length])
+    header = json.loads(data[8 : 8 + length])
     key = next(k for k in header if k.endswith("input_layernorm.weight"))
     header[key]["shape"] = [2 * header[key]["shape"][0]]
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
     assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "is not a readable safetensors file" in err and key in err and not out.exists()
@@ -361,9 +447,26 @@ def test_overwrite_replaces_an_existing_output(cli, capsys):
     out = cli.root / "m_over"
     out.mkdir()
     (out / "stale.txt").write_text("from an older run")
-    assert main(["merge", "--base", str(cli.paths["base"]), "--adapter", str(cli.paths["lora_a"]), "--out", str(out),
-                 "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(cli.paths["base"]),
+                "--adapter",
+                str(cli.paths["lora_a"]),
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     assert not [p.name for p in cli.root.iterdir() if p.name.startswith(".m_over")]
 
 
@@ -371,15 +474,24 @@ def test_overwrite_replaces_an_existing_output(cli, capsys):
 TEST_DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL"]
 
 
-@given(st.lists(st.tuples(st.sampled_from(TEST_DTYPES), st.lists(st.integers(0, 4), max_size=3)),
-                min_size=1, max_size=6))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(TEST_DTYPES), st.lists(st.integers(0, 4), max_size=3)),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_streamed_safetensors_round_trip_with_the_library(tmp_path_factory, specs):
     """Files our writer streams read back with safetensors; files safetensors writes read back with ours."""
     gen = torch.Generator().manual_seed(len(specs))
-    tensors = {f"t{i}": (torch.randn(shape, generator=gen) * 100).to(DTYPES[dtype])
-               for i, (dtype, shape) in enumerate(specs)}
+    tensors = {
+        f"t{i}": (torch.randn(shape, generator=gen) * 100).to(DTYPES[dtype])
+        for i, (dtype, shape) in enumerate(specs)
+    }
     folder = tmp_path_factory.mktemp("st")
-    writer = SafetensorsWriter(folder / "ours.safetensors", [(k, d, s) for k, (d, s) in zip(tensors, specs)], {})
+    writer = SafetensorsWriter(
+        folder / "ours.safetensors", [(k, d, s) for k, (d, s) in zip(tensors, specs, strict=True)], {}
+    )
     for key, t in tensors.items():
         writer.write(key, t)
     writer.close()
@@ -391,8 +503,14 @@ def test_streamed_safetensors_round_trip_with_the_library(tmp_path_factory, spec
         assert all(torch.equal(read_tensor(f, infos[k]), t) for k, t in tensors.items())
 
 
-paths_st = st.lists(st.lists(st.sampled_from(["layers", "0", "1", "q_proj", "mlp", "up"]), min_size=1, max_size=4)
-                    .map(".".join), min_size=1, max_size=8, unique=True)
+paths_st = st.lists(
+    st.lists(st.sampled_from(["layers", "0", "1", "q_proj", "mlp", "up"]), min_size=1, max_size=4).map(
+        ".".join
+    ),
+    min_size=1,
+    max_size=8,
+    unique=True,
+)
 
 
 @given(paths_st, st.sampled_from(["", "model.", "model.decoder."]), st.booleans())
@@ -406,7 +524,9 @@ def test_resolve_maps_every_path_through_one_prefix(paths, prefix, adapter_has_p
     found = locate(adapter_paths, keys)
     assert not found.missing
     for path, key in found.keys.items():
-        assert key == (f"{path.removeprefix(prefix)}.weight" if adapter_has_prefix else f"{prefix}{path}.weight")
+        assert key == (
+            f"{path.removeprefix(prefix)}.weight" if adapter_has_prefix else f"{prefix}{path}.weight"
+        )
     if not prefix:
         assert len(found.keys) == len(paths)
     for candidates in found.ambiguous.values():
@@ -419,9 +539,9 @@ def test_split_keeps_order_and_respects_the_shard_size(sizes, limit):
     shards = _split(Checkpoint(Path("."), [Path("x")], infos, {}), limit)
     assert [k for shard in shards for k in shard] == list(infos)
     totals = [sum(infos[k].nbytes for k in shard) for shard in shards]
-    for shard, total in zip(shards, totals):
+    for shard, total in zip(shards, totals, strict=True):
         assert total <= limit or len(shard) == 1
-    for total, following in zip(totals, shards[1:]):  # greedy: the next tensor did not fit
+    for total, following in zip(totals, shards[1:], strict=False):  # greedy: the next tensor did not fit
         assert total + infos[following[0]].nbytes > limit
 
 

@@ -3,6 +3,7 @@ equals eager, and hot-swap keeps the compiled graphs (docs/_compile_section.md).
 
 Backends "eager" and "aot_eager" only (no inductor C++ builds); `fullgraph=True` makes any graph
 break an error, and a counting backend shows how many graphs were compiled."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,7 +44,9 @@ def tiny_gpt2_1():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=96, n_embd=32, n_layer=1, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -81,7 +84,9 @@ def adapt(model: nn.Module, case: str, kind: str) -> None:
     elif case == "stack_dense":  # SaRA with progressive_step + HFT + LocFT + scheduled SFT + dense
         al.inject(model, "sara", name="sara", density=0.1, progressive_step=3)
         al.inject(model, "hft", name="hft")
-        al.inject(model, "locft", name="locft", layer=0, module="mlp.down_proj" if kind == "llama" else "mlp.c_proj")
+        al.inject(
+            model, "locft", name="locft", layer=0, module="mlp.down_proj" if kind == "llama" else "mlp.c_proj"
+        )
         al.inject(model, "sft", name="sft", density=0.1, full_steps=3)
         al.inject(model, "dense", name="dense", targets="all-linear")
     else:
@@ -132,7 +137,9 @@ def check_compiles(model: nn.Module, inputs: torch.Tensor, exact: bool) -> None:
             step_loss = compiled(model, inputs)
             step_loss.backward()
             assert torch.isfinite(step_loss) and all(torch.isfinite(p.grad).all() for p in params)
-        assert counter.graphs == 2 and any(not torch.equal(p, p0) for p, p0 in zip(params, start))
+        assert counter.graphs == 2 and any(
+            not torch.equal(p, p0) for p, p0 in zip(params, start, strict=True)
+        )
     model.zero_grad(set_to_none=True)
 
     model.eval()
@@ -140,7 +147,8 @@ def check_compiles(model: nn.Module, inputs: torch.Tensor, exact: bool) -> None:
     with torch.no_grad():
         want = loss_of(model, inputs)
         assert torch.compile(loss_of, backend=counter, fullgraph=True)(model, inputs).item() == pytest.approx(
-            want.item(), rel=1e-5)
+            want.item(), rel=1e-5
+        )
     assert counter.graphs == 1
 
 
@@ -155,14 +163,18 @@ def test_no_graph_breaks_and_compiled_training_equals_eager(case, kind):
     check_compiles(model, IDS, exact=case != "lora_dropout")
 
 
-@pytest.mark.parametrize("options", [dict(conv_mode="reshape"), dict(conv_mode="kernel"),
-                                     dict(conv_mode="reshape", dropout=0.1)])
+@pytest.mark.parametrize(
+    "options", [dict(conv_mode="reshape"), dict(conv_mode="kernel"), dict(conv_mode="reshape", dropout=0.1)]
+)
 def test_convlora_compiles_without_graph_breaks(options):
     model = conv_net()
     al.inject(model, "convlora", r=2, **options)
     randomize_lora(model)
-    check_compiles(model, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
-                   exact="dropout" not in options)
+    check_compiles(
+        model,
+        torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+        exact="dropout" not in options,
+    )
 
 
 def test_explain_counts_no_breaks():
@@ -223,9 +235,9 @@ def assert_swaps_without_recompiling(model: nn.Module, loaded: str, swaps: list[
 
 def test_hotswap_does_not_recompile_and_matches_a_fresh_load(tmp_path):
     a = saved_lora(tmp_path, "a", r=8, alpha=16, seed=1)
-    b = saved_lora(tmp_path, "b", r=8, alpha=4, seed=2)      # same rank, other scaling
-    c = saved_lora(tmp_path, "c", r=4, alpha=12, seed=3)     # lower rank
-    d = saved_lora(tmp_path, "d", r=16, alpha=16, seed=4)    # the declared maximum
+    b = saved_lora(tmp_path, "b", r=8, alpha=4, seed=2)  # same rank, other scaling
+    c = saved_lora(tmp_path, "c", r=4, alpha=12, seed=3)  # lower rank
+    d = saved_lora(tmp_path, "d", r=16, alpha=16, seed=4)  # the declared maximum
     model = tiny_llama(layers=1)
     al.load(model, a)
     al.prepare_hotswap(model, max_rank=16)
@@ -233,11 +245,16 @@ def test_hotswap_does_not_recompile_and_matches_a_fresh_load(tmp_path):
 
 
 def test_hotswap_up_to_the_adapter_s_own_rank_needs_no_prepare(tmp_path):
-    a, b, c = (saved_lora(tmp_path, "a", 8, 16, 1), saved_lora(tmp_path, "b", 8, 4, 2),
-               saved_lora(tmp_path, "c", 4, 4, 3))
+    a, b, c = (
+        saved_lora(tmp_path, "a", 8, 16, 1),
+        saved_lora(tmp_path, "b", 8, 4, 2),
+        saved_lora(tmp_path, "c", 4, 4, 3),
+    )
     model = tiny_llama(layers=1)
     al.load(model, a)
-    assert_swaps_without_recompiling(model, a, [b, c])  # the same rank (another alpha), then rank 4 padded into 8
+    assert_swaps_without_recompiling(
+        model, a, [b, c]
+    )  # the same rank (another alpha), then rank 4 padded into 8
 
 
 def test_naive_replacement_recompiles(tmp_path):
@@ -267,7 +284,9 @@ def test_prepare_hotswap_keeps_delta_weight_and_saves_it(tmp_path):
     assert delta.config.scaling == pytest.approx(delta.scaling)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=1e-6)
-    torch.testing.assert_close(eager_output(str(al.save(model, tmp_path / "padded"))), before, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        eager_output(str(al.save(model, tmp_path / "padded"))), before, rtol=0, atol=1e-6
+    )
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -291,10 +310,15 @@ def test_hotswap_refuses_bad_input_before_changing_anything(tmp_path):
     model = tiny_llama(layers=1)
     al.load(model, a)
     before = state(model)
-    cases = [(high, r"rank r=16 in the file, above the adapter's r=8; call al.prepare_hotswap\(model, max_rank=16\)"),
-             (other_targets, r"target modules differ \(the file adapts 'model.layers.0.self_attn.k_proj'"),
-             (fewer, r"the file has nothing for 'model.layers.0.self_attn.v_proj'"),
-             (sara_dir, r"holds a 'sara' adapter, 'default' is 'lora'; load it as a new adapter")]
+    cases = [
+        (
+            high,
+            r"rank r=16 in the file, above the adapter's r=8; call al.prepare_hotswap\(model, max_rank=16\)",
+        ),
+        (other_targets, r"target modules differ \(the file adapts 'model.layers.0.self_attn.k_proj'"),
+        (fewer, r"the file has nothing for 'model.layers.0.self_attn.v_proj'"),
+        (sara_dir, r"holds a 'sara' adapter, 'default' is 'lora'; load it as a new adapter"),
+    ]
     for directory, message in cases:
         with pytest.raises(al.HotswapError, match=message):
             al.hotswap(model, directory)
@@ -370,7 +394,7 @@ def test_hotswap_convlora_ranks_up_to_the_prepared_maximum(tmp_path, conv_mode):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), want[0], rtol=0, atol=1e-5)
         graphs = counter.graphs
-        for directory, expected in zip(dirs[1:], want[1:]):
+        for directory, expected in zip(dirs[1:], want[1:], strict=True):
             al.hotswap(model, directory)
             torch.testing.assert_close(compiled(x), expected, rtol=0, atol=1e-5)
     assert counter.graphs == graphs

@@ -1,15 +1,16 @@
 """al.combine against independent numpy references, whole-matrix comparisons."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_lora
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import adapterlab as al
-from conftest import randomize_lora
 
 HOWS = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd"]
 
@@ -99,10 +100,16 @@ def test_ties_per_tensor(density):
 
 def test_ties_global_trim_uses_one_threshold_per_adapter():
     model = model_with(ranks=(4, 4))
-    al.combine(model, {"t0": 1.0, "t1": 1.0}, how="ties", into="out", density=0.3, trim_scope="global", rank=6)
+    al.combine(
+        model, {"t0": 1.0, "t1": 1.0}, how="ties", into="out", density=0.3, trim_scope="global", rank=6
+    )
     tv = {n: deltas(model, n) for n in ("t0", "t1")}
-    thr = {n: np.sort(np.concatenate([np.abs(v).ravel() for v in tv[n].values()]))[::-1][
-        math.ceil(0.3 * sum(v.size for v in tv[n].values())) - 1] for n in tv}
+    thr = {
+        n: np.sort(np.concatenate([np.abs(v).ravel() for v in tv[n].values()]))[::-1][
+            math.ceil(0.3 * sum(v.size for v in tv[n].values())) - 1
+        ]
+        for n in tv
+    }
     for path, dw in deltas(model, "out").items():
         want = np_ties([np.where(np.abs(tv[n][path]) >= thr[n] * (1 - 1e-6), tv[n][path], 0) for n in tv])
         np.testing.assert_allclose(dw, want, atol=1e-5)
@@ -146,7 +153,7 @@ def test_svd_error_equals_the_tail_singular_values(rank, seed):
         err = np.linalg.norm(full - dw)
         assert err == pytest.approx(np.sqrt((s[rank:] ** 2).sum()), abs=1e-4)
         assert report.discarded[path] == pytest.approx((s[rank:] ** 2).sum(), rel=1e-4, abs=1e-8)
-        total += (s ** 2).sum()
+        total += (s**2).sum()
     assert report.discarded_fraction == pytest.approx(sum(report.discarded.values()) / total)
 
 
@@ -168,7 +175,9 @@ def test_combined_adapter_is_added_inactive_frozen_and_saves(tmp_path):
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".both." in n)
     al.save(model, tmp_path, name="both")
     fresh = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 6))
-    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "deltas" not in k})
+    fresh.load_state_dict(
+        {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "deltas" not in k}
+    )
     al.load(fresh, tmp_path)
     x = torch.randn(2, 7)
     al.set_active(model, ["both"])
@@ -176,8 +185,11 @@ def test_combined_adapter_is_added_inactive_frozen_and_saves(tmp_path):
 
 
 def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, [n for n, _ in model.named_modules()],
-            dict(al.active(model)))
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [n for n, _ in model.named_modules()],
+        dict(al.active(model)),
+    )
 
 
 BAD = [
@@ -221,8 +233,11 @@ def test_cat_refuses_non_lora_inputs():
 
 
 def dense_of(model, name):
-    return {p: m.deltas[name].delta_weight().detach().double().numpy()
-            for p, m in model.named_modules() if hasattr(m, "deltas") and name in m.deltas}
+    return {
+        p: m.deltas[name].delta_weight().detach().double().numpy()
+        for p, m in model.named_modules()
+        if hasattr(m, "deltas") and name in m.deltas
+    }
 
 
 @pytest.mark.parametrize("how", ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
@@ -237,8 +252,10 @@ def test_dense_and_sparse_outputs_are_exact(how, kind):
         if how == "linear":
             want = sum(w * taus[n] for n, w in weights.items())
         elif how.startswith("dare"):
-            dropped = [w * taus[n] * (torch.rand(taus[n].shape, generator=gen) >= 0.5).numpy() / 0.5
-                       for n, w in weights.items()]
+            dropped = [
+                w * taus[n] * (torch.rand(taus[n].shape, generator=gen) >= 0.5).numpy() / 0.5
+                for n, w in weights.items()
+            ]
             want = sum(dropped) if how == "dare_linear" else np_ties(dropped)
         else:
             trimmed = [w * np_trim(taus[n], 0.3) for n, w in weights.items()]
@@ -269,8 +286,9 @@ def test_mixed_lora_sparse_and_dense_inputs(tmp_path):
     for name in ("mix", "sparse_in"):
         al.save(model, tmp_path / name, name=name)
         fresh = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 6))
-        fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
-                               if "deltas" not in k})
+        fresh.load_state_dict(
+            {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "deltas" not in k}
+        )
         al.load(fresh, tmp_path / name, name=name)
         al.set_active(model, [name])
         with torch.no_grad():

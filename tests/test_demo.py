@@ -1,4 +1,5 @@
 """The demo runs end to end (short) and the CLI reports errors on one line."""
+
 from adapterlab.cli import main
 from adapterlab.demo import run
 

@@ -1,15 +1,16 @@
 """DenseDelta: every supported layer kind, folded and additive forms, gradients, merge, dtypes."""
+
 import copy
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
 
 import adapterlab as al
 from adapterlab.methods.dense import DenseDelta
-from conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -40,7 +41,9 @@ def with_delta(module: nn.Module, seed: int = 1) -> tuple[nn.Sequential, torch.T
     delta = model[0].deltas["default"]
     assert isinstance(delta, DenseDelta) and torch.count_nonzero(delta.weight_delta) == 0
     with torch.no_grad():
-        delta.weight_delta.copy_(torch.randn(delta.weight_delta.shape, generator=torch.Generator().manual_seed(seed)))
+        delta.weight_delta.copy_(
+            torch.randn(delta.weight_delta.shape, generator=torch.Generator().manual_seed(seed))
+        )
     return model, delta.weight_delta
 
 

@@ -3,6 +3,7 @@ adapter, SaRA with its nuclear-norm term), `transformers.Trainer` (plain, and wi
 and FSDP2 `fully_shard` (LoRA, SFT). One torchrun launch of `distributed_worker.py` runs all of it,
 since starting torchrun and importing transformers in two processes costs most of the time; the
 tests below check what rank 0 recorded (see the worker's docstring for the layout)."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,9 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-RANK_TOL = 1e-7     # between ranks: they apply the same averaged gradient
-SINGLE_TOL = 1e-5   # against one process on the whole batch: only the summation order differs
-MOVED = 1e-3        # each run must move its adapter by far more than SINGLE_TOL
+RANK_TOL = 1e-7  # between ranks: they apply the same averaged gradient
+SINGLE_TOL = 1e-5  # against one process on the whole batch: only the summation order differs
+MOVED = 1e-3  # each run must move its adapter by far more than SINGLE_TOL
 PREFIX = "base_model.model."  # al.save's key prefix
 
 
@@ -39,7 +40,9 @@ CALLBACK = callback_imports()
 CALLBACK_RUNS = ["trainer-callback-lora", "trainer-callback-sara", "trainer-callback-sft"] if CALLBACK else []
 SAVED_RUNS = ["ddp-lora", "ddp-sft", "ddp-sara", "fsdp-lora", "fsdp-sft"]
 RUNS = SAVED_RUNS + ["trainer-lora"] + CALLBACK_RUNS
-needs_callback = pytest.mark.skipif(not CALLBACK, reason="adapterlab.integrations.AdapterCallback does not import")
+needs_callback = pytest.mark.skipif(
+    not CALLBACK, reason="adapterlab.integrations.AdapterCallback does not import"
+)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Launch:
     def run(self, run: str, who: str) -> dict[str, Tensor]:
         """The tensors of `run` recorded for `who` (rank0, rank1, single, initial, loaded, …), by `PATH.KEY`."""
         head = f"{run}/{who}/"
-        found = {k[len(head):]: v for k, v in self.tensors.items() if k.startswith(head)}
+        found = {k[len(head) :]: v for k, v in self.tensors.items() if k.startswith(head)}
         assert found, f"the worker recorded nothing for {head!r}"
         return found
 
@@ -62,29 +65,47 @@ def launch(tmp_path_factory) -> Launch:
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available")
     out, scratch = tmp_path_factory.mktemp("dist-out"), tmp_path_factory.mktemp("dist-scratch")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(WORKER), str(out), str(scratch), "--fsdp"] + (["--callback"] if CALLBACK else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(WORKER),
+        str(out),
+        str(scratch),
+        "--fsdp",
+    ] + (["--callback"] if CALLBACK else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     if proc.returncode != 0:
         pytest.fail(f"torchrun exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return Launch(out, scratch, load_file(out / "results.safetensors"), json.loads((out / "report.json").read_text()))
+    return Launch(
+        out, scratch, load_file(out / "results.safetensors"), json.loads((out / "report.json").read_text())
+    )
 
 
 def max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     """Largest |a − b| over the float tensors (same keys and shapes required)."""
     assert a.keys() == b.keys()
     assert all(a[k].shape == b[k].shape for k in a)
-    return max((a[k].double() - b[k].double()).abs().max().item()
-               for k in a if a[k].is_floating_point() and a[k].numel())
+    return max(
+        (a[k].double() - b[k].double()).abs().max().item()
+        for k in a
+        if a[k].is_floating_point() and a[k].numel()
+    )
 
 
 def moved(after: dict[str, Tensor], before: dict[str, Tensor]) -> float:
     """How far training moved an adapter: the largest |after − before| over shared float tensors;
     a tensor only `after` has (LT-SFT's sparse values, made from a ΔW that started at 0) counts
     with its magnitude."""
-    return max((after[k].double() - before[k].double() if k in before else after[k].double()).abs().max().item()
-               for k in after if after[k].is_floating_point() and after[k].numel())
+    return max(
+        (after[k].double() - before[k].double() if k in before else after[k].double()).abs().max().item()
+        for k in after
+        if after[k].is_floating_point() and after[k].numel()
+    )
 
 
 def same_integers(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
@@ -186,6 +207,9 @@ def test_callback_switched_lt_sft_to_its_sparse_phase(launch):
     final = launch.run("trainer-callback-sft", "rank0")
     assert final and all(k.endswith((".indices", ".values")) for k in final)
     k = sum(t.numel() for key, t in final.items() if key.endswith(".indices"))
-    maskable = sum(t.numel() for key, t in launch.run("trainer-callback-sft", "initial").items()
-                   if key.endswith(".weight_delta"))
+    maskable = sum(
+        t.numel()
+        for key, t in launch.run("trainer-callback-sft", "initial").items()
+        if key.endswith(".weight_delta")
+    )
     assert k == round(0.05 * maskable)  # density=0.05 in the worker

@@ -1,6 +1,7 @@
 """The DSCLoRA reproduction (benchmarks/dsclora) in a tiny configuration, and the invariants of its
 ConvLoRA placement: merged students keep the base's size and the unmerged output; ConvLoRA
 training leaves the base weights alone; the kernel layout spends the reshape layout's budget."""
+
 from __future__ import annotations
 
 import copy
@@ -28,16 +29,31 @@ from dsclora.model import (
     trainable,
 )
 
-TINY = dsc.Setup(teacher_channels=8, student_channels=4, blocks=2, patch=16, batch=2, teacher_steps=3, base_steps=2,
-                 tune_steps=3, seeds=(0,), variants=("reshape_kd", "kernel_kd"), eval_side=32, curve_points=1,
-                 latency_side=16, latency_rounds=2, images="synthetic")
+TINY = dsc.Setup(
+    teacher_channels=8,
+    student_channels=4,
+    blocks=2,
+    patch=16,
+    batch=2,
+    teacher_steps=3,
+    base_steps=2,
+    tune_steps=3,
+    seeds=(0,),
+    variants=("reshape_kd", "kernel_kd"),
+    eval_side=32,
+    curve_points=1,
+    latency_side=16,
+    latency_rounds=2,
+    images="synthetic",
+)
 
 
 def expected_budget(model: SPAN, placement) -> int:
     """Σ over the targeted convs of the layout's parameter formula (independent of the library)."""
     spab = [b.get_submodule(c) for b in model.blocks for c in ("c1", "c2", "c3")]
-    return (sum(lora_params(placement.mode, conv, placement.spab) for conv in spab)
-            + sum(lora_params(placement.mode, model.get_submodule(path), r) for path, r in placement.tail))
+    return sum(lora_params(placement.mode, conv, placement.spab) for conv in spab) + sum(
+        lora_params(placement.mode, model.get_submodule(path), r) for path, r in placement.tail
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,18 +102,27 @@ def test_convlora_tuning_moves_only_the_adapters():
 
 
 @settings(max_examples=12, deadline=None)
-@given(channels=st.integers(2, 10), blocks=st.integers(1, 2), scale=st.sampled_from([2, 3]),
-       mode=st.sampled_from(["reshape", "kernel"]), seed=st.integers(0, 2**16))
+@given(
+    channels=st.integers(2, 10),
+    blocks=st.integers(1, 2),
+    scale=st.sampled_from([2, 3]),
+    mode=st.sampled_from(["reshape", "kernel"]),
+    seed=st.integers(0, 2**16),
+)
 def test_placement_merges_exactly_and_matches_the_budget(channels, blocks, scale, mode, seed):
     torch.manual_seed(seed)
     base = SPAN(channels, blocks, scale)
     placement = dsclora_placement("reshape") if mode == "reshape" else kernel_placement(base)
     model = inject_convlora(copy.deepcopy(base), placement)
     assert trainable(model) == expected_budget(base, placement)
-    if mode == "kernel":  # nearest integer rank: within half a rank's parameters of the reshape budget, per conv
+    if (
+        mode == "kernel"
+    ):  # nearest integer rank: within half a rank's parameters of the reshape budget, per conv
         ref = dsclora_placement("reshape")
         convs = [(base.blocks[0].c1, placement.spab, ref.spab)] + [
-            (base.get_submodule(p), r, r_ref) for (p, r), (_, r_ref) in zip(placement.tail, ref.tail)]
+            (base.get_submodule(p), r, r_ref)
+            for (p, r), (_, r_ref) in zip(placement.tail, ref.tail, strict=True)
+        ]
         for conv, r, r_ref in convs:
             gap = abs(lora_params("kernel", conv, r) - lora_params("reshape", conv, r_ref))
             assert gap <= lora_params("kernel", conv, 1) / 2 or r == 1
@@ -124,7 +149,9 @@ def test_data_pairs_sampler_and_psnr():
         assert hr.shape[-1] % 3 == 0 and lr.shape[-1] * 3 == hr.shape[-1]
     hr = (images[0][None] * 255).round() / 255  # 8-bit, as the SR is rounded to 8 bits
     assert data.psnr_y(hr, hr, shave=2) == math.inf
-    assert data.psnr_y((hr + 0.05).clamp(0, 1), hr, shave=2) < data.psnr_y((hr + 0.01).clamp(0, 1), hr, shave=2)
+    assert data.psnr_y((hr + 0.05).clamp(0, 1), hr, shave=2) < data.psnr_y(
+        (hr + 0.01).clamp(0, 1), hr, shave=2
+    )
     with pytest.raises(al.ConfigError, match="multiple of scale"):
         data.PatchSampler(images, 13, 3, 4, seed=0)
 

@@ -5,6 +5,7 @@ machine) and the tests assert on what they printed (the last line is a JSON resu
 The examples check their own exports against the trained model and report the differences; the
 tests bound those and read the written files' headers (no torch in the test process's way).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,12 @@ def runs(tmp_path_factory) -> dict[str, dict]:
             continue
         out = tmp_path_factory.mktemp(name)
         cmd = [sys.executable, str(ROOT / "examples" / argv[0]), *argv[1:], "--tiny", "--out", str(out)]
-        started[name] = (out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                               cwd=out, env=env))
+        started[name] = (
+            out,
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out, env=env
+            ),
+        )
     done = {}
     for name, (out, proc) in started.items():
         stdout, stderr = proc.communicate(timeout=600)
@@ -96,10 +101,10 @@ def test_text_classification_lora_exports_a_peft_directory_that_matches(runs):
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8
     keys = [k for k in header(peft_dir / "adapter_model.safetensors") if k != "__metadata__"]
-    assert any(k.endswith("classifier.lora_B.weight") for k in keys)   # the head is part of the adapter
+    assert any(k.endswith("classifier.lora_B.weight") for k in keys)  # the head is part of the adapter
     assert all(k.startswith("base_model.model.") for k in keys)
     keys = checkpoint_keys(runs["lora"]["dir"])
-    assert keys and all(".deltas." in k for k in keys)                  # AdapterCallback: adapter-only checkpoint
+    assert keys and all(".deltas." in k for k in keys)  # AdapterCallback: adapter-only checkpoint
 
 
 def test_text_classification_sara_exports_a_dense_delta_that_matches(runs):
@@ -107,7 +112,7 @@ def test_text_classification_sara_exports_a_dense_delta_that_matches(runs):
     assert is_fraction(result["accuracy_before"]) and is_fraction(result["accuracy_after"])
     assert result["adapter_max_logit_change"] > 1e-5
     assert 0 <= result["dense_max_abs_diff"] < TOLERANCE
-    assert result["frozen_by_reselection"] > 0    # the progressive re-selection ran inside the Trainer
+    assert result["frozen_by_reselection"] > 0  # the progressive re-selection ran inside the Trainer
     dense = header(Path(result["dense_file"]))
     block = json.loads(dense.pop("__metadata__")["adapterlab"])
     assert block["method"] == "sara" and dense
@@ -119,7 +124,9 @@ def test_combine_ties_writes_a_loadable_combination_and_scores_it(runs):
     result = finished(runs, "ties")
     table = result["accuracy"]
     assert set(table) == {"base", "sentiment", "topic", "stacked", "ties"}
-    assert all(set(row) == {"sentiment", "topic"} and all(map(is_fraction, row.values())) for row in table.values())
+    assert all(
+        set(row) == {"sentiment", "topic"} and all(map(is_fraction, row.values())) for row in table.values()
+    )
     combined = Path(result["combined_dir"])
     block = json.loads(header(combined / "adapter_model.safetensors")["__metadata__"]["adapterlab"])
     assert block["method"] == "dense"
@@ -132,7 +139,7 @@ def test_locft_edit_scores_and_merges_the_edit(runs):
     for when in ("before", "after"):
         assert set(result[when]) == {"reliability", "generalization", "locality"}
         assert all(map(is_fraction, result[when].values())), result[when]
-    assert result["before"]["locality"] == 1.0      # no adapter yet: the model agrees with itself
+    assert result["before"]["locality"] == 1.0  # no adapter yet: the model agrees with itself
     assert result["edit_steps"] >= 1
     # `adapterlab merge` wrote a checkpoint that decodes exactly as the model with the edit adapter
     assert result["merged_same_output"] == 1.0

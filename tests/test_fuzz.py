@@ -6,6 +6,7 @@ CI runs FUZZ_EXAMPLES examples per seed directory (default 100, three seeds). Fo
     ADAPTERLAB_FUZZ_EXAMPLES=3000 python -m pytest -q -s tests/test_fuzz.py
 (-s prints the count of examples run and how they ended).
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_lora, tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import adapterlab as al
 from adapterlab.io import CONFIG_FILE, WEIGHTS_FILE
-from conftest import randomize_lora, tiny_llama
 
 FUZZ_EXAMPLES = int(os.environ.get("ADAPTERLAB_FUZZ_EXAMPLES", "100"))
 SECONDS_PER_EXAMPLE = 20  # a load of a tiny adapter takes milliseconds; past this it is a hang
@@ -53,15 +54,15 @@ def sft_seed(tmp: Path) -> dict[str, bytes]:
 
 def peft_seed(tmp: Path) -> dict[str, bytes]:
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
     randomize_lora(model)
     model.save_pretrained(tmp / "peft")
     return files_of(tmp / "peft")
 
 
 SEEDS = {"lora": lora_seed, "sft": sft_seed, "peft": peft_seed}
-
-
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,9 @@ def model():
     assert state.keys() == fresh.keys() and all(torch.equal(state[k], fresh[k]) for k in fresh)
     for call in CALLS:
         counts = {k.split(":")[1]: n for k, n in sorted(OUTCOMES.items()) if k.startswith(f"{call}:")}
-        print(f"\nfuzz {call}: {sum(counts.values())} directories (up to {FUZZ_EXAMPLES} mutated per seed): {counts}")
+        print(
+            f"\nfuzz {call}: {sum(counts.values())} directories (up to {FUZZ_EXAMPLES} mutated per seed): {counts}"
+        )
 
 
 # -- mutations -----------------------------------------------------------------------------------------
@@ -85,10 +88,10 @@ def split(blob: bytes) -> tuple[dict, bytes] | None:
     if len(blob) < 8 or 8 + n > len(blob):
         return None
     try:
-        header = json.loads(blob[8:8 + n])
+        header = json.loads(blob[8 : 8 + n])
     except (ValueError, RecursionError):
         return None
-    return (header, blob[8 + n:]) if isinstance(header, dict) else None
+    return (header, blob[8 + n :]) if isinstance(header, dict) else None
 
 
 def join(header: dict, data: bytes) -> bytes:
@@ -151,49 +154,144 @@ def replace_at(doc, path: list[int], op: str, value):
     return doc
 
 
-CONFIG_FIELDS = ["r", "alpha", "dropout", "rslora", "conv_mode", "targets", "exclude", "layers", "density",
-                 "count", "method", "lora_alpha", "lora_dropout", "use_rslora", "peft_type", "bias", "use_dora"]
+CONFIG_FIELDS = [
+    "r",
+    "alpha",
+    "dropout",
+    "rslora",
+    "conv_mode",
+    "targets",
+    "exclude",
+    "layers",
+    "density",
+    "count",
+    "method",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "peft_type",
+    "bias",
+    "use_dora",
+]
 BLOCK_FIELDS = ["format_version", "library_version", "method", "config", "fingerprint"]
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-2**64, 2**64), st.floats(), st.text(max_size=8),
-    st.sampled_from([-1, 0, 1, 2**31, 2**62, 10**9, float("nan"), float("inf"), "lora", "sft", "LORA", "all"]))
-json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c,
-                                                                                         max_size=3), max_leaves=6)
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**64), 2**64),
+    st.floats(),
+    st.text(max_size=8),
+    st.sampled_from(
+        [-1, 0, 1, 2**31, 2**62, 10**9, float("nan"), float("inf"), "lora", "sft", "LORA", "all"]
+    ),
+)
+json_values = st.recursive(
+    scalars,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=6,
+)
 files_ = st.sampled_from([WEIGHTS_FILE, CONFIG_FILE])
 dims = st.one_of(st.integers(-3, 40), st.sampled_from([2**31, 2**40, 2**62, 2**64, 10**30]))
 ENTRY_VALUES = {
-    "dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL", "U16",
-                                        "U32", "U64", "F8_E4M3", "F8_E5M2", "C64", "", "f32"]), json_values),
+    "dtype": st.one_of(
+        st.sampled_from(
+            [
+                "F32",
+                "F16",
+                "BF16",
+                "F64",
+                "I64",
+                "I32",
+                "I16",
+                "I8",
+                "U8",
+                "BOOL",
+                "U16",
+                "U32",
+                "U64",
+                "F8_E4M3",
+                "F8_E5M2",
+                "C64",
+                "",
+                "f32",
+            ]
+        ),
+        json_values,
+    ),
     "shape": st.one_of(st.lists(dims, max_size=4), json_values),
     "data_offsets": st.one_of(st.lists(st.one_of(dims, st.integers(0, 3000)), max_size=3), json_values),
 }
-GARBAGE = st.one_of(st.binary(max_size=64), st.sampled_from([
-    b"", b"{", b"null", b"[]", b"1", b'"x"', b"NaN", b'{"adapterlab": 3}', b'{"adapterlab": null}',
-    b'{"peft_type": "LORA", "r": -1}', b'{"peft_type": "LORA"}', b'{"peft_type": "IA3"}',
-    b"DEEP", b'{"r": ' + b"9" * 5000 + b"}", b"\xff\xfe{}"]))
+GARBAGE = st.one_of(
+    st.binary(max_size=64),
+    st.sampled_from(
+        [
+            b"",
+            b"{",
+            b"null",
+            b"[]",
+            b"1",
+            b'"x"',
+            b"NaN",
+            b'{"adapterlab": 3}',
+            b'{"adapterlab": null}',
+            b'{"peft_type": "LORA", "r": -1}',
+            b'{"peft_type": "LORA"}',
+            b'{"peft_type": "IA3"}',
+            b"DEEP",
+            b'{"r": ' + b"9" * 5000 + b"}",
+            b"\xff\xfe{}",
+        ]
+    ),
+)
 DEEP = b"[" * 100_000 + b"]" * 100_000  # nesting past Python's recursion limit ("DEEP" in examples)
 # a pickle that runs `touch MARKER` when unpickled
 PICKLE = b"cos\nsystem\n(S'touch %s'\ntR."
 
 mutations = st.one_of(
     st.tuples(st.just("truncate"), files_, st.floats(0, 1)),
-    st.tuples(st.just("flip"), files_, st.lists(st.tuples(st.floats(0, 1), st.integers(0, 7)), min_size=1,
-                                                  max_size=8), st.booleans()),
-    st.tuples(st.just("header_length"), st.one_of(st.integers(0, 2**64 - 1),
-                                                  st.sampled_from([0, 7, 2**63, 2**64 - 1, 10**8]))),
+    st.tuples(
+        st.just("flip"),
+        files_,
+        st.lists(st.tuples(st.floats(0, 1), st.integers(0, 7)), min_size=1, max_size=8),
+        st.booleans(),
+    ),
+    st.tuples(
+        st.just("header_length"),
+        st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 7, 2**63, 2**64 - 1, 10**8])),
+    ),
     st.sampled_from(sorted(ENTRY_VALUES)).flatmap(
-        lambda field: st.tuples(st.just("entry"), st.integers(0, 20), st.just(field), ENTRY_VALUES[field])),
+        lambda field: st.tuples(st.just("entry"), st.integers(0, 20), st.just(field), ENTRY_VALUES[field])
+    ),
     st.tuples(st.just("drop_entry"), st.integers(0, 20)),
-    st.tuples(st.just("rename_entry"), st.integers(0, 20), st.one_of(st.text(max_size=12), st.sampled_from([
-        "base_model.model.", "base_model.model.lm_head.lora_A.weight", "base_model.model.model.indices",
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
-        "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"]))),
-    st.tuples(st.just("json"), st.sampled_from(["config", "block"]), st.lists(st.integers(0, 20), min_size=1,
-                                                                              max_size=4),
-              st.sampled_from(["set", "delete", "add"]), json_values),
-    st.tuples(st.just("field"), st.sampled_from(["config", "block"]), st.sampled_from(CONFIG_FIELDS + BLOCK_FIELDS),
-              json_values),
+    st.tuples(
+        st.just("rename_entry"),
+        st.integers(0, 20),
+        st.one_of(
+            st.text(max_size=12),
+            st.sampled_from(
+                [
+                    "base_model.model.",
+                    "base_model.model.lm_head.lora_A.weight",
+                    "base_model.model.model.indices",
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                    "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight",
+                ]
+            ),
+        ),
+    ),
+    st.tuples(
+        st.just("json"),
+        st.sampled_from(["config", "block"]),
+        st.lists(st.integers(0, 20), min_size=1, max_size=4),
+        st.sampled_from(["set", "delete", "add"]),
+        json_values,
+    ),
+    st.tuples(
+        st.just("field"),
+        st.sampled_from(["config", "block"]),
+        st.sampled_from(CONFIG_FIELDS + BLOCK_FIELDS),
+        json_values,
+    ),
     st.tuples(st.just("raw"), files_, GARBAGE),
     st.tuples(st.just("raw_block"), GARBAGE),
     st.tuples(st.just("remove"), files_),
@@ -214,28 +312,38 @@ def mutate(files: dict, m: tuple, marker: Path) -> None:
     """Apply one mutation to `files` ({name: bytes | None}; None: a directory of that name)."""
     kind = m[0]
     if kind == "truncate" and files.get(m[1]):
-        files[m[1]] = files[m[1]][:int(m[2] * len(files[m[1]]))]
+        files[m[1]] = files[m[1]][: int(m[2] * len(files[m[1]]))]
     elif kind == "flip" and files.get(m[1]):
         blob = bytearray(files[m[1]])
-        span = min(len(blob), 8 + int.from_bytes(blob[:8], "little")) if m[3] and m[1] == WEIGHTS_FILE else len(blob)
+        span = (
+            min(len(blob), 8 + int.from_bytes(blob[:8], "little"))
+            if m[3] and m[1] == WEIGHTS_FILE
+            else len(blob)
+        )
         for where, bit in m[2]:
             blob[min(int(where * span), len(blob) - 1)] ^= 1 << bit
         files[m[1]] = bytes(blob)
     elif kind == "header_length" and files.get(WEIGHTS_FILE):
         files[WEIGHTS_FILE] = m[1].to_bytes(8, "little") + files[WEIGHTS_FILE][8:]
     elif kind == "entry":
+
         def edit(header):
             names = tensor_names(header)
             if names and isinstance(header[names[m[1] % len(names)]], dict):
                 header[names[m[1] % len(names)]][m[2]] = m[3]
+
         edit_header(files, edit)
     elif kind == "drop_entry":
-        edit_header(files, lambda h: h.pop(tensor_names(h)[m[1] % len(tensor_names(h))]) if tensor_names(h) else None)
+        edit_header(
+            files, lambda h: h.pop(tensor_names(h)[m[1] % len(tensor_names(h))]) if tensor_names(h) else None
+        )
     elif kind == "rename_entry":
+
         def edit(header):
             names = tensor_names(header)
             if names:
                 header[m[2]] = header.pop(names[m[1] % len(names)])
+
         edit_header(files, edit)
     elif kind == "json":
         edit_json(files, m[1], lambda doc: replace_at(doc, m[2], m[3], m[4]))
@@ -245,8 +353,14 @@ def mutate(files: dict, m: tuple, marker: Path) -> None:
         files[m[1]] = DEEP if m[2] == b"DEEP" else m[2]
     elif kind == "raw_block":
         text = (DEEP if m[1] == b"DEEP" else m[1]).decode("utf-8", "replace")
-        edit_header(files, lambda h: h.setdefault("__metadata__", {}).update(adapterlab=text)
-                    if isinstance(h.get("__metadata__", {}), dict) else None)
+        edit_header(
+            files,
+            lambda h: (
+                h.setdefault("__metadata__", {}).update(adapterlab=text)
+                if isinstance(h.get("__metadata__", {}), dict)
+                else None
+            ),
+        )
     elif kind == "remove":
         files.pop(m[1], None)
     elif kind == "pickle":
@@ -326,8 +440,11 @@ def run_validate(directory: Path) -> None:
     validate(directory, _BASE[0])
 
 
-CALLS = {"load": load_once, "inspect": lambda model, directory: run_inspect(directory),
-         "validate": lambda model, directory: run_validate(directory)}
+CALLS = {
+    "load": load_once,
+    "inspect": lambda model, directory: run_inspect(directory),
+    "validate": lambda model, directory: run_validate(directory),
+}
 
 
 def check_one(call: str, model, files: dict, directory: Path, marker: Path) -> str:
@@ -356,9 +473,16 @@ def test_mutated_directories_end_in_success_or_adapterlab_error(model, call, see
     marker = work / "PICKLE-WAS-LOADED"
     assert check_one(call, model, dict(original), work / "adapter", marker) == "ok"  # the seed itself is fine
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
     @given(st.lists(mutations, min_size=1, max_size=3))
     def run(ms):
         files = dict(original)
@@ -382,15 +506,22 @@ def test_declared_sizes_are_checked_against_the_file(tmp_path):
     files = lora_seed(tmp_path)
     header, data = split(files[WEIGHTS_FILE])
     name = tensor_names(header)[0]
-    header[name]["shape"], header[name]["data_offsets"] = [2**20, 2**10], [0, 4 * 2**30]  # 4 GiB in a 1 kB file
+    header[name]["shape"], header[name]["data_offsets"] = (
+        [2**20, 2**10],
+        [0, 4 * 2**30],
+    )  # 4 GiB in a 1 kB file
     write(tmp_path / "huge", {**files, WEIGHTS_FILE: join(header, data)})
-    with pytest.raises(al.AdapterFileError, match=r"declares F32 \[1048576, 1024\] at bytes \[0, 4294967296\)"):
+    with pytest.raises(
+        al.AdapterFileError, match=r"declares F32 \[1048576, 1024\] at bytes \[0, 4294967296\)"
+    ):
         al.load(tiny_llama(), tmp_path / "huge")
     header[name]["shape"], header[name]["data_offsets"] = [0, 2**62, 2**62], [0, 0]  # empty, but absurd
     write(tmp_path / "absurd", {**files, WEIGHTS_FILE: join(header, data)})
     with pytest.raises(al.AdapterFileError, match=r"declares shape \[0, 4611686018427387904, .*too large"):
         al.load(tiny_llama(), tmp_path / "absurd")
-    write(tmp_path / "length", {**files, WEIGHTS_FILE: (2**63).to_bytes(8, "little") + files[WEIGHTS_FILE][8:]})
+    write(
+        tmp_path / "length", {**files, WEIGHTS_FILE: (2**63).to_bytes(8, "little") + files[WEIGHTS_FILE][8:]}
+    )
     with pytest.raises(al.AdapterFileError, match=r"header length field says 9223372036854775808 bytes"):
         al.load(tiny_llama(), tmp_path / "length")
 
@@ -407,13 +538,25 @@ def test_unknown_keys_are_warned_by_name_and_ignored(tmp_path):
     assert al.adapters(model)["default"].method == "sft"
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("r", -2, r"r=-2"), ("r", "8", r"r='8'"), ("alpha", float("nan"), r"alpha=nan"),
-    ("alpha", float("inf"), r"alpha=inf"), ("dropout", None, r"dropout=None"), ("targets", 5, r"targets=5"),
-    ("layers", [-1], r"layers=\[-1\]"), ("config", [1, 2], r"config \[1, 2\]"),
-    ("fingerprint", {"modules": {"x": {"type": "Linear", "shape": "big"}}}, r"fingerprint .* is malformed"),
-    ("format_version", "1", r"integer format_version"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("r", -2, r"r=-2"),
+        ("r", "8", r"r='8'"),
+        ("alpha", float("nan"), r"alpha=nan"),
+        ("alpha", float("inf"), r"alpha=inf"),
+        ("dropout", None, r"dropout=None"),
+        ("targets", 5, r"targets=5"),
+        ("layers", [-1], r"layers=\[-1\]"),
+        ("config", [1, 2], r"config \[1, 2\]"),
+        (
+            "fingerprint",
+            {"modules": {"x": {"type": "Linear", "shape": "big"}}},
+            r"fingerprint .* is malformed",
+        ),
+        ("format_version", "1", r"integer format_version"),
+    ],
+)
 def test_bad_config_values_name_the_field(tmp_path, field, value, match):
     files = lora_seed(tmp_path)
     mutate(files, ("field", "block", field, value), tmp_path / "m")
@@ -428,7 +571,10 @@ def test_a_pickle_beside_or_instead_of_the_weights_is_never_loaded(tmp_path):
     marker = tmp_path / "PWNED"
     write(tmp_path / "beside", {**files, "adapter_model.bin": PICKLE % str(marker).encode()})
     al.load(tiny_llama(), tmp_path / "beside")  # the safetensors file is used, the pickle ignored
-    write(tmp_path / "instead", {CONFIG_FILE: files[CONFIG_FILE], "adapter_model.bin": PICKLE % str(marker).encode()})
+    write(
+        tmp_path / "instead",
+        {CONFIG_FILE: files[CONFIG_FILE], "adapter_model.bin": PICKLE % str(marker).encode()},
+    )
     with pytest.raises(al.AdapterFileError, match="never unpickles"):
         al.load(tiny_llama(), tmp_path / "instead")
     assert not marker.exists()

@@ -1,13 +1,14 @@
 """HFT: the half rule per category, what trains and changes, stages, save/load, bad input."""
+
 from collections import Counter
 
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama
 from torch import nn
 
 import adapterlab as al
 from adapterlab.methods.hft import ARCHITECTURES, layer_groups, select_half
-from conftest import tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -17,8 +18,15 @@ def mha_llama(layers: int = 4, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -26,8 +34,11 @@ def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4,
-                                                    num_attention_heads=2, intermediate_size=64)).eval()
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64
+        )
+    ).eval()
 
 
 def layer_params(model: nn.Module) -> int:
@@ -76,11 +87,18 @@ def test_training_changes_exactly_the_chosen_matrices(ids):
     train(model, ids)
     base_now = dict(model.named_parameters())
     for name, before in original.items():  # during training no base weight moves
-        now = base_now.get(name) if name in base_now else base_now[name.rsplit(".", 1)[0] + ".base_layer.weight"]
+        now = (
+            base_now.get(name)
+            if name in base_now
+            else base_now[name.rsplit(".", 1)[0] + ".base_layer.weight"]
+        )
         assert torch.equal(now, before), name
     al.merge(model)
-    changed = {n.replace(".base_layer", "") for n, p in model.named_parameters()
-               if "deltas" not in n and not torch.equal(p, original[n.replace(".base_layer", "")])}
+    changed = {
+        n.replace(".base_layer", "")
+        for n, p in model.named_parameters()
+        if "deltas" not in n and not torch.equal(p, original[n.replace(".base_layer", "")])
+    }
     assert changed == {f"{path}.weight" for path in chosen}
 
 

@@ -1,8 +1,10 @@
 """save / load: exact round-trip, atomic directory writes, fingerprints, unsafe and broken files."""
+
 import json
 
 import pytest
 import torch
+from conftest import conv_net, randomize_lora, read_weights, tiny_gpt2, tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -10,7 +12,6 @@ from torch import nn
 
 import adapterlab as al
 from adapterlab.io import CONFIG_FILE, WEIGHTS_FILE
-from conftest import conv_net, randomize_lora, read_weights, tiny_gpt2, tiny_llama
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "conv": conv_net}
 
@@ -26,8 +27,13 @@ def run(model, kind, x):
         return model(x) if kind == "conv" else model(input_ids=x).logits
 
 
-@given(kind=st.sampled_from(sorted(MODELS)), r=st.integers(1, 8), mode=st.sampled_from(["kernel", "reshape"]),
-       rslora=st.booleans(), seed=st.integers(0, 1000))
+@given(
+    kind=st.sampled_from(sorted(MODELS)),
+    r=st.integers(1, 8),
+    mode=st.sampled_from(["kernel", "reshape"]),
+    rslora=st.booleans(),
+    seed=st.integers(0, 1000),
+)
 def test_save_load_reproduces_outputs_exactly(tmp_path_factory, kind, r, mode, rslora, seed):
     tmp = tmp_path_factory.mktemp("adapter")
     model = MODELS[kind]()
@@ -111,8 +117,16 @@ def test_fingerprint_mismatch_names_the_module(tmp_path, llama):
     al.save(llama, tmp_path)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(al.FingerprintMismatchError, match=r"q_proj' has weight shape \[48, 48\]"):
         al.load(other, tmp_path)
     assert not al.adapters(other)

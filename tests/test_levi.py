@@ -1,4 +1,5 @@
 """LEVI: a frozen backbone, heads on chosen layers fed [h_l; g(x)], a learned ensemble; save/load."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,16 @@ def tiny_bert(layers: int = 3, seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=layers,
-                                                    num_attention_heads=2, intermediate_size=64, num_labels=3))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=3,
+        )
+    )
 
 
 def batch(seed: int = 0):

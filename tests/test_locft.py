@@ -1,4 +1,5 @@
 """LocFT-BF: the edit location, what trains, the breadth-/depth-first trainers, evaluation, save/load."""
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -14,26 +15,60 @@ PEOPLE, CITIES, JOBS = 12, 12, 6
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer built in memory (no download): one id per word."""
-    words = ["[PAD]", "[EOS]", "[UNK]", "lives", "in", "the", "home", "of", "is", "works", "as", "a", "person",
-             "city", "job", *(f"p{i}" for i in range(PEOPLE)), *(f"c{i}" for i in range(CITIES)),
-             *(f"j{i}" for i in range(JOBS))]
+    words = [
+        "[PAD]",
+        "[EOS]",
+        "[UNK]",
+        "lives",
+        "in",
+        "the",
+        "home",
+        "of",
+        "is",
+        "works",
+        "as",
+        "a",
+        "person",
+        "city",
+        "job",
+        *(f"p{i}" for i in range(PEOPLE)),
+        *(f"c{i}" for i in range(CITIES)),
+        *(f"j{i}" for i in range(JOBS)),
+    ]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]"
+    )
 
 
 def tiny_lm(tokenizer, seed: int = 0, layers: int = 3) -> LlamaForCausalLM:
     """A random Llama; initializer_range 0.3 gives activations of a trained model's scale, so a few
     steps can edit it (at the default 0.02 the edited module barely reaches the output)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.3)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        initializer_range=0.3,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 def requests(n: int = 6):
-    return [{"prompt": f"p{i} lives in", "target": f"c{(i * 5) % CITIES}",
-             "paraphrases": [f"the home of p{i} is"], "locality": [f"p{i} works as a"]} for i in range(n)]
+    return [
+        {
+            "prompt": f"p{i} lives in",
+            "target": f"c{(i * 5) % CITIES}",
+            "paraphrases": [f"the home of p{i} is"],
+            "locality": [f"p{i} works as a"],
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +85,11 @@ def test_only_the_configured_module_changes(tok):
     assert trainable == ["model.layers.1.mlp.down_proj.deltas.locft.weight_delta"]
     assert al.adapters(model)["locft"].targets == ["model.layers.1.mlp.down_proj"]
     al.merge(model)
-    changed = {n.replace(".base_layer", "") for n, p in model.named_parameters()
-               if "deltas" not in n and not torch.equal(p, original[n.replace(".base_layer", "")])}
+    changed = {
+        n.replace(".base_layer", "")
+        for n, p in model.named_parameters()
+        if "deltas" not in n and not torch.equal(p, original[n.replace(".base_layer", "")])
+    }
     assert changed == {"model.layers.1.mlp.down_proj.weight"}
 
 
@@ -74,7 +112,9 @@ def test_breadth_first_learns_the_edits_then_skips_and_stops(tok):
 def test_depth_first_trains_one_edit_at_a_time(tok):
     model = tiny_lm(tok)
     reqs = requests(3)
-    report = al.locft.edit(model, tok, reqs, layer=0, strategy="depth_first", lr=1e-1, epochs=40, loss_threshold=0.1)
+    report = al.locft.edit(
+        model, tok, reqs, layer=0, strategy="depth_first", lr=1e-1, epochs=40, loss_threshold=0.1
+    )
     assert report.strategy == "depth_first" and report.epochs == 1
     assert len(report.losses) == 3 and all(loss < 0.1 for loss in report.losses)  # each to convergence
     assert 3 <= report.steps + report.skipped - 3 <= 3 * 40 and report.skipped == 3
@@ -113,7 +153,9 @@ def test_bad_input_names_the_fix(tok):
     with pytest.raises(al.ConfigError, match="pass layer="):
         al.inject(model, "locft")
     with pytest.raises(al.ConfigError, match="request 1 has target=None"):
-        al.locft.edit(model, tok, [{"prompt": "p1 lives in", "target": "c1"}, {"prompt": "p2 lives in"}], layer=0)
+        al.locft.edit(
+            model, tok, [{"prompt": "p1 lives in", "target": "c1"}, {"prompt": "p2 lives in"}], layer=0
+        )
     with pytest.raises(al.ConfigError, match="non-empty prompt"):
         al.locft.edit(model, tok, [{"prompt": "p1 lives in", "target": "  "}], layer=0)
     with pytest.raises(al.ConfigError, match="strategy="):

@@ -1,6 +1,8 @@
 """LoRA / ConvLoRA layers: properties over shapes, ranks, dtypes and layer kinds."""
+
 import pytest
 import torch
+from conftest import randomize_lora
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -8,7 +10,6 @@ from transformers.pytorch_utils import Conv1D
 
 import adapterlab as al
 from adapterlab.kernels.reference import LoRAAdd, dropout_mask
-from conftest import randomize_lora
 
 KINDS = ["linear", "hf_conv1d", "conv1d", "conv2d", "conv3d"]
 
@@ -33,8 +34,15 @@ def layer_cases(draw):
         nd = int(kind[4])
         k = draw(st.integers(1, 3))
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
-        module = conv(c_in, c_out, k, stride=draw(st.integers(1, 2)), padding=draw(st.integers(0, 1)),
-                      groups=groups, padding_mode=draw(st.sampled_from(["zeros", "reflect"])) if k > 1 else "zeros")
+        module = conv(
+            c_in,
+            c_out,
+            k,
+            stride=draw(st.integers(1, 2)),
+            padding=draw(st.integers(0, 1)),
+            groups=groups,
+            padding_mode=draw(st.sampled_from(["zeros", "reflect"])) if k > 1 else "zeros",
+        )
         x = torch.randn(2, c_in, *[5] * nd)
     return nn.Sequential(module).to(dtype), x.to(dtype), r, mode
 
@@ -114,7 +122,9 @@ def test_lora_add_gradcheck_fp64(p):
     a = torch.randn(2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     b = torch.randn(5, 2, dtype=torch.float64, generator=gen, requires_grad=True)
     keep = dropout_mask(x, p, torch.Generator().manual_seed(1234)) if p > 0 else None
-    assert torch.autograd.gradcheck(lambda o, x, a, b: LoRAAdd.apply(o, x, a, b, 1.5, p, keep, torch.float64), (out, x, a, b))
+    assert torch.autograd.gradcheck(
+        lambda o, x, a, b: LoRAAdd.apply(o, x, a, b, 1.5, p, keep, torch.float64), (out, x, a, b)
+    )
 
 
 def test_lora_add_dropout_matches_explicit_mask():
@@ -172,6 +182,7 @@ def test_no_grad_forward_equals_autograd_forward():
         with_grad = LoRAAdd.apply(out.clone(), x, a, b, 1.5, p, keep, a.dtype)
         with torch.no_grad():
             from adapterlab.kernels.reference import lora_add
+
             without = lora_add(out.clone(), x, a, b, 1.5, p, torch.Generator().manual_seed(11))
         assert torch.allclose(with_grad, without, atol=1e-6)
 

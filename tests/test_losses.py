@@ -1,4 +1,5 @@
 """Spatial-affinity distillation loss: chunked == direct, gradients, feature capture."""
+
 import pytest
 import torch
 from torch import nn
@@ -9,10 +10,12 @@ from adapterlab.losses import affinity_l1, capture, spatial_affinity_loss
 
 def direct(s, t, eps=1e-7):
     """The definition, in one piece: normalise over channels, HW×HW affinities, mean |difference|."""
+
     def aff(f):
         f = f.flatten(2)
         f = f / (f.norm(dim=1, keepdim=True) + eps)
         return f.transpose(1, 2) @ f
+
     return (aff(s) - aff(t)).abs().mean()
 
 
@@ -48,9 +51,8 @@ def test_sum_over_layers_and_capture():
     loss.backward()
     assert student[0].weight.grad is not None and teacher[0].weight.grad is None
     assert not student[0]._forward_hooks  # hooks removed
-    with pytest.raises(al.TargetError, match="'2x'"):
-        with capture(student, ["2x"]):
-            pass
+    with pytest.raises(al.TargetError, match="'2x'"), capture(student, ["2x"]):
+        pass
     with pytest.raises(al.ConfigError, match="one teacher map per student map"):
         spatial_affinity_loss([fs["0"]], [])
     with pytest.raises(al.ConfigError, match="share batch and spatial size"):

@@ -1,13 +1,14 @@
 """Model-level API: inject, several adapters, stacking, disabled, merge/unmerge, unload, delete."""
+
 import pytest
 import torch
+from conftest import randomize_lora, tiny_gpt2, tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import adapterlab as al
 from adapterlab.layer import AdapterLayer
-from conftest import randomize_lora, tiny_gpt2, tiny_llama
 
 
 def test_only_adapter_parameters_train(llama):
@@ -26,8 +27,11 @@ def test_all_linear_skips_the_output_head_and_wraps_every_projection(llama):
     assert "lm_head" not in wrapped
     assert len(wrapped) == 2 * 7  # q k v o gate up down per layer
     gpt = al.inject(tiny_gpt2(), "lora", r=4)
-    assert {n.rsplit(".", 1)[-1] for n, m in gpt.named_modules() if isinstance(m, AdapterLayer)} == \
-        {"c_attn", "c_proj", "c_fc"}
+    assert {n.rsplit(".", 1)[-1] for n, m in gpt.named_modules() if isinstance(m, AdapterLayer)} == {
+        "c_attn",
+        "c_proj",
+        "c_fc",
+    }
 
 
 def test_training_changes_only_the_adapter(llama, ids):
@@ -136,16 +140,18 @@ def test_merge_safe_refuses_nan_and_changes_nothing(llama):
     assert not any(m.merged for m in llama.modules() if isinstance(m, AdapterLayer))
 
 
-failing_injects = st.sampled_from([
-    dict(method="lora", r=0),
-    dict(method="lora", targets=["q_proj", "nope"]),
-    dict(method="lora", targets=["model"]),           # a container, not a Linear
-    dict(method="lora", targets="all-conv"),
-    dict(method="lora", name="bad.name"),
-    dict(method="lora", name="first"),                # taken
-    dict(method="nosuch"),
-    dict(method="lora", r=4, layers=[7]),
-])
+failing_injects = st.sampled_from(
+    [
+        dict(method="lora", r=0),
+        dict(method="lora", targets=["q_proj", "nope"]),
+        dict(method="lora", targets=["model"]),  # a container, not a Linear
+        dict(method="lora", targets="all-conv"),
+        dict(method="lora", name="bad.name"),
+        dict(method="lora", name="first"),  # taken
+        dict(method="nosuch"),
+        dict(method="lora", r=4, layers=[7]),
+    ]
+)
 
 
 @given(failing_injects)

@@ -1,18 +1,31 @@
 """A LoRA saved by adapterlab loads in peft, and a peft LoRA loads in adapterlab, with equal outputs."""
+
 import warnings
 
 import pytest
 import torch
+from conftest import conv_net, randomize_lora, tiny_gpt2, tiny_llama
 
 import adapterlab as al
-from conftest import conv_net, randomize_lora, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
 CASES = {
-    "llama": (tiny_llama, "all-linear", lambda: torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))),
-    "gpt2": (tiny_gpt2, "all-linear", lambda: torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))),
-    "conv2d": (conv_net, ["conv1", "conv2", "conv3"], lambda: torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))),
+    "llama": (
+        tiny_llama,
+        "all-linear",
+        lambda: torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0)),
+    ),
+    "gpt2": (
+        tiny_gpt2,
+        "all-linear",
+        lambda: torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0)),
+    ),
+    "conv2d": (
+        conv_net,
+        ["conv1", "conv2", "conv3"],
+        lambda: torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0)),
+    ),
 }
 
 
@@ -71,6 +84,6 @@ def test_grouped_or_reshape_conv_adapters_are_not_labelled_peft(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2))
     al.inject(model, "lora", r=2, targets=["0"])
     al.save(model, tmp_path)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any error from peft will do; it must not load
         peft.PeftModel.from_pretrained(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2)), tmp_path)
     assert al.load(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2)), tmp_path)

@@ -1,5 +1,6 @@
 """Mixed precision: every method trains and infers under torch.autocast (bf16, fp16) and on
 half-precision bases; gradients under autocast stay within half-precision tolerance of fp32."""
+
 from __future__ import annotations
 
 import pytest
@@ -86,9 +87,8 @@ def test_autocast_inference_matches_fp32(method, dtype, ids, single_thread):
         with torch.autocast("cpu", dtype=dtype):
             half = model(ids).logits
     assert (half.float() - ref).abs().max() < 0.05 * ref.abs().max()
-    with torch.no_grad():  # the adapter is in the autocast output: not the base model's
-        with al.disabled(model):
-            base = model(ids).logits
+    with torch.no_grad(), al.disabled(model):  # the adapter is in the autocast output: not the base's
+        base = model(ids).logits
     assert (base - ref).abs().max() > 10 * (half.float() - ref).abs().max()
 
 
@@ -109,7 +109,9 @@ def test_autocast_levi(dtype, single_thread):
     levi = LEVI(tiny_bert(), num_classes=3)
     ids, mask, labels = batch()
     randomize_deltas(levi, std=0.1)
-    assert_close_grads(levi, lambda: F.cross_entropy(levi(input_ids=ids, attention_mask=mask).float(), labels), dtype)
+    assert_close_grads(
+        levi, lambda: F.cross_entropy(levi(input_ids=ids, attention_mask=mask).float(), labels), dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -185,9 +187,20 @@ def test_trainer_bf16_with_the_callback_matches_fp32_training(method, tmp_path, 
         model = tiny_llama()
         options = dict(METHODS[method])
         al.inject(model, options.pop("method"), **options)
-        args = TrainingArguments(output_dir=str(tmp_path / str(bf16)), max_steps=3, per_device_train_batch_size=4,
-                                 learning_rate=0.5, optim="sgd", save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                                 bf16=bf16, lr_scheduler_type="constant", disable_tqdm=True)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(bf16)),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=0.5,
+            optim="sgd",
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            bf16=bf16,
+            lr_scheduler_type="constant",
+            disable_tqdm=True,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=data(), callbacks=[AdapterCallback()])
         trainer.train()
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -2,6 +2,7 @@
 Linear8bitLt, torchao int8 weight-only. LoRA trains on them, its files load in PEFT on the same
 quantized base and in a full-precision base, merge requantizes (and unmerge restores the packed
 weight bit for bit), and methods that edit weight entries are refused before anything changes."""
+
 import subprocess
 import sys
 import warnings
@@ -14,11 +15,11 @@ bnb = pytest.importorskip("bitsandbytes")
 torchao_quant = pytest.importorskip("torchao.quantization")
 peft = pytest.importorskip("peft")
 
+from conftest import randomize_lora, tiny_llama  # noqa: E402
+
 import adapterlab as al  # noqa: E402
 from adapterlab import quant  # noqa: E402
 from adapterlab.layer import AdapterLayer  # noqa: E402
-
-from conftest import randomize_lora, tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -34,8 +35,14 @@ def _replace_linears(model: nn.Module, build) -> nn.Module:
 
 def llama4(quant_type: str = "nf4", double: bool = True, compute: torch.dtype = torch.float32, seed: int = 0):
     def build(linear: nn.Linear) -> nn.Module:
-        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=compute, quant_type=quant_type, compress_statistics=double)
+        q = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute,
+            quant_type=quant_type,
+            compress_statistics=double,
+        )
         q.load_state_dict(linear.state_dict())
         return q.to("cpu")  # quantizes
 
@@ -46,8 +53,13 @@ def llama4(quant_type: str = "nf4", double: bool = True, compute: torch.dtype = 
 
 def llama8(seed: int = 0):
     def build(linear: nn.Linear) -> nn.Module:
-        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                has_fp16_weights=False, threshold=0.0)
+        q = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=0.0,
+        )
         q.load_state_dict(linear.state_dict())
         return q.to("cpu")
 
@@ -118,7 +130,9 @@ def test_quant_helper_shapes_and_dequantization():
     assert quant.kind(llama_ao().model.layers[0].mlp.down_proj) == quant.TORCHAO
     assert not quant.is_quantized(linear) and quant.logical_shape(linear) == (48, 64)
     full = sum(p.numel() for p in tiny_llama().parameters())
-    assert al.trainable_summary(llama4()).total == al.trainable_summary(llama8()).total == full  # logical entries
+    assert (
+        al.trainable_summary(llama4()).total == al.trainable_summary(llama8()).total == full
+    )  # logical entries
     # a has_fp16_weights 8-bit layer keeps a float weight: nothing packed to handle
     assert not quant.is_quantized(bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=True))
     for dq in (True, False):
@@ -133,10 +147,12 @@ def test_quant_helper_shapes_and_dequantization():
 
 
 def test_adapterlab_imports_without_quantization_libraries():
-    code = ("import sys; sys.modules['bitsandbytes'] = None; sys.modules['torchao'] = None\n"
-            "import torch, adapterlab as al\n"
-            "m = al.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), 'lora', r=2)\n"
-            "al.merge(m); al.unmerge(m); al.dequantize(m); print('ok')")
+    code = (
+        "import sys; sys.modules['bitsandbytes'] = None; sys.modules['torchao'] = None\n"
+        "import torch, adapterlab as al\n"
+        "m = al.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), 'lora', r=2)\n"
+        "al.merge(m); al.unmerge(m); al.dequantize(m); print('ok')"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
@@ -153,7 +169,9 @@ def test_4bit_train_save_peft_same_base_and_fp32_base(tmp_path, ids):
     al.save(model, tmp_path / "a")
 
     theirs = peft.PeftModel.from_pretrained(llama4(), tmp_path / "a").eval()
-    assert type(theirs.base_model.model.model.layers[0].mlp.down_proj).__module__.startswith("peft.tuners.lora.bnb")
+    assert type(theirs.base_model.model.model.layers[0].mlp.down_proj).__module__.startswith(
+        "peft.tuners.lora.bnb"
+    )
     diff = (logits(theirs, ids) - ours).abs().max().item()
     print(f"4-bit: PEFT on the same 4-bit base vs ours, max abs diff {diff:.3g}")
     assert diff <= 1e-6
@@ -165,9 +183,15 @@ def test_4bit_train_save_peft_same_base_and_fp32_base(tmp_path, ids):
     assert (ours_fp32 - ours).abs().max() < 0.5  # the same adapter on a slightly different base
 
 
-@pytest.mark.parametrize("quant_type,double,compute", [
-    ("nf4", True, torch.float32), ("nf4", False, torch.bfloat16), ("fp4", True, torch.bfloat16),
-    ("fp4", False, torch.float32)])
+@pytest.mark.parametrize(
+    "quant_type,double,compute",
+    [
+        ("nf4", True, torch.float32),
+        ("nf4", False, torch.bfloat16),
+        ("fp4", True, torch.bfloat16),
+        ("fp4", False, torch.float32),
+    ],
+)
 def test_4bit_variants_train_merge_unmerge_exact(quant_type, double, compute, ids):
     model = llama4(quant_type, double, compute)
     base = state(model)
@@ -218,8 +242,9 @@ def test_bf16_activations_through_a_bf16_compute_4bit_layer():
     y.float().sum().backward()
     delta = model[0].deltas["default"]
     assert delta.lora_A.weight.grad is not None and delta.lora_A.weight.grad.dtype == torch.float32
-    expected = nn.functional.linear(x.float(), quant.dequantized_weight(q) + delta.delta_weight().detach(),
-                                    q.bias.float())  # (bitsandbytes cast the bias to bf16 in place)
+    expected = nn.functional.linear(
+        x.float(), quant.dequantized_weight(q) + delta.delta_weight().detach(), q.bias.float()
+    )  # (bitsandbytes cast the bias to bf16 in place)
     torch.testing.assert_close(y.float(), expected, atol=0.1, rtol=0.02)
 
 
@@ -263,7 +288,9 @@ def test_8bit_merge_within_peft_error_and_unmerge_exact(tmp_path, ids):
     ours_moved = (merged - unmerged).abs().max().item()
     peft_moved = (theirs_merged - theirs_unmerged).abs().max().item()
     effect = (unmerged - base).abs().max().item()
-    print(f"8-bit merge moves outputs by {ours_moved:.3g} (PEFT: {peft_moved:.3g}); the adapter moves them {effect:.3g}")
+    print(
+        f"8-bit merge moves outputs by {ours_moved:.3g} (PEFT: {peft_moved:.3g}); the adapter moves them {effect:.3g}"
+    )
     assert ours_moved <= 1.5 * peft_moved + 1e-4
     assert ours_moved < effect / 20  # the adapter is in the merged weights, not lost to rounding
 
@@ -344,16 +371,24 @@ def test_torchao_format_it_cannot_requantize_is_refused(ids):
     al.inject(model, "lora", r=4, targets=TARGETS)
     randomize_lora(model)
     before = state(model)
-    with pytest.raises(al.MergeError, match=r"model\.layers\.0\.self_attn\.q_proj.*IntxUnpackedToInt8Tensor.*"
-                                            r"al\.dequantize.*nothing was merged"):
+    with pytest.raises(
+        al.MergeError,
+        match=r"model\.layers\.0\.self_attn\.q_proj.*IntxUnpackedToInt8Tensor.*"
+        r"al\.dequantize.*nothing was merged",
+    ):
         al.merge(model)
     assert same_state(state(model), before)
     assert not any(layer.merged for layer in model.modules() if isinstance(layer, AdapterLayer))
 
 
 # -- methods that edit weight entries are refused -------------------------------------------------
-ENTRYWISE = [("sara", {"density": 0.1}), ("sft", {}), ("dense", {}), ("hft", {}),
-             ("locft", {"layer": 0, "module": "mlp.down_proj"})]
+ENTRYWISE = [
+    ("sara", {"density": 0.1}),
+    ("sft", {}),
+    ("dense", {}),
+    ("hft", {}),
+    ("locft", {"layer": 0, "module": "mlp.down_proj"}),
+]
 
 
 @pytest.mark.parametrize("method,options", ENTRYWISE, ids=[m for m, _ in ENTRYWISE])

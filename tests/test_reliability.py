@@ -5,6 +5,7 @@ CI runs the small counts below. The long runs in docs/reliability.md set them by
     ADAPTERLAB_KILLS=500 ADAPTERLAB_CONCURRENT_SAVES=200 python -m pytest -q -s tests/test_reliability.py
 (-s prints what each test measured).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_lora, read_weights, tiny_llama
 from safetensors.torch import save_file
 
 import adapterlab as al
 from adapterlab import io
 from adapterlab.io import WEIGHTS_FILE
-from conftest import randomize_lora, read_weights, tiny_llama
 
 KILLS = int(os.environ.get("ADAPTERLAB_KILLS", "20"))
 CONCURRENT_SAVES = int(os.environ.get("ADAPTERLAB_CONCURRENT_SAVES", "10"))
@@ -42,8 +43,9 @@ def two_adapters() -> torch.nn.Module:
     gen = torch.Generator().manual_seed(0)
     for module in model.modules():
         if isinstance(module, al.SparseDelta):
-            module.set_support(torch.randperm(module.numel, generator=gen)[:16].sort().values,
-                               torch.randn(16, generator=gen))
+            module.set_support(
+                torch.randperm(module.numel, generator=gen)[:16].sort().values, torch.randn(16, generator=gen)
+            )
     return model
 
 
@@ -149,8 +151,10 @@ def test_saves_killed_at_random_points_leave_one_complete_adapter(saved, tmp_pat
         seen[state_after_kill(target, refs, reader)] += 1
     al.save(model, target, name="a")  # the next save cleans up whatever the kills left
     assert leftovers(target) == [] and which(target, refs) == "a"
-    print(f"\n{KILLS} kills during {saves} completed saves: states {dict(seen)}; "
-          f"{litter} left temp dirs, all cleaned by the next save")
+    print(
+        f"\n{KILLS} kills during {saves} completed saves: states {dict(seen)}; "
+        f"{litter} left temp dirs, all cleaned by the next save"
+    )
 
 
 def tree_of(directory: Path) -> dict[str, bytes]:
@@ -197,7 +201,7 @@ def test_sharded_merges_killed_at_random_points_leave_one_complete_output(tmp_pa
         assert exit_code(pid) == -signal.SIGKILL
         os.close(ready)
         olds = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.old-")]
-        if not out.exists():   # killed between the two renames: one complete old output beside it
+        if not out.exists():  # killed between the two renames: one complete old output beside it
             assert len(olds) == 1 and tree_of(olds[0]) in refs.values()
             seen["between renames"] += 1
         else:
@@ -206,9 +210,13 @@ def test_sharded_merges_killed_at_random_points_leave_one_complete_output(tmp_pa
             assert found, f"OUT holds neither merge completely: {sorted(got)}"
             seen[found[0]] += 1
         for p in tmp_path.iterdir():  # what a kill leaves beside OUT is hidden and never an output
-            assert p.name in ("base", "adapter", "merged") or p.name.startswith((".merged.tmp-", ".merged.old-"))
-    run_merge(plans[0], out, overwrite=True, progress=False)   # the next merge repairs / cleans up
-    assert tree_of(out) == refs["a"] and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.old-")]
+            assert p.name in ("base", "adapter", "merged") or p.name.startswith(
+                (".merged.tmp-", ".merged.old-")
+            )
+    run_merge(plans[0], out, overwrite=True, progress=False)  # the next merge repairs / cleans up
+    assert tree_of(out) == refs["a"] and not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".merged.old-")
+    ]
     print(f"\n{KILLS} kills during sharded merges ({seconds * 1e3:.0f} ms each): OUT held {dict(seen)}")
 
 
@@ -231,6 +239,7 @@ def test_a_save_killed_before_each_of_its_steps_leaves_one_complete_adapter(save
                     if calls == k:
                         os.kill(os.getpid(), signal.SIGKILL)
                     return real(*args, **kwargs)
+
                 return run
 
             os.fsync, os.rename, shutil.rmtree = step(os.fsync), step(os.rename), step(shutil.rmtree)
@@ -275,6 +284,7 @@ def test_two_processes_saving_to_one_directory_leave_one_complete_adapter(saved,
             os.read(go_read, 1)
             for _ in range(CONCURRENT_SAVES):
                 al.save(model, target, name=name)
+
         return work
 
     running = {fork(writer(name)): name for name in "ab"}
@@ -284,8 +294,11 @@ def test_two_processes_saving_to_one_directory_leave_one_complete_adapter(saved,
     while len(codes) < len(running):
         assert time.monotonic() < deadline, "the writers hung"
         _, tensors = io.read_adapter(target)
-        got = [name for name, want in expected.items()
-               if want.keys() == tensors.keys() and all(torch.equal(want[k], tensors[k]) for k in want)]
+        got = [
+            name
+            for name, want in expected.items()
+            if want.keys() == tensors.keys() and all(torch.equal(want[k], tensors[k]) for k in want)
+        ]
         assert len(got) == 1
         reads[got[0]] += 1
         for pid in set(running) - set(codes):
@@ -297,8 +310,10 @@ def test_two_processes_saving_to_one_directory_leave_one_complete_adapter(saved,
     assert leftovers(target) == []
     winner = which(target, refs)
     al.load(tiny_llama(), target)
-    print(f"\n2 processes x {CONCURRENT_SAVES} saves: the directory holds {winner!r}; "
-          f"{sum(reads.values())} concurrent reads, each one complete adapter: {dict(reads)}")
+    print(
+        f"\n2 processes x {CONCURRENT_SAVES} saves: the directory holds {winner!r}; "
+        f"{sum(reads.values())} concurrent reads, each one complete adapter: {dict(reads)}"
+    )
 
 
 def test_a_save_and_a_read_wait_for_a_save_in_progress(saved, tmp_path):
@@ -337,8 +352,10 @@ def test_a_save_and_a_read_wait_for_a_save_in_progress(saved, tmp_path):
 # -- 3. numerical safety ---------------------------------------------------------------------------
 def bits(model: torch.nn.Module) -> dict[str, bytes]:
     """Every state tensor's bytes (NaN-safe, dtype-exact)."""
-    return {k: (str(v.dtype), v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-            for k, v in model.state_dict().items()}
+    return {
+        k: (str(v.dtype), v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        for k, v in model.state_dict().items()
+    }
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), "overflow"])
@@ -381,7 +398,9 @@ def test_1000_merge_unmerge_cycles_in_half_precision_are_bit_exact(dtype):
     al.inject(model, "sft", name="s", targets=["o_proj"])
     for module in model.modules():
         if isinstance(module, al.SparseDelta):
-            module.set_support(torch.arange(0, module.numel, 7), torch.full((len(range(0, module.numel, 7)),), 0.3))
+            module.set_support(
+                torch.arange(0, module.numel, 7), torch.full((len(range(0, module.numel, 7)),), 0.3)
+            )
     before = bits(model)
     al.merge(model)
     assert bits(model) != before  # merging does change the weights
@@ -402,11 +421,15 @@ def snapshot(model: torch.nn.Module) -> tuple:
     layers = [layer for _, layer in al.model.adapter_layers(model)]
     with torch.no_grad():
         out = model(input_ids=IDS).logits if hasattr(model, "lm_head") else None
-    return (bits(model), [(n, type(m).__name__) for n, m in model.named_modules()],
-            [(n, p.requires_grad) for n, p in model.named_parameters()],
-            {n: repr(c) for n, c in al.adapters(model).items()}, al.active(model),
-            [(dict(layer.merged), layer.disabled, layer.routes) for layer in layers],
-            None if out is None else out.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return (
+        bits(model),
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        {n: repr(c) for n, c in al.adapters(model).items()},
+        al.active(model),
+        [(dict(layer.merged), layer.disabled, layer.routes) for layer in layers],
+        None if out is None else out.reshape(-1).view(torch.uint8).numpy().tobytes(),
+    )
 
 
 def lora_model() -> torch.nn.Module:
@@ -452,8 +475,16 @@ def unsorted_indices(directory):
 def wide_llama_dir(tmp):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    wide = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     return al.save(al.inject(wide, "lora", r=2), tmp / "wide")
 
 
@@ -471,62 +502,195 @@ def levi_model():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    backbone = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
-                                                        num_attention_heads=2, intermediate_size=64, num_labels=3))
+    backbone = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=3,
+        )
+    )
     return al.levi.LEVI(backbone, num_classes=3)
 
 
 # (id, build the model, set up (model, tmp) -> argument, the failing call (model, argument), error)
 ERROR_CASES = [
-    ("inject: target matches nothing", lora_model, None, lambda m, _: al.inject(m, "lora", name="c", targets=["nope"]),
-     al.TargetError),
-    ("inject: one target unsupported", lora_model, None,
-     lambda m, _: al.inject(m, "lora", name="c", targets=["q_proj", "embed_tokens"]), al.UnsupportedModuleError),
-    ("inject: bad option value", lora_model, None, lambda m, _: al.inject(m, "lora", name="c", r=0), al.ConfigError),
-    ("inject: unknown option", lora_model, None, lambda m, _: al.inject(m, "lora", name="c", rank=4), al.ConfigError),
-    ("inject: name taken", lora_model, None, lambda m, _: al.inject(m, "lora", name="a"), al.AdapterNameError),
-    ("load: wrong model", lora_model, lambda m, t: wide_llama_dir(t), lambda m, d: al.load(m, d, name="c"),
-     al.FingerprintMismatchError),
-    ("load: corrupted file", lora_model, lambda m, t: saved_dir(m, t, edit=truncate),
-     lambda m, d: al.load(m, d, name="c"), al.AdapterFileError),
-    ("load: last tensor misfits", lora_model, lambda m, t: saved_dir(m, t, edit=bad_last_tensor),
-     lambda m, d: al.load(m, d, name="c"), al.AdapterFileError),
-    ("load: sparse indices unsorted", lora_model, lambda m, t: saved_dir(two_adapters(), t, "b", unsorted_indices),
-     lambda m, d: al.load(m, d, name="c"), al.AdapterFileError),
-    ("load: name taken", lora_model, lambda m, t: sft_dir(t), lambda m, d: al.load(m, d, name="a"),
-     al.AdapterNameError),
-    ("combine: unknown adapter", lora_model, None, lambda m, _: al.combine(m, {"a": 1.0, "zzz": 1.0}),
-     al.AdapterNameError),
-    ("combine: bad how", lora_model, None, lambda m, _: al.combine(m, {"a": 1.0, "b": 1.0}, how="nope"),
-     al.ConfigError),
-    ("combine: into a taken name", lora_model, None, lambda m, _: al.combine(m, {"b": 1.0}, into="a"),
-     al.AdapterNameError),
-    ("combine: different targets", lora_model, None, lambda m, _: al.combine(m, {"a": 1.0, "b": 1.0}),
-     al.UnsupportedModuleError),
+    (
+        "inject: target matches nothing",
+        lora_model,
+        None,
+        lambda m, _: al.inject(m, "lora", name="c", targets=["nope"]),
+        al.TargetError,
+    ),
+    (
+        "inject: one target unsupported",
+        lora_model,
+        None,
+        lambda m, _: al.inject(m, "lora", name="c", targets=["q_proj", "embed_tokens"]),
+        al.UnsupportedModuleError,
+    ),
+    (
+        "inject: bad option value",
+        lora_model,
+        None,
+        lambda m, _: al.inject(m, "lora", name="c", r=0),
+        al.ConfigError,
+    ),
+    (
+        "inject: unknown option",
+        lora_model,
+        None,
+        lambda m, _: al.inject(m, "lora", name="c", rank=4),
+        al.ConfigError,
+    ),
+    (
+        "inject: name taken",
+        lora_model,
+        None,
+        lambda m, _: al.inject(m, "lora", name="a"),
+        al.AdapterNameError,
+    ),
+    (
+        "load: wrong model",
+        lora_model,
+        lambda m, t: wide_llama_dir(t),
+        lambda m, d: al.load(m, d, name="c"),
+        al.FingerprintMismatchError,
+    ),
+    (
+        "load: corrupted file",
+        lora_model,
+        lambda m, t: saved_dir(m, t, edit=truncate),
+        lambda m, d: al.load(m, d, name="c"),
+        al.AdapterFileError,
+    ),
+    (
+        "load: last tensor misfits",
+        lora_model,
+        lambda m, t: saved_dir(m, t, edit=bad_last_tensor),
+        lambda m, d: al.load(m, d, name="c"),
+        al.AdapterFileError,
+    ),
+    (
+        "load: sparse indices unsorted",
+        lora_model,
+        lambda m, t: saved_dir(two_adapters(), t, "b", unsorted_indices),
+        lambda m, d: al.load(m, d, name="c"),
+        al.AdapterFileError,
+    ),
+    (
+        "load: name taken",
+        lora_model,
+        lambda m, t: sft_dir(t),
+        lambda m, d: al.load(m, d, name="a"),
+        al.AdapterNameError,
+    ),
+    (
+        "combine: unknown adapter",
+        lora_model,
+        None,
+        lambda m, _: al.combine(m, {"a": 1.0, "zzz": 1.0}),
+        al.AdapterNameError,
+    ),
+    (
+        "combine: bad how",
+        lora_model,
+        None,
+        lambda m, _: al.combine(m, {"a": 1.0, "b": 1.0}, how="nope"),
+        al.ConfigError,
+    ),
+    (
+        "combine: into a taken name",
+        lora_model,
+        None,
+        lambda m, _: al.combine(m, {"b": 1.0}, into="a"),
+        al.AdapterNameError,
+    ),
+    (
+        "combine: different targets",
+        lora_model,
+        None,
+        lambda m, _: al.combine(m, {"a": 1.0, "b": 1.0}),
+        al.UnsupportedModuleError,
+    ),
     ("merge: NaN", lora_model, lambda m, t: poison(m), lambda m, _: al.merge(m), al.MergeError),
     ("merge: already merged", lora_model, lambda m, t: al.merge(m), lambda m, _: al.merge(m), al.MergeError),
-    ("merge: one merged, one not", lora_model, lambda m, t: al.merge(m, ["b"]), lambda m, _: al.merge(m),
-     al.MergeError),
+    (
+        "merge: one merged, one not",
+        lora_model,
+        lambda m, t: al.merge(m, ["b"]),
+        lambda m, _: al.merge(m),
+        al.MergeError,
+    ),
     ("merge: unknown name", lora_model, None, lambda m, _: al.merge(m, ["zzz"]), al.AdapterNameError),
-    ("merge: inactive name", lora_model, lambda m, t: al.set_active(m, ["a"]), lambda m, _: al.merge(m, ["a", "b"]),
-     al.MergeError),
+    (
+        "merge: inactive name",
+        lora_model,
+        lambda m, t: al.set_active(m, ["a"]),
+        lambda m, _: al.merge(m, ["a", "b"]),
+        al.MergeError,
+    ),
     ("delete: unknown name", lora_model, None, lambda m, _: al.delete(m, "zzz"), al.AdapterNameError),
     ("delete: merged", lora_model, lambda m, t: al.merge(m), lambda m, _: al.delete(m, "a"), al.MergeError),
-    ("set_active: unknown", lora_model, None, lambda m, _: al.set_active(m, ["a", "zzz"]), al.AdapterNameError),
-    ("set_active: bad weight", lora_model, lambda m, t: al.set_active(m, ["b"]),
-     lambda m, _: al.set_active(m, {"a": 1.0, "b": "x"}), al.ConfigError),
-    ("set_active: NaN weight", lora_model, None, lambda m, _: al.set_active(m, {"a": float("nan")}), al.ConfigError),
-    ("set_active: while merged", lora_model, lambda m, t: al.merge(m), lambda m, _: al.set_active(m, ["a"]),
-     al.MergeError),
+    (
+        "set_active: unknown",
+        lora_model,
+        None,
+        lambda m, _: al.set_active(m, ["a", "zzz"]),
+        al.AdapterNameError,
+    ),
+    (
+        "set_active: bad weight",
+        lora_model,
+        lambda m, t: al.set_active(m, ["b"]),
+        lambda m, _: al.set_active(m, {"a": 1.0, "b": "x"}),
+        al.ConfigError,
+    ),
+    (
+        "set_active: NaN weight",
+        lora_model,
+        None,
+        lambda m, _: al.set_active(m, {"a": float("nan")}),
+        al.ConfigError,
+    ),
+    (
+        "set_active: while merged",
+        lora_model,
+        lambda m, t: al.merge(m),
+        lambda m, _: al.set_active(m, ["a"]),
+        al.MergeError,
+    ),
     ("routing: ids length", lora_model, None, lambda m, _: bad_routing(m), al.RoutingError),
-    ("routing: unknown adapter", lora_model, None, lambda m, _: al.routing(m, ["zzz", None]).__enter__(),
-     al.AdapterNameError),
-    ("routing: id not a name", lora_model, None, lambda m, _: al.routing(m, ["a", 3]).__enter__(),
-     al.AdapterNameError),
-    ("routing: while merged", lora_model, lambda m, t: al.merge(m), lambda m, _: al.routing(m, ["a", None]).__enter__(),
-     al.MergeError),
-    ("unload(merge=True): NaN", lora_model, lambda m, t: poison(m, "b"), lambda m, _: al.unload(m, merge=True),
-     al.MergeError),
+    (
+        "routing: unknown adapter",
+        lora_model,
+        None,
+        lambda m, _: al.routing(m, ["zzz", None]).__enter__(),
+        al.AdapterNameError,
+    ),
+    (
+        "routing: id not a name",
+        lora_model,
+        None,
+        lambda m, _: al.routing(m, ["a", 3]).__enter__(),
+        al.AdapterNameError,
+    ),
+    (
+        "routing: while merged",
+        lora_model,
+        lambda m, t: al.merge(m),
+        lambda m, _: al.routing(m, ["a", None]).__enter__(),
+        al.MergeError,
+    ),
+    (
+        "unload(merge=True): NaN",
+        lora_model,
+        lambda m, t: poison(m, "b"),
+        lambda m, _: al.unload(m, merge=True),
+        al.MergeError,
+    ),
     ("unload(merge=True): LEVI", levi_model, None, lambda m, _: al.unload(m, merge=True), al.MergeError),
 ]
 

@@ -1,11 +1,12 @@
 """Per-sample routing: each sample's output equals running it with only its adapter active."""
+
 import pytest
 import torch
+from conftest import randomize_lora, tiny_gpt2, tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
 
 import adapterlab as al
-from conftest import randomize_lora, tiny_gpt2, tiny_llama
 
 NAMES = ["a", "b", "c"]
 
@@ -13,7 +14,9 @@ NAMES = ["a", "b", "c"]
 def routed_model(build=tiny_llama):
     model = build()
     al.inject(model, "lora", name="a", r=4)
-    al.inject(model, "lora", name="b", r=2, targets=["q_proj", "v_proj"] if build is tiny_llama else ["c_attn"])
+    al.inject(
+        model, "lora", name="b", r=2, targets=["q_proj", "v_proj"] if build is tiny_llama else ["c_attn"]
+    )
     al.inject(model, "lora", name="c", r=8, dropout=0.0)
     randomize_lora(model, std=0.1)
     return model
@@ -31,11 +34,11 @@ def test_each_sample_matches_its_adapter_alone(ids):
         for i, name in enumerate(ids):
             if name is None:
                 with al.disabled(MODEL):
-                    alone = MODEL(input_ids=x[i:i + 1]).logits
+                    alone = MODEL(input_ids=x[i : i + 1]).logits
             else:
                 al.set_active(MODEL, [name])
-                alone = MODEL(input_ids=x[i:i + 1]).logits
-            assert torch.allclose(routed[i:i + 1], alone, atol=1e-5), (i, name)
+                alone = MODEL(input_ids=x[i : i + 1]).logits
+            assert torch.allclose(routed[i : i + 1], alone, atol=1e-5), (i, name)
     al.set_active(MODEL, NAMES)
 
 
@@ -66,7 +69,9 @@ def test_training_through_a_routed_batch_reaches_only_the_routed_adapters():
     for i in (0, 1):
         model.zero_grad()
         al.set_active(model, ["a"])
-        (model(input_ids=x[i:i + 1], labels=x[i:i + 1]).loss * (5 / 20)).backward()  # 5 of 20 predicted tokens
+        (
+            model(input_ids=x[i : i + 1], labels=x[i : i + 1]).loss * (5 / 20)
+        ).backward()  # 5 of 20 predicted tokens
         ref += dict(model.named_parameters())[a_q].grad
     assert torch.allclose(grads[a_q], ref, atol=1e-6)
 
@@ -74,16 +79,13 @@ def test_training_through_a_routed_batch_reaches_only_the_routed_adapters():
 def test_bad_routing_input_is_refused_and_leaves_state():
     model = routed_model()
     x = torch.randint(0, 96, (3, 5))
-    with pytest.raises(al.AdapterNameError, match=r"\['zz'\]"):
-        with al.routing(model, ["a", "zz", None]):
-            pass
-    with pytest.raises(al.RoutingError, match="length 2 but the batch has 3"):
-        with al.routing(model, ["a", "b"]):
-            model(input_ids=x)
+    with pytest.raises(al.AdapterNameError, match=r"\['zz'\]"), al.routing(model, ["a", "zz", None]):
+        pass
+    with pytest.raises(al.RoutingError, match="length 2 but the batch has 3"), al.routing(model, ["a", "b"]):
+        model(input_ids=x)
     al.merge(model, ["a"])
-    with pytest.raises(al.MergeError, match="unmerge"):
-        with al.routing(model, ["a", None, None]):
-            pass
+    with pytest.raises(al.MergeError, match="unmerge"), al.routing(model, ["a", None, None]):
+        pass
     al.unmerge(model)
     assert all(layer.routes is None for _, layer in al.model.adapter_layers(model))
     assert al.active(model) == {"a": 1.0, "b": 1.0, "c": 1.0}

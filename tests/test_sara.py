@@ -1,13 +1,14 @@
 """SaRA: mask rules, frozen entries after AdamW, the nuclear-norm term, progressive re-selection, files."""
+
 import pytest
 import torch
+from conftest import tiny_llama
+from test_sparse import bits
 from torch import nn
 
 import adapterlab as al
 from adapterlab.methods import sara
 from adapterlab.model import adapter_layers
-from conftest import tiny_llama
-from test_sparse import bits
 
 
 def lm_step(model, opt, ids):
@@ -51,7 +52,9 @@ def test_training_with_adamw_changes_nothing_outside_the_mask(ids):
         delta, w = layer.deltas["default"], layer.base_layer.weight.detach()
         outside = torch.ones(w.numel(), dtype=torch.bool)
         outside[delta.indices.long()] = False
-        assert torch.equal(bits(w.flatten()[outside]), bits(before[id(layer.base_layer.weight)].flatten()[outside]))
+        assert torch.equal(
+            bits(w.flatten()[outside]), bits(before[id(layer.base_layer.weight)].flatten()[outside])
+        )
         assert not torch.equal(w.flatten()[~outside], before[id(layer.base_layer.weight)].flatten()[~outside])
     al.unmerge(model)
     for _, layer in adapter_layers(model):
@@ -60,7 +63,7 @@ def test_training_with_adamw_changes_nothing_outside_the_mask(ids):
 
 def test_nuclear_norm_gradient_reaches_the_sparse_values():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(70, 80), nn.Linear(80, 64))   # only the first is eligible (min side > 64)
+    model = nn.Sequential(nn.Linear(70, 80), nn.Linear(80, 64))  # only the first is eligible (min side > 64)
     al.inject(model, "sara", density=0.2, nuclear_weight=0.3, targets=["0", "1"])
     delta = model[0].deltas["default"]
     with torch.no_grad():
@@ -103,7 +106,7 @@ def test_nuclear_norm_term_lowers_the_effective_rank():
 def test_progressive_reselection_freezes_entries_and_training_continues(ids, tmp_path):
     model = tiny_llama()
     al.inject(model, "sara", threshold=2e-3, progressive_step=2)
-    opt = adamw(model)   # weight decay 0.1: frozen entries must still not move
+    opt = adamw(model)  # weight decay 0.1: frozen entries must still not move
     layer = model.model.layers[1].mlp.down_proj
     delta = layer.deltas["default"]
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
@@ -115,7 +118,7 @@ def test_progressive_reselection_freezes_entries_and_training_continues(ids, tmp
         opt.step()
         reports.append(sara.progressive_update(model, step, opt))
         if step == 2:
-            assert delta.values not in opt.state   # its optimizer state restarts after re-selection
+            assert delta.values not in opt.state  # its optimizer state restarts after re-selection
             frozen_at = delta.values.detach().clone()
     assert [r is None for r in reports] == [True, True, False, True, True]
     changes = reports[2]
@@ -123,11 +126,14 @@ def test_progressive_reselection_freezes_entries_and_training_continues(ids, tmp
     assert sum(after for _, after in changes.values()) < sum(before for before, _ in changes.values())
     frozen = delta.frozen
     assert frozen.any() and delta.trained == delta.k - int(frozen.sum())
-    assert torch.equal(delta.values.detach()[frozen], frozen_at[frozen])    # frozen entries kept their values
+    assert torch.equal(delta.values.detach()[frozen], frozen_at[frozen])  # frozen entries kept their values
     assert not torch.equal(delta.values.detach()[~frozen], frozen_at[~frozen])  # the others kept training
-    theta = layer.base_layer.weight.detach().flatten()[delta.indices.long()[frozen]] + delta.values.detach()[frozen]
+    theta = (
+        layer.base_layer.weight.detach().flatten()[delta.indices.long()[frozen]]
+        + delta.values.detach()[frozen]
+    )
     assert (theta.abs() >= 2e-3).all()
-    assert {n: tuple(t.shape) for n, t in model.state_dict().items()} == shapes   # nothing was reshaped
+    assert {n: tuple(t.shape) for n, t in model.state_dict().items()} == shapes  # nothing was reshaped
     with torch.no_grad():
         want = model(input_ids=ids).logits
     al.save(model, tmp_path)
@@ -153,17 +159,23 @@ def test_helpers_refuse_wrong_adapters_and_merged_state():
     with pytest.raises(al.AdapterNameError, match="'nope'"):
         sara.reselect(model, name="nope")
     al.inject(model, "sara", name="s")
-    assert float(sara.nuclear_norm_loss(model, name="s").detach()) == 0.0   # no weight has both sides > 64
+    assert float(sara.nuclear_norm_loss(model, name="s").detach()) == 0.0  # no weight has both sides > 64
     al.merge(model, ["s"])
     with pytest.raises(al.MergeError, match="unmerge"):
         sara.reselect(model, name="s")
 
 
-@pytest.mark.parametrize("options,match", [
-    (dict(density=0.0), "density=0.0"), (dict(density=1.5), "density=1.5"), (dict(threshold=-1e-3), "threshold"),
-    (dict(nuclear_weight=-1.0), "nuclear_weight"), (dict(progressive_step=-2), "progressive_step"),
-    (dict(density=None), "set density"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(density=0.0), "density=0.0"),
+        (dict(density=1.5), "density=1.5"),
+        (dict(threshold=-1e-3), "threshold"),
+        (dict(nuclear_weight=-1.0), "nuclear_weight"),
+        (dict(progressive_step=-2), "progressive_step"),
+        (dict(density=None), "set density"),
+    ],
+)
 def test_bad_config_values_are_refused(options, match):
     with pytest.raises(al.ConfigError, match=match):
         al.SaRAConfig(**options)

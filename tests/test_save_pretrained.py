@@ -1,5 +1,6 @@
 """`model.save_pretrained` / `Trainer.save_model` on an injected Hugging Face model write the
 adapters (PEFT's layout), never wrapper keys that `from_pretrained` would fill with random weights."""
+
 from __future__ import annotations
 
 import subprocess
@@ -34,10 +35,23 @@ def trained_with_trainer(base: Path, out: Path, method: str, **options) -> Llama
     al.inject(model, method, **options)
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(0, 96, (16, 12), generator=gen)
-    args = TrainingArguments(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                             save_steps=2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows],
-                      callbacks=[AdapterCallback()])
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=[{"input_ids": r, "labels": r} for r in rows],
+        callbacks=[AdapterCallback()],
+    )
     trainer.train()
     trainer.save_model()
     return model.eval()
@@ -66,15 +80,29 @@ def test_trainer_save_model_reloads_exactly_in_a_fresh_process(tmp_path, method,
     files = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "checkpoint-2"} <= files
     assert "config.json" not in files and "model.safetensors" not in files
-    assert all(k.startswith("base_model.model.") and ".base_layer." not in k
-               for k in keys(out / "adapter_model.safetensors"))
+    assert all(
+        k.startswith("base_model.model.") and ".base_layer." not in k
+        for k in keys(out / "adapter_model.safetensors")
+    )
     torch.save(IDS, tmp_path / "ids.pt")
-    run = subprocess.run([sys.executable, "-c", RELOAD, str(base), str(out), str(tmp_path / "ids.pt"),
-                          str(tmp_path / "got.pt")], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RELOAD,
+            str(base),
+            str(out),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "got.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert torch.equal(torch.load(tmp_path / "got.pt"), want)
     if method != "lora":  # PEFT cannot read it: transformers' own load fails, it builds nothing random
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 - whichever error transformers raises
             LlamaForCausalLM.from_pretrained(out)
 
 

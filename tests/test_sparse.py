@@ -1,4 +1,5 @@
 """SparseDelta and its autograd function: gradients against dense references, O(k) state, exact merge."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -27,7 +28,9 @@ def module_and_input(kind: str, n_in: int, n_out: int, dtype=torch.float32):
         return nn.Sequential(nn.Linear(n_in, n_out)).to(dtype), torch.randn(2, 3, n_in, dtype=dtype)
     if kind == "hf_conv1d":
         return nn.Sequential(Conv1D(n_out, n_in)).to(dtype), torch.randn(2, 3, n_in, dtype=dtype)
-    return nn.Sequential(nn.Conv2d(n_in, n_out, 3, padding=1)).to(dtype), torch.randn(2, n_in, 5, 4, dtype=dtype)
+    return nn.Sequential(nn.Conv2d(n_in, n_out, 3, padding=1)).to(dtype), torch.randn(
+        2, n_in, 5, 4, dtype=dtype
+    )
 
 
 def with_sparse(kind: str, n_in: int, n_out: int, density: float, seed: int, dtype=torch.float32):
@@ -60,8 +63,13 @@ def test_gradcheck_fp64(transposed, shape, k):
     assert torch.autograd.gradcheck(f, (out, x, values))
 
 
-@given(n_out=st.integers(1, 23), n_in=st.integers(1, 23), tokens=st.integers(1, 9), seed=st.integers(0, 999),
-       transposed=st.booleans())
+@given(
+    n_out=st.integers(1, 23),
+    n_in=st.integers(1, 23),
+    tokens=st.integers(1, 9),
+    seed=st.integers(0, 999),
+    transposed=st.booleans(),
+)
 def test_sampled_gradient_equals_dense_gradient_at_the_support(n_out, n_in, tokens, seed, transposed):
     gen = torch.Generator().manual_seed(seed)
     shape = (n_in, n_out) if transposed else (n_out, n_in)
@@ -87,14 +95,19 @@ def test_sampled_matmul_is_the_product_at_the_indices():
 
 
 # -- the delta ----------------------------------------------------------------------------------------
-@given(kind=st.sampled_from(KINDS), n_in=st.integers(1, 9), n_out=st.integers(1, 9),
-       density=st.sampled_from([0.05, 0.3, 1.0]), seed=st.integers(0, 999))
+@given(
+    kind=st.sampled_from(KINDS),
+    n_in=st.integers(1, 9),
+    n_out=st.integers(1, 9),
+    density=st.sampled_from([0.05, 0.3, 1.0]),
+    seed=st.integers(0, 999),
+)
 def test_forward_and_value_gradient_match_the_dense_reference(kind, n_in, n_out, density, seed):
     model, x, delta = with_sparse(kind, n_in, n_out, density, seed)
     base = model[0].base_layer
     out = model(x)
     out.square().sum().backward()
-    w = (base.weight.detach() + scatter_dense(delta.weight_shape, delta.values.detach(), delta.indices))
+    w = base.weight.detach() + scatter_dense(delta.weight_shape, delta.values.detach(), delta.indices)
     w.requires_grad_(True)
     ref = torch.func.functional_call(base, {"weight": w, "bias": base.bias.detach()}, (x,))
     ref.square().sum().backward()
@@ -119,9 +132,14 @@ def test_persistent_training_state_is_o_k():
 
 def test_index_dtype_and_bad_indices():
     assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(2**31) == torch.int64
-    for bad, words in [(torch.tensor([3, 1]), "strictly increasing"), (torch.tensor([1, 1]), "strictly increasing"),
-                       (torch.tensor([0, 12]), "position 12"), (torch.tensor([-1, 2]), "position -1"),
-                       (torch.tensor([0.0, 1.0]), "integer"), (torch.zeros(2, 2, dtype=torch.long), "1-D")]:
+    for bad, words in [
+        (torch.tensor([3, 1]), "strictly increasing"),
+        (torch.tensor([1, 1]), "strictly increasing"),
+        (torch.tensor([0, 12]), "position 12"),
+        (torch.tensor([-1, 2]), "position -1"),
+        (torch.tensor([0.0, 1.0]), "integer"),
+        (torch.zeros(2, 2, dtype=torch.long), "1-D"),
+    ]:
         with pytest.raises(al.ConfigError, match=words):
             check_indices(bad, 12)
 
@@ -134,8 +152,13 @@ def test_unsupported_module_is_refused_by_name():
         SparseDelta(al.SFTConfig(), model[0])
 
 
-@given(kind=st.sampled_from(KINDS), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-       density=st.sampled_from([0.1, 0.5, 1.0]), seed=st.integers(0, 999), with_lora=st.booleans())
+@given(
+    kind=st.sampled_from(KINDS),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    density=st.sampled_from([0.1, 0.5, 1.0]),
+    seed=st.integers(0, 999),
+    with_lora=st.booleans(),
+)
 def test_merge_then_unmerge_is_bit_exact(kind, dtype, density, seed, with_lora):
     model, x, delta = with_sparse(kind, 6, 5, density, seed, dtype)
     weight = model[0].weight

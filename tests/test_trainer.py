@@ -1,8 +1,10 @@
 """AdapterCallback with a plain transformers.Trainer: schedules, adapter-only checkpoints, exact resume."""
+
 import logging
 
 import pytest
 import torch
+from conftest import tiny_llama
 from safetensors import safe_open
 from transformers import Trainer, TrainingArguments
 
@@ -10,7 +12,6 @@ import adapterlab as al
 from adapterlab.integrations import AdapterCallback
 from adapterlab.methods.sft import PhasedDelta
 from adapterlab.methods.sparse import SparseDelta
-from conftest import tiny_llama
 
 METHODS = {
     "lora": dict(method="lora", r=4, alpha=8),
@@ -34,9 +35,20 @@ def model_with(method):
 
 
 def train(model, out, steps, resume=None, save_steps=2):
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
-                             learning_rate=1e-2, save_steps=save_steps, logging_steps=100, report_to=[],
-                             use_cpu=True, seed=0, data_seed=0, lr_scheduler_type="constant", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_steps=save_steps,
+        logging_steps=100,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data(), callbacks=[AdapterCallback()])
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -52,13 +64,13 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(method, tmp_pa
     before = adapter_state(straight)
     train(straight, tmp_path / "a", steps=6)
     want = adapter_state(straight)
-    assert any(k not in before or not torch.equal(want[k], before[k]) for k in want)   # it trained
+    assert any(k not in before or not torch.equal(want[k], before[k]) for k in want)  # it trained
 
     checkpoint = tmp_path / "a" / "checkpoint-2"
     with safe_open(checkpoint / "model.safetensors", framework="pt") as f:
         keys = list(f.keys())
-    assert keys and all(".deltas." in k for k in keys)   # adapter tensors only, no base weights
-    al.load(tiny_llama(), checkpoint)   # the checkpoint is a loadable adapter directory too (PEFT layout)
+    assert keys and all(".deltas." in k for k in keys)  # adapter tensors only, no base weights
+    al.load(tiny_llama(), checkpoint)  # the checkpoint is a loadable adapter directory too (PEFT layout)
 
     resumed = model_with(method)
     train(resumed, tmp_path / "b", steps=6, resume=str(checkpoint))
@@ -72,7 +84,7 @@ def test_sara_schedule_reselects_and_adds_the_nuclear_norm_gradient(tmp_path):
     model = model_with("sara")
     train(model, tmp_path, steps=4, save_steps=100)
     deltas = [layer.deltas["default"] for _, layer in al.model.adapter_layers(model)]
-    assert any(d.frozen.any() for d in deltas)           # progressive_step=2 froze some entries
+    assert any(d.frozen.any() for d in deltas)  # progressive_step=2 froze some entries
     assert all(d.trained < d.k for d in deltas if d.frozen.any())
 
 
@@ -86,14 +98,16 @@ def test_sft_schedule_selects_k_entries_and_finishes_sparse(tmp_path, caplog):
     total = sum(d.numel for d in deltas)
     assert sum(d.k for d in deltas) == round(0.02 * total)
     assert all(d.values.requires_grad for d in deltas) and any(d.values.abs().sum() > 0 for d in deltas)
-    assert al.adapters(model)["default"].full_steps is None   # a plain SFT adapter now
+    assert al.adapters(model)["default"].full_steps is None  # a plain SFT adapter now
 
 
 def test_sft_stopped_in_the_full_phase_stays_dense(tmp_path, caplog):
     model = model_with("sft")
     with caplog.at_level(logging.WARNING, logger="adapterlab"):
         train(model, tmp_path, steps=2, save_steps=100)
-    assert all(isinstance(layer.deltas["default"], PhasedDelta) for _, layer in al.model.adapter_layers(model))
+    assert all(
+        isinstance(layer.deltas["default"], PhasedDelta) for _, layer in al.model.adapter_layers(model)
+    )
     assert any("full phase" in r.getMessage() for r in caplog.records)
 
 
@@ -101,10 +115,13 @@ def test_hft_stages_train_only_their_half(tmp_path):
     model = model_with("hft")
     config = al.adapters(model)["default"]
     start = adapter_state(model)
-    train(model, tmp_path, steps=2, save_steps=100)   # stage 0 only
+    train(model, tmp_path, steps=2, save_steps=100)  # stage 0 only
     half = set(al.hft.select_half(model, seed=0))
-    moved = {k.split(".deltas.")[0].replace(".base_layer", "") for k, v in adapter_state(model).items()
-             if not torch.equal(v, start[k])}
+    moved = {
+        k.split(".deltas.")[0].replace(".base_layer", "")
+        for k, v in adapter_state(model).items()
+        if not torch.equal(v, start[k])
+    }
     assert moved and moved <= half and len(config.targets) > len(half)
 
 

@@ -9,6 +9,7 @@
 - Without scikit-image (CI), `synthetic_images` gives seeded images of smooth blobs, edges and
   stripes, so the pipeline still runs.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,24 @@ from torch import Tensor
 from adapterlab.errors import ConfigError
 
 # All ship inside the scikit-image wheel (no download). `cat` is the same photo as `chelsea`, left out.
-IMAGES = ["astronaut", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field", "chelsea",
-          "brick", "grass", "gravel", "moon", "page", "text", "camera", "coins", "clock"]
+IMAGES = [
+    "astronaut",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "retina",
+    "hubble_deep_field",
+    "chelsea",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "page",
+    "text",
+    "camera",
+    "coins",
+    "clock",
+]
 HELD_OUT = 0.25  # the right quarter of every image is evaluation data
 
 
@@ -59,9 +76,13 @@ def synthetic_images(n: int, size: int, seed: int) -> list[Tensor]:
             color = torch.rand(3, 1, 1, generator=gen) - 0.5
             img += color * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (0.02 + 0.1 * s))
         y0, x0, y1, x1 = (torch.rand(4, generator=gen) * size).long().tolist()
-        img[:, min(y0, y1):max(y0, y1), min(x0, x1):max(x0, x1)] += torch.rand(3, 1, 1, generator=gen) - 0.5
+        img[:, min(y0, y1) : max(y0, y1), min(x0, x1) : max(x0, x1)] += (
+            torch.rand(3, 1, 1, generator=gen) - 0.5
+        )
         angle, freq = torch.rand(2, generator=gen).tolist()
-        stripes = torch.sin(2 * math.pi * (4 + 20 * freq) * (xx * math.cos(3 * angle) + yy * math.sin(3 * angle)))
+        stripes = torch.sin(
+            2 * math.pi * (4 + 20 * freq) * (xx * math.cos(3 * angle) + yy * math.sin(3 * angle))
+        )
         img += 0.15 * stripes
         images.append(img.clamp(0, 1))
     return images
@@ -72,13 +93,16 @@ def split(images: list[Tensor], held_out: float = HELD_OUT) -> tuple[list[Tensor
     if not 0 < held_out < 1:
         raise ConfigError(f"held_out={held_out!r} must be a fraction between 0 and 1, e.g. 0.25")
     cuts = [round(im.shape[2] * (1 - held_out)) for im in images]
-    return [im[:, :, :c] for im, c in zip(images, cuts)], [im[:, :, c:] for im, c in zip(images, cuts)]
+    return [im[:, :, :c] for im, c in zip(images, cuts, strict=True)], [
+        im[:, :, c:] for im, c in zip(images, cuts, strict=True)
+    ]
 
 
 def downsample(hr: Tensor, scale: int) -> Tensor:
     """Bicubic, antialiased downsampling by `scale` (B×3×H×W, sides divisible by scale), clamped to [0, 1]."""
-    return F.interpolate(hr, scale_factor=1 / scale, mode="bicubic", antialias=True,
-                         align_corners=False).clamp(0, 1)
+    return F.interpolate(
+        hr, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False
+    ).clamp(0, 1)
 
 
 class PatchSampler:
@@ -87,8 +111,10 @@ class PatchSampler:
     def __init__(self, images: list[Tensor], patch: int, scale: int, batch: int, seed: int) -> None:
         small = [tuple(im.shape[1:]) for im in images if min(im.shape[1:]) < patch]
         if small or patch % scale:
-            raise ConfigError(f"patch={patch} must be a multiple of scale={scale} and fit every image "
-                              f"(too small: {small}); lower --patch")
+            raise ConfigError(
+                f"patch={patch} must be a multiple of scale={scale} and fit every image "
+                f"(too small: {small}); lower --patch"
+            )
         self.images, self.patch, self.scale, self.batch = images, patch, scale, batch
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -97,7 +123,7 @@ class PatchSampler:
         h, w = im.shape[1:]
         y = int(torch.randint(h - self.patch + 1, (1,), generator=self.gen))
         x = int(torch.randint(w - self.patch + 1, (1,), generator=self.gen))
-        crop = im[:, y:y + self.patch, x:x + self.patch]
+        crop = im[:, y : y + self.patch, x : x + self.patch]
         if torch.rand(1, generator=self.gen) < 0.5:
             crop = crop.flip(-1)
         return torch.rot90(crop, int(torch.randint(4, (1,), generator=self.gen)), dims=(1, 2))
@@ -114,7 +140,7 @@ def eval_pairs(images: list[Tensor], scale: int, max_side: int) -> list[tuple[Te
     for im in images:
         h, w = (min(s, max_side) // scale * scale for s in im.shape[1:])
         top, left = (im.shape[1] - h) // 2, (im.shape[2] - w) // 2
-        hr = im[None, :, top:top + h, left:left + w].contiguous()
+        hr = im[None, :, top : top + h, left : left + w].contiguous()
         pairs.append((downsample(hr, scale), hr))
     return pairs
 

@@ -12,6 +12,7 @@ of the input is added to the output, so an untrained network starts at bicubic q
 Module paths (what ConvLoRA targets): `head`, `blocks.<i>.c1|c2|c3`, `body` (the conv before the
 pixel shuffle), `up.0` (the pixel-shuffle conv).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ class SPAN(nn.Module):
     def __init__(self, channels: int = 48, blocks: int = 4, scale: int = 2) -> None:
         super().__init__()
         self.scale = scale
-        self.img_range = 255.0  # SPAN's input scaling: features large enough that sigmoid(out) − 0.5 saturates
+        self.img_range = (
+            255.0  # SPAN's input scaling: features large enough that sigmoid(out) − 0.5 saturates
+        )
         self.head = nn.Conv2d(3, channels, 3, padding=1)
         self.blocks = nn.ModuleList(SPAB(channels) for _ in range(blocks))
         self.body = nn.Conv2d(channels, channels, 3, padding=1)
@@ -94,7 +97,7 @@ def dsclora_placement(mode: str = "reshape") -> Placement:
 def lora_params(mode: str, conv: nn.Conv2d, r: int) -> int:
     """Trainable parameters of one ConvLoRA delta on a square-kernel, ungrouped conv."""
     c_out, c_in, k, _ = conv.weight.shape
-    if mode == "reshape":   # A: (r·k)×(C_in·k), B: (C_out·k)×(r·k)
+    if mode == "reshape":  # A: (r·k)×(C_in·k), B: (C_out·k)×(r·k)
         return r * k * k * (c_in + c_out)
     return r * (c_in * k * k + c_out)  # A: r×C_in×k×k, B: C_out×r×1×1
 
@@ -118,11 +121,25 @@ def inject_convlora(model: SPAN, placement: Placement) -> SPAN:
     """Add ConvLoRA per `placement`: adapter "spab" on the SPAB convs and one adapter per tail conv
     ("tail_body", "tail_up_0"). All of them train (inject freezes earlier adapters, so they are
     unfrozen here); the base stays frozen."""
-    al.inject(model, "convlora", name="spab", targets=SPAB_CONVS, r=placement.spab, alpha=2.0 * placement.spab,
-              conv_mode=placement.mode)
+    al.inject(
+        model,
+        "convlora",
+        name="spab",
+        targets=SPAB_CONVS,
+        r=placement.spab,
+        alpha=2.0 * placement.spab,
+        conv_mode=placement.mode,
+    )
     for path, r in placement.tail:
-        al.inject(model, "convlora", name="tail_" + path.replace(".", "_"), targets=[path], r=r, alpha=2.0 * r,
-                  conv_mode=placement.mode)
+        al.inject(
+            model,
+            "convlora",
+            name="tail_" + path.replace(".", "_"),
+            targets=[path],
+            r=r,
+            alpha=2.0 * r,
+            conv_mode=placement.mode,
+        )
     for name, p in model.named_parameters():
         p.requires_grad_(".deltas." in name)
     return model

@@ -32,6 +32,7 @@ Setup (CPU, fp32, 1 intra-op thread, no download; x2 super-resolution):
     python benchmarks/dsclora/run.py          # benchmarks/results/dsclora.json, docs/img/dsclora.png
     python benchmarks/dsclora/run.py --quick  # a smoke run: dsclora_quick.json, docs/img/dsclora_quick.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,17 @@ from dsclora.model import (
     trainable,
 )
 
-VARIANTS = ["full_ft", "full_ft_kd", "reshape", "reshape_kd_pixel", "reshape_kd", "reshape_kd_fakd",
-            "reshape_kd_balanced", "kernel", "kernel_kd"]
+VARIANTS = [
+    "full_ft",
+    "full_ft_kd",
+    "reshape",
+    "reshape_kd_pixel",
+    "reshape_kd",
+    "reshape_kd_fakd",
+    "reshape_kd_balanced",
+    "kernel",
+    "kernel_kd",
+]
 
 
 @dataclass
@@ -78,27 +88,32 @@ class Setup:
     teacher_channels: int = 48
     student_channels: int = 24
     blocks: int = 4
-    patch: int = 48                # HR crop side
+    patch: int = 48  # HR crop side
     batch: int = 8
     teacher_steps: int = 2000
     base_steps: int = 300
     tune_steps: int = 200
     lr_pretrain: float = 2e-3
     lr_tune: float = 1e-3
-    lambdas: tuple[float, float, float] = (1.0, 1.0, 1.0)   # L1(SR,HR), L1(SR,SR_t), affinity
+    lambdas: tuple[float, float, float] = (1.0, 1.0, 1.0)  # L1(SR,HR), L1(SR,SR_t), affinity
     fakd_lambdas: tuple[float, float, float] = (0.5, 0.5, 10.0)  # FAKD's weights, for `*_kd_fakd`
-    balanced_lambdas: tuple[float, float, float] = (1.0, 1.0, 1e-4)  # for `*_kd_balanced`, see gradient_balance
+    balanced_lambdas: tuple[float, float, float] = (
+        1.0,
+        1.0,
+        1e-4,
+    )  # for `*_kd_balanced`, see gradient_balance
     seeds: tuple[int, ...] = (0, 1)
     variants: tuple[str, ...] = tuple(VARIANTS)
     eval_side: int = 256
-    curve_points: int = 5          # evaluations during tuning, for the plot
+    curve_points: int = 5  # evaluations during tuning, for the plot
     latency_side: int = 128
     latency_rounds: int = 31
-    images: str = "skimage"        # or "synthetic" (no scikit-image needed)
+    images: str = "skimage"  # or "synthetic" (no scikit-image needed)
 
 
-QUICK = Setup(teacher_steps=60, base_steps=30, tune_steps=20, seeds=(0,), eval_side=96, curve_points=2,
-              latency_rounds=5)
+QUICK = Setup(
+    teacher_steps=60, base_steps=30, tune_steps=20, seeds=(0,), eval_side=96, curve_points=2, latency_rounds=5
+)
 
 
 def load_images(setup: Setup) -> tuple[list[Tensor], list[Tensor]]:
@@ -140,6 +155,7 @@ def dsclora_loss(teacher: nn.Module, lambdas: tuple[float, float, float]) -> Los
 
 # -- training and evaluation ------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def evaluate(model: nn.Module, pairs: list[tuple[Tensor, Tensor]], scale: int) -> list[float]:
     """Y-channel PSNR (dB) per evaluation image."""
@@ -149,8 +165,15 @@ def evaluate(model: nn.Module, pairs: list[tuple[Tensor, Tensor]], scale: int) -
     return scores
 
 
-def train(model: nn.Module, sampler: data.PatchSampler, steps: int, lr: float, loss_fn: LossFn,
-          on_checkpoint: Callable[[int], None] | None = None, checkpoints: int = 0) -> list[float]:
+def train(
+    model: nn.Module,
+    sampler: data.PatchSampler,
+    steps: int,
+    lr: float,
+    loss_fn: LossFn,
+    on_checkpoint: Callable[[int], None] | None = None,
+    checkpoints: int = 0,
+) -> list[float]:
     """Adam with a cosine schedule on the parameters that require grad; returns the loss per step."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
@@ -171,15 +194,20 @@ def train(model: nn.Module, sampler: data.PatchSampler, steps: int, lr: float, l
     return losses
 
 
-def pretrain(channels: int, steps: int, setup: Setup, images: list[Tensor], seed: int,
-             cache: Path | None = None) -> SPAN:
+def pretrain(
+    channels: int, steps: int, setup: Setup, images: list[Tensor], seed: int, cache: Path | None = None
+) -> SPAN:
     """A SPAN trained from scratch on L1(SR, HR); with `cache`, its weights are reused from (or saved
     to) a file named after everything that decides them."""
     torch.manual_seed(seed)
     model = SPAN(channels, setup.blocks, setup.scale)
-    code = hashlib.sha1(Path(model_module.__file__).read_bytes()).hexdigest()[:8]  # the architecture's version
-    key = (f"span_c{channels}_b{setup.blocks}_x{setup.scale}_steps{steps}_p{setup.patch}_bs{setup.batch}"
-           f"_lr{setup.lr_pretrain}_{setup.images}_seed{seed}_{code}.pt")
+    code = hashlib.sha1(Path(model_module.__file__).read_bytes()).hexdigest()[
+        :8
+    ]  # the architecture's version
+    key = (
+        f"span_c{channels}_b{setup.blocks}_x{setup.scale}_steps{steps}_p{setup.patch}_bs{setup.batch}"
+        f"_lr{setup.lr_pretrain}_{setup.images}_seed{seed}_{code}.pt"
+    )
     if cache is not None and (cache / key).exists():
         model.load_state_dict(torch.load(cache / key, weights_only=True))
         return model.eval()
@@ -216,21 +244,40 @@ def variant_loss(variant: str, teacher: SPAN, setup: Setup) -> LossFn:
     return l1_loss
 
 
-def tune(variant: str, base: SPAN, teacher: SPAN, setup: Setup, images: list[Tensor],
-         pairs: list[tuple[Tensor, Tensor]], seed: int) -> tuple[SPAN, dict]:
+def tune(
+    variant: str,
+    base: SPAN,
+    teacher: SPAN,
+    setup: Setup,
+    images: list[Tensor],
+    pairs: list[tuple[Tensor, Tensor]],
+    seed: int,
+) -> tuple[SPAN, dict]:
     """Train one variant from the base; returns the (unmerged) student and its record."""
     student = make_student(variant, base, seed)
     sampler = data.PatchSampler(images, setup.patch, setup.scale, setup.batch, seed=1000 + seed)
     curve: list[tuple[int, float]] = [(0, statistics.mean(evaluate(student, pairs, setup.scale)))]
     start = time.perf_counter()
-    losses = train(student, sampler, setup.tune_steps, setup.lr_tune, variant_loss(variant, teacher, setup),
-                   lambda step: curve.append((step, statistics.mean(evaluate(student, pairs, setup.scale)))),
-                   setup.curve_points)
+    losses = train(
+        student,
+        sampler,
+        setup.tune_steps,
+        setup.lr_tune,
+        variant_loss(variant, teacher, setup),
+        lambda step: curve.append((step, statistics.mean(evaluate(student, pairs, setup.scale)))),
+        setup.curve_points,
+    )
     seconds = time.perf_counter() - start
     psnr = evaluate(student, pairs, setup.scale)
-    record = {"psnr_per_image": psnr, "psnr": statistics.mean(psnr), "trainable_params": trainable(student),
-              "train_seconds": seconds, "first_loss": losses[0] if losses else None,
-              "last_loss": statistics.mean(losses[-10:]) if losses else None, "curve": curve}
+    record = {
+        "psnr_per_image": psnr,
+        "psnr": statistics.mean(psnr),
+        "trainable_params": trainable(student),
+        "train_seconds": seconds,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": statistics.mean(losses[-10:]) if losses else None,
+        "curve": curve,
+    }
     return student, record
 
 
@@ -252,12 +299,13 @@ def gradient_balance(base: SPAN, teacher: SPAN, setup: Setup, images: list[Tenso
         norms[term] = [p.grad.norm().item() for _, p in named]
     out = {}
     for term in ("ad", "ts"):
-        ratios = sorted(a / r for a, r in zip(norms[term], norms["rec"]))
+        ratios = sorted(a / r for a, r in zip(norms[term], norms["rec"], strict=True))
         out[f"{term}_over_rec"] = {"min": ratios[0], "median": statistics.median(ratios), "max": ratios[-1]}
     return out
 
 
 # -- merge check and latency ------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def merge_check(student: SPAN, base: SPAN, pairs: list[tuple[Tensor, Tensor]]) -> tuple[SPAN, dict]:
@@ -268,10 +316,14 @@ def merge_check(student: SPAN, base: SPAN, pairs: list[tuple[Tensor, Tensor]]) -
     unmerged_params = param_count(student)
     merged = al.unload(copy.deepcopy(student), merge=True).eval()
     diff = (merged(lr) - unmerged_out).abs().max().item()
-    return merged, {"base_params": param_count(base), "unmerged_params": unmerged_params,
-                    "merged_params": param_count(merged), "merged_vs_unmerged_max_abs": diff,
-                    "same_modules_as_base": [type(m).__name__ for m in merged.modules()]
-                    == [type(m).__name__ for m in base.modules()]}
+    return merged, {
+        "base_params": param_count(base),
+        "unmerged_params": unmerged_params,
+        "merged_params": param_count(merged),
+        "merged_vs_unmerged_max_abs": diff,
+        "same_modules_as_base": [type(m).__name__ for m in merged.modules()]
+        == [type(m).__name__ for m in base.modules()],
+    }
 
 
 @torch.no_grad()
@@ -290,21 +342,29 @@ def latency(models: dict[str, nn.Module], side: int, rounds: int) -> dict:
             m(x)
             times[name].append(time.perf_counter() - start)
     ref = next(iter(models))
-    return {"side": side, "rounds": rounds,
-            "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-            "median_ratio_vs_" + ref: {k: statistics.median(a / b for a, b in zip(v, times[ref]))
-                                       for k, v in times.items()}}
+    return {
+        "side": side,
+        "rounds": rounds,
+        "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+        "median_ratio_vs_" + ref: {
+            k: statistics.median(a / b for a, b in zip(v, times[ref], strict=True)) for k, v in times.items()
+        },
+    }
 
 
 # -- the run ----------------------------------------------------------------------------------------
+
 
 def summarise(records: dict[str, list[dict]]) -> dict[str, dict]:
     """Mean, standard deviation (n−1; 0 for one seed) and per-seed PSNR per variant."""
     out = {}
     for variant, recs in records.items():
         vals = [r["psnr"] for r in recs]
-        out[variant] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                        "per_seed": vals}
+        out[variant] = {
+            "mean": statistics.mean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "per_seed": vals,
+        }
     return out
 
 
@@ -315,21 +375,32 @@ def run(setup: Setup, log: Callable[[str], None] = print, cache: Path | None = N
     pairs = data.eval_pairs(eval_images, setup.scale, setup.eval_side)
     teacher = pretrain(setup.teacher_channels, setup.teacher_steps, setup, train_images, seed=0, cache=cache)
     base = pretrain(setup.student_channels, setup.base_steps, setup, train_images, seed=0, cache=cache)
-    bicubic = [data.psnr_y(F.interpolate(lr, scale_factor=setup.scale, mode="bicubic", align_corners=False), hr,
-                           setup.scale) for lr, hr in pairs]
-    fixed = {"bicubic": bicubic, "teacher": evaluate(teacher, pairs, setup.scale),
-             "student_base": evaluate(base, pairs, setup.scale)}
+    bicubic = [
+        data.psnr_y(
+            F.interpolate(lr, scale_factor=setup.scale, mode="bicubic", align_corners=False), hr, setup.scale
+        )
+        for lr, hr in pairs
+    ]
+    fixed = {
+        "bicubic": bicubic,
+        "teacher": evaluate(teacher, pairs, setup.scale),
+        "student_base": evaluate(base, pairs, setup.scale),
+    }
     log("  ".join(f"{k} {statistics.mean(v):.3f} dB" for k, v in fixed.items()))
     balance = gradient_balance(base, teacher, setup, train_images)
-    log(f"gradient ratio on SPAB adapters, affinity / L1(SR,HR): median {balance['ad_over_rec']['median']:.3g}")
+    log(
+        f"gradient ratio on SPAB adapters, affinity / L1(SR,HR): median {balance['ad_over_rec']['median']:.3g}"
+    )
     records: dict[str, list[dict]] = {v: [] for v in setup.variants}
     kept: dict[str, SPAN] = {}
     for seed in setup.seeds:
         for variant in setup.variants:
             student, rec = tune(variant, base, teacher, setup, train_images, pairs, seed)
             records[variant].append(rec)
-            log(f"seed {seed} {variant:19s} {rec['psnr']:.3f} dB  trainable {rec['trainable_params']:,}  "
-                f"{rec['train_seconds']:.0f} s")
+            log(
+                f"seed {seed} {variant:19s} {rec['psnr']:.3f} dB  trainable {rec['trainable_params']:,}  "
+                f"{rec['train_seconds']:.0f} s"
+            )
             if seed == setup.seeds[0] and variant in ("reshape_kd", "kernel_kd"):
                 kept[variant] = student
     merges, merged_models = {}, {}
@@ -343,15 +414,22 @@ def run(setup: Setup, log: Callable[[str], None] = print, cache: Path | None = N
         "setup": dataclasses.asdict(setup),
         "threads": torch.get_num_threads(),
         "psnr_metric": f"Y channel (BT.601), {setup.scale}-pixel border shaved, SR rounded to 8 bits, mean over "
-                       f"{len(pairs)} held-out images",
-        "eval_images": (f"right {data.HELD_OUT:.0%} of each of " + ", ".join(data.IMAGES)) if setup.images == "skimage"
+        f"{len(pairs)} held-out images",
+        "eval_images": (f"right {data.HELD_OUT:.0%} of each of " + ", ".join(data.IMAGES))
+        if setup.images == "skimage"
         else "synthetic",
         "fixed_psnr": {k: {"mean": statistics.mean(v), "per_image": v} for k, v in fixed.items()},
         "psnr": summarise(records),
         "records": records,
-        "params": {"teacher": param_count(teacher), "student_base": param_count(base), "trainable": budget,
-                   "placement": {"reshape": dataclasses.asdict(dsclora_placement("reshape")),
-                                 "kernel": dataclasses.asdict(kernel_placement(base))}},
+        "params": {
+            "teacher": param_count(teacher),
+            "student_base": param_count(base),
+            "trainable": budget,
+            "placement": {
+                "reshape": dataclasses.asdict(dsclora_placement("reshape")),
+                "kernel": dataclasses.asdict(kernel_placement(base)),
+            },
+        },
         "gradient_balance": balance,
         "merge": merges,
         "latency": timing,
@@ -372,19 +450,34 @@ def plot(results: dict, path: Path) -> None:
     names = list(results["psnr"])
     gains = [results["psnr"][n]["mean"] - base for n in names]
     stds = [results["psnr"][n]["std"] for n in names]
-    ax1.bar(range(len(names)), gains, yerr=stds, capsize=3,
-            color=["#999999" if n.startswith("full") else "#4477aa" if n.startswith("reshape") else "#ee6677"
-                   for n in names])
+    ax1.bar(
+        range(len(names)),
+        gains,
+        yerr=stds,
+        capsize=3,
+        color=[
+            "#999999" if n.startswith("full") else "#4477aa" if n.startswith("reshape") else "#ee6677"
+            for n in names
+        ],
+    )
     ax1.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax1.set_ylabel("PSNR-Y gain over the student base (dB)")
     setup = results["setup"]
-    ax1.set_title(f"x{setup['scale']} SR: student {setup['student_channels']} ch (base {base:.2f} dB), teacher "
-                  f"{setup['teacher_channels']} ch (+{fixed['teacher'] - base:.2f} dB)", fontsize=10)
+    ax1.set_title(
+        f"x{setup['scale']} SR: student {setup['student_channels']} ch (base {base:.2f} dB), teacher "
+        f"{setup['teacher_channels']} ch (+{fixed['teacher'] - base:.2f} dB)",
+        fontsize=10,
+    )
     for name in names:
         curves = [r["curve"] for r in results["records"][name]]
         steps = [s for s, _ in curves[0]]
-        ax2.plot(steps, [statistics.mean(c[i][1] for c in curves) - base for i in range(len(steps))], marker="o",
-                 label=name, ls="-" if "_kd" in name else "--")
+        ax2.plot(
+            steps,
+            [statistics.mean(c[i][1] for c in curves) - base for i in range(len(steps))],
+            marker="o",
+            label=name,
+            ls="-" if "_kd" in name else "--",
+        )
     ax2.set_xlabel("tuning step")
     ax2.set_ylabel("PSNR-Y gain (dB), mean over seeds")
     ax2.set_title(f"held-out images; {len(results['records'][names[0]])} seed(s)", fontsize=10)
@@ -403,7 +496,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tune-steps", type=int)
     parser.add_argument("--student-channels", type=int, help="student width (default 24)")
     parser.add_argument("--images", choices=["skimage", "synthetic"])
-    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/dsclora[_quick].json)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON path (default benchmarks/results/dsclora[_quick].json)"
+    )
     parser.add_argument("--plot", type=Path, help="PNG path (default docs/img/dsclora[_quick].png)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--cache", type=Path, help="reuse pretrained teacher/base weights from this folder")
@@ -421,7 +516,9 @@ def main(argv: list[str] | None = None) -> dict:
     suffix = "_quick" if args.quick else ""
     out = args.out or ROOT / f"benchmarks/results/dsclora{suffix}.json"
     results = run(setup, cache=args.cache)
-    results["command"] = "python benchmarks/dsclora/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results["command"] = "python benchmarks/dsclora/run.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")

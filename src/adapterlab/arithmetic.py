@@ -2,6 +2,7 @@
 `al.combine`, `adapterlab combine CONFIG.yaml` and the streaming `adapterlab merge` alike.
 The formulas: docs/compose.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,13 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-TENSOR_HOWS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # one ΔW per input in, one out
+TENSOR_HOWS = (
+    "linear",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+)  # one ΔW per input in, one out
 
 
 def trim(tau: Tensor, density: float, threshold: float | None = None) -> Tensor:
@@ -41,7 +48,9 @@ def dare(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
 
 def check_density_p(density: float, p: float) -> None:
     if not (isinstance(density, (int, float)) and 0 < density <= 1):
-        raise ConfigError(f"density={density!r} must be in (0, 1]; e.g. 0.2 keeps the top 20% of each task vector")
+        raise ConfigError(
+            f"density={density!r} must be in (0, 1]; e.g. 0.2 keeps the top 20% of each task vector"
+        )
     if not (isinstance(p, (int, float)) and 0 <= p < 1):
         raise ConfigError(f"p={p!r} is the DARE drop probability; it must be in [0, 1), e.g. 0.9")
 
@@ -52,9 +61,16 @@ def global_threshold(taus: list[Tensor], density: float) -> float:
     return flat.topk(math.ceil(density * flat.numel())).values[-1].item()
 
 
-def combine_tensors(taus: dict[str, Tensor], weights: dict[str, float], how: str, *, density: float = 0.2,
-                    p: float = 0.9, generator: torch.Generator | None = None,
-                    thresholds: dict[str, float] | None = None) -> Tensor:
+def combine_tensors(
+    taus: dict[str, Tensor],
+    weights: dict[str, float],
+    how: str,
+    *,
+    density: float = 0.2,
+    p: float = 0.9,
+    generator: torch.Generator | None = None,
+    thresholds: dict[str, float] | None = None,
+) -> Tensor:
     """Σ over inputs of `weights[n]`·τₙ by `how` (one of `TENSOR_HOWS`; "svd" combines as
     "linear"), in fp32. DARE draws its masks from `generator`, input by input in the order of
     `weights`; `thresholds` (per input) replace `density` for a global trim."""

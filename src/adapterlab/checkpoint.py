@@ -2,6 +2,7 @@
 adapter module paths mapped to checkpoint keys, and the streaming merge: one targeted weight in
 memory at a time, every other tensor copied byte for byte. docs/cli.md#merge has the details.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,7 +52,11 @@ class Checkpoint:
         keep, skip = [], []
         own = {INDEX_FILE, *(shard.name for shard in self.shards)}
         for entry in sorted(self.root.iterdir()):
-            if entry.is_file() and not entry.name.endswith(STALE_SUFFIXES) and not entry.name.endswith(".index.json"):
+            if (
+                entry.is_file()
+                and not entry.name.endswith(STALE_SUFFIXES)
+                and not entry.name.endswith(".index.json")
+            ):
                 keep.append(entry)
             elif entry.name not in own:
                 skip.append(entry.name + ("/" if entry.is_dir() else ""))
@@ -70,18 +75,23 @@ def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     else:
         pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise AdapterFileError(f"{str(root)!r} holds only pickle weights {pickles[:3]}; adapterlab never unpickles "
-                                   "(it can run code). Re-save the model with save_pretrained(dir) (safetensors)")
-        raise AdapterFileError(f"{str(root)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}; pass a Hugging Face "
-                               "model directory saved with save_pretrained")
+            raise AdapterFileError(
+                f"{str(root)!r} holds only pickle weights {pickles[:3]}; adapterlab never unpickles "
+                "(it can run code). Re-save the model with save_pretrained(dir) (safetensors)"
+            )
+        raise AdapterFileError(
+            f"{str(root)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}; pass a Hugging Face "
+            "model directory saved with save_pretrained"
+        )
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for shard in shards:
         found, meta = read_header(shard)
         twice = sorted(set(found) & set(tensors))
         if twice:
-            raise AdapterFileError(f"{str(root)!r}: tensor {twice[0]!r} is in two shards; "
-                                   "the checkpoint is inconsistent")
+            raise AdapterFileError(
+                f"{str(root)!r}: tensor {twice[0]!r} is in two shards; the checkpoint is inconsistent"
+            )
         tensors.update(found)
         metadata = metadata or meta
     return Checkpoint(root, shards, tensors, metadata)
@@ -96,8 +106,10 @@ def _indexed_shards(root: Path) -> list[Path]:
         raise AdapterFileError(f"{str(root / INDEX_FILE)!r} is not a valid index ({str(e)[:100]})") from None
     missing = [n for n in names if not (root / n).is_file()]
     if missing or any("/" in n or n.startswith(".") for n in names):
-        raise AdapterFileError(f"{str(root / INDEX_FILE)!r} names shard(s) {(missing or names)[:3]} that are not "
-                               "files of the directory; the checkpoint is incomplete")
+        raise AdapterFileError(
+            f"{str(root / INDEX_FILE)!r} names shard(s) {(missing or names)[:3]} that are not "
+            "files of the directory; the checkpoint is incomplete"
+        )
     return [root / n for n in names]
 
 
@@ -106,7 +118,7 @@ def _indexed_shards(root: Path) -> list[Path]:
 class Location:
     """Where each adapter module's weight is in a checkpoint."""
 
-    keys: dict[str, str] = field(default_factory=dict)             # module path -> checkpoint key
+    keys: dict[str, str] = field(default_factory=dict)  # module path -> checkpoint key
     missing: list[str] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)  # module path -> candidate keys
 
@@ -119,15 +131,18 @@ def locate(paths: Iterable[str], keys: Iterable[str]) -> Location:
     by_leaf: dict[str, list[str]] = {}
     for key in keys:
         if key.endswith(".weight"):
-            by_leaf.setdefault(key[:-len(".weight")].rsplit(".", 1)[-1], []).append(key)
+            by_leaf.setdefault(key[: -len(".weight")].rsplit(".", 1)[-1], []).append(key)
     out = Location()
     for path in paths:
         want = f"{path}.weight"
         if want in keys:
             out.keys[path] = want
             continue
-        found = sorted(k for k in by_leaf.get(path.rsplit(".", 1)[-1], [])
-                       if k.endswith("." + want) or want.endswith("." + k))
+        found = sorted(
+            k
+            for k in by_leaf.get(path.rsplit(".", 1)[-1], [])
+            if k.endswith("." + want) or want.endswith("." + k)
+        )
         if len(found) == 1:
             out.keys[path] = found[0]
         elif found:
@@ -139,14 +154,17 @@ def locate(paths: Iterable[str], keys: Iterable[str]) -> Location:
 
 def location_errors(adapter: AdapterFile, base: Checkpoint, found: Location) -> list[str]:
     """One line per problem: missing or ambiguous modules, shapes that differ."""
-    problems = [f"{p!r} has no weight in the checkpoint (looked for {p + '.weight'!r} and keys ending in it)"
-                for p in found.missing[:3]]
+    problems = [
+        f"{p!r} has no weight in the checkpoint (looked for {p + '.weight'!r} and keys ending in it)"
+        for p in found.missing[:3]
+    ]
     problems += [f"{p!r} matches several weights {keys[:3]}" for p, keys in list(found.ambiguous.items())[:3]]
     for path, key in found.keys.items():
         want, have = adapter.modules[path]["shape"], base.tensors[key].shape
         if list(want) != have:
-            problems.append(f"{path!r} has weight shape {list(want)} in the adapter, {key!r} is {have} "
-                            "in the checkpoint")
+            problems.append(
+                f"{path!r} has weight shape {list(want)} in the adapter, {key!r} is {have} in the checkpoint"
+            )
     return problems
 
 
@@ -155,13 +173,17 @@ def locate_adapter(adapter: AdapterFile, base: Checkpoint) -> dict[str, str]:
     found = locate(adapter.modules, base.tensors)
     if found.ambiguous and not found.missing:
         path, keys = next(iter(found.ambiguous.items()))
-        raise TargetError(f"adapter module {path!r} of {adapter.name!r} matches several checkpoint weights {keys[:3]}; "
-                          "the adapter's module paths must name the checkpoint's modules (save the adapter from the "
-                          "model class the checkpoint was saved from)")
+        raise TargetError(
+            f"adapter module {path!r} of {adapter.name!r} matches several checkpoint weights {keys[:3]}; "
+            "the adapter's module paths must name the checkpoint's modules (save the adapter from the "
+            "model class the checkpoint was saved from)"
+        )
     problems = location_errors(adapter, base, found)
     if problems:
-        raise FingerprintMismatchError(f"{adapter.name!r} was made for another model than {str(base.root)!r}: "
-                                       f"{'; '.join(problems[:3])}. Use the base model the adapter was trained on")
+        raise FingerprintMismatchError(
+            f"{adapter.name!r} was made for another model than {str(base.root)!r}: "
+            f"{'; '.join(problems[:3])}. Use the base model the adapter was trained on"
+        )
     return found.keys
 
 
@@ -177,8 +199,8 @@ class MergePlan:
     density: float
     p: float
     seed: int
-    targets: dict[str, list[tuple[int, str]]]   # checkpoint key -> [(adapter index, module path)]
-    outputs: list[list[str]]                    # output shard -> its keys, in writing order
+    targets: dict[str, list[tuple[int, str]]]  # checkpoint key -> [(adapter index, module path)]
+    outputs: list[list[str]]  # output shard -> its keys, in writing order
     copied: list[Path]
     skipped: list[str]
 
@@ -194,16 +216,22 @@ class MergePlan:
         total = _size(sum(t.nbytes for t in self.base.tensors.values()))
         counts = f"{len(self.base.shards)} shard(s), {len(self.base.tensors)} tensors"
         lines = [f"base: {self.base.root} ({counts}, {total})"]
-        for adapter, w in zip(self.adapters, self.weights):
-            lines.append(f"adapter: {adapter.name} ({adapter.method}, {len(adapter.modules)} modules), weight {w:g}")
-        lines.append(f"how: {self.how}" + ("" if self.how == "linear" else
-                                            f" (density {self.density:g}, p {self.p:g}, seed {self.seed})"))
+        for adapter, w in zip(self.adapters, self.weights, strict=True):
+            lines.append(
+                f"adapter: {adapter.name} ({adapter.method}, {len(adapter.modules)} modules), weight {w:g}"
+            )
+        lines.append(
+            f"how: {self.how}"
+            + ("" if self.how == "linear" else f" (density {self.density:g}, p {self.p:g}, seed {self.seed})")
+        )
         for shard in self.base.shards:
             keys = [k for k, t in self.base.tensors.items() if t.file == shard]
             merged = [k for k in keys if k in self.targets]
-            lines.append(f"  {shard.name}: {_size(sum(self.base.tensors[k].nbytes for k in keys))}, "
-                         f"{len(keys)} tensors, {len(merged)} merged" + (f": {', '.join(merged)}" if merged else ""))
-        for name, keys in zip(self.shard_names(), self.outputs):
+            lines.append(
+                f"  {shard.name}: {_size(sum(self.base.tensors[k].nbytes for k in keys))}, "
+                f"{len(keys)} tensors, {len(merged)} merged" + (f": {', '.join(merged)}" if merged else "")
+            )
+        for name, keys in zip(self.shard_names(), self.outputs, strict=True):
             lines.append(f"  -> {name}: {_size(self.shard_bytes(keys))}, {len(keys)} tensors")
         lines.append(f"copied: {', '.join(p.name for p in self.copied) or 'nothing'}")
         if self.skipped:
@@ -218,9 +246,17 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def plan_merge(base: str | os.PathLike, adapters: list[str | os.PathLike], weights: list[float] | None = None,
-               how: str = "linear", shard_size: int = 2 * 10**9, *, density: float = 0.2, p: float = 0.9,
-               seed: int = 0) -> MergePlan:
+def plan_merge(
+    base: str | os.PathLike,
+    adapters: list[str | os.PathLike],
+    weights: list[float] | None = None,
+    how: str = "linear",
+    shard_size: int = 2 * 10**9,
+    *,
+    density: float = 0.2,
+    p: float = 0.9,
+    seed: int = 0,
+) -> MergePlan:
     """Check everything a merge needs (files, module mapping, shapes, options) and plan its shards;
     reads headers and adapters only."""
     if how not in MERGE_HOWS:
@@ -242,23 +278,31 @@ def plan_merge(base: str | os.PathLike, adapters: list[str | os.PathLike], weigh
             targets.setdefault(key, []).append((i, path))
     _check_targets(checkpoint, files, targets, how)
     keep, skip = checkpoint.extra_files()
-    return MergePlan(checkpoint, files, weights, how, density, p, seed, targets,
-                     _split(checkpoint, shard_size), keep, skip)
+    return MergePlan(
+        checkpoint, files, weights, how, density, p, seed, targets, _split(checkpoint, shard_size), keep, skip
+    )
 
 
-def _check_targets(base: Checkpoint, files: list[AdapterFile], targets: dict[str, list[tuple[int, str]]],
-                   how: str) -> None:
+def _check_targets(
+    base: Checkpoint, files: list[AdapterFile], targets: dict[str, list[tuple[int, str]]], how: str
+) -> None:
     for key, found in targets.items():
         if base.tensors[key].dtype not in FLOAT_DTYPES:
-            raise MergeError(f"{key!r} is stored as {base.tensors[key].dtype}; adapters merge into floating-point "
-                             f"weights ({', '.join(FLOAT_DTYPES)}) only")
+            raise MergeError(
+                f"{key!r} is stored as {base.tensors[key].dtype}; adapters merge into floating-point "
+                f"weights ({', '.join(FLOAT_DTYPES)}) only"
+            )
         kinds = {files[i].modules[path]["type"] for i, path in found}
         if len(kinds) > 1:
-            raise FingerprintMismatchError(f"the adapters disagree on the module type of {key!r}: {sorted(kinds)}")
+            raise FingerprintMismatchError(
+                f"the adapters disagree on the module type of {key!r}: {sorted(kinds)}"
+            )
         if how != "linear" and len(found) != len(files):
             absent = [files[i].name for i in range(len(files)) if i not in {j for j, _ in found}]
-            raise MergeError(f"how={how!r} combines adapters module by module; {absent} have no delta for {key!r}. "
-                             "Merge adapters trained on the same targets, or use --how linear")
+            raise MergeError(
+                f"how={how!r} combines adapters module by module; {absent} have no delta for {key!r}. "
+                "Merge adapters trained on the same targets, or use --how linear"
+            )
 
 
 def _split(base: Checkpoint, shard_size: int) -> list[list[str]]:
@@ -307,7 +351,9 @@ def merged_weight(plan: MergePlan, key: str, weight: Tensor) -> Tensor:
         for i, path in found:
             delta = plan.adapters[i].delta(path, module)
             if not delta.mergeable:
-                raise MergeError(f"{plan.adapters[i].name!r}: the delta at {key!r} cannot be merged into weights")
+                raise MergeError(
+                    f"{plan.adapters[i].name!r}: the delta at {key!r} cannot be merged into weights"
+                )
             change = delta.delta_weight().detach().to(acc.dtype)
             w = plan.weights[i]
             acc.add_(change if w == 1.0 else w * change)  # 1.0·ΔW is ΔW exactly
@@ -315,16 +361,23 @@ def merged_weight(plan: MergePlan, key: str, weight: Tensor) -> Tensor:
     else:
         taus = {str(i): plan.adapters[i].delta(path, module).delta_weight() for i, path in found}
         weights = {str(i): plan.weights[i] for i, _ in found}
-        acc.add_(combine_tensors(taus, weights, plan.how, density=plan.density, p=plan.p,
-                                 generator=_generator(plan.seed, key)).to(acc.dtype))
+        acc.add_(
+            combine_tensors(
+                taus, weights, plan.how, density=plan.density, p=plan.p, generator=_generator(plan.seed, key)
+            ).to(acc.dtype)
+        )
     merged = acc.to(weight.dtype)
     if not all_finite(merged):
-        raise MergeError(f"merging into {key!r} gives NaN/Inf; nothing was written. Check the adapters "
-                         "(adapterlab validate DIR --base MODEL_DIR)")
+        raise MergeError(
+            f"merging into {key!r} gives NaN/Inf; nothing was written. Check the adapters "
+            "(adapterlab validate DIR --base MODEL_DIR)"
+        )
     return merged
 
 
-def run_merge(plan: MergePlan, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True) -> Path:
+def run_merge(
+    plan: MergePlan, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True
+) -> Path:
     """Write the merged checkpoint to `out`: shards, then the carried-over files, then the index,
     in a temp dir beside `out` that is renamed into place at the end (a partial output never
     appears at `out`)."""
@@ -333,9 +386,13 @@ def run_merge(plan: MergePlan, out: str | os.PathLike, *, overwrite: bool = Fals
     target = Path(out)
     repair(target)
     if target.resolve() == plan.base.root.resolve():
-        raise ConfigError(f"--out {str(target)!r} is the base model directory; write the merged model elsewhere")
+        raise ConfigError(
+            f"--out {str(target)!r} is the base model directory; write the merged model elsewhere"
+        )
     if target.exists() and not (target.is_dir() and (overwrite or not any(target.iterdir()))):
-        raise AdapterFileError(f"{str(target)!r} exists; choose a new directory or pass --overwrite to replace it")
+        raise AdapterFileError(
+            f"{str(target)!r} exists; choose a new directory or pass --overwrite to replace it"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(target)
     try:
@@ -361,12 +418,15 @@ def _write_shards(plan: MergePlan, folder: Path, progress: bool) -> None:
     metadata = {"format": plan.base.metadata.get("format", "pt")}
     with ExitStack() as inputs:
         sources = {shard: inputs.enter_context(open(shard, "rb")) for shard in plan.base.shards}
-        for name, keys in zip(plan.shard_names(), plan.outputs):
+        for name, keys in zip(plan.shard_names(), plan.outputs, strict=True):
             infos = [(key, plan.base.tensors[key]) for key in keys]
             layout = [(key, info.dtype, info.shape) for key, info in infos]
             # no tqdm at all without a bar: its lock is shared across forked processes
-            bar = (tqdm(total=plan.shard_bytes(keys), unit="B", unit_scale=True, desc=name, disable=None)
-                   if progress else _NoBar())
+            bar = (
+                tqdm(total=plan.shard_bytes(keys), unit="B", unit_scale=True, desc=name, disable=None)
+                if progress
+                else _NoBar()
+            )
             with SafetensorsWriter(folder / name, layout, metadata) as writer, bar:
                 for key, info in infos:
                     if key in plan.targets:
@@ -391,7 +451,9 @@ class _NoBar:
 
 
 def _write_index(plan: MergePlan, path: Path) -> None:
-    weight_map = {key: name for name, keys in zip(plan.shard_names(), plan.outputs) for key in keys}
+    weight_map = {
+        key: name for name, keys in zip(plan.shard_names(), plan.outputs, strict=True) for key in keys
+    }
     total = sum(plan.shard_bytes(keys) for keys in plan.outputs)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     fsync_write(path, (json.dumps(index, indent=2) + "\n").encode())

@@ -3,6 +3,7 @@
 Exit codes: 0 ok; 1 an `AdapterlabError`, printed as one line `adapterlab: error: ...` on stderr
 (the traceback too with `--debug`); 2 a usage error (bad or missing options).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,11 +53,21 @@ def inspect_adapter(directory: str | os.PathLike) -> dict[str, Any]:
 
 def parse_size(text: str) -> int:
     """Bytes from "2GB", "500MB", "1.5GiB" or "123456" (KB/MB/GB are powers of 10, KiB/MiB/GiB of 2)."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1, "": 1}
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+        "": 1,
+    }
     clean = str(text).strip().upper().replace(" ", "")
     number = clean.rstrip("KMGTIB")
-    unit = clean[len(number):]
+    unit = clean[len(number) :]
     try:
         value = float(number) * units[unit]
     except (KeyError, ValueError):
@@ -145,21 +156,49 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 
 
 @cli.command()
-@click.option("--base", required=True, metavar="MODEL_DIR", help="Hugging Face model directory (safetensors).")
-@click.option("--adapter", "adapters", required=True, multiple=True, metavar="DIR",
-              help="Adapter directory; repeat to merge several.")
-@click.option("--weights", callback=_weights, metavar="W1,W2,...", help="One weight per adapter (default: 1 each).")
-@click.option("--how", type=click.Choice(MERGE_HOWS), default="linear", show_default=True,
-              help="How several adapters combine, per weight (al.combine's math).")
-@click.option("--density", type=float, default=0.2, show_default=True, help="ties / magnitude_prune: fraction kept.")
+@click.option(
+    "--base", required=True, metavar="MODEL_DIR", help="Hugging Face model directory (safetensors)."
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    required=True,
+    multiple=True,
+    metavar="DIR",
+    help="Adapter directory; repeat to merge several.",
+)
+@click.option(
+    "--weights", callback=_weights, metavar="W1,W2,...", help="One weight per adapter (default: 1 each)."
+)
+@click.option(
+    "--how",
+    type=click.Choice(MERGE_HOWS),
+    default="linear",
+    show_default=True,
+    help="How several adapters combine, per weight (al.combine's math).",
+)
+@click.option(
+    "--density", type=float, default=0.2, show_default=True, help="ties / magnitude_prune: fraction kept."
+)
 @click.option("--p", "p", type=float, default=0.9, show_default=True, help="DARE drop probability.")
 @click.option("--seed", type=int, default=0, show_default=True, help="DARE mask seed.")
 @click.option("--out", required=True, metavar="OUT", help="New directory for the merged checkpoint.")
 @click.option("--shard-size", default="2GB", show_default=True, callback=_size, help="Largest output shard.")
 @click.option("--dry-run", is_flag=True, help="Print what would be merged; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (swapped in at the end).")
-def merge(base: str, adapters: tuple[str, ...], weights: list[float] | None, how: str, density: float, p: float,
-          seed: int, out: str, shard_size: int, dry_run: bool, overwrite: bool) -> None:
+def merge(
+    base: str,
+    adapters: tuple[str, ...],
+    weights: list[float] | None,
+    how: str,
+    density: float,
+    p: float,
+    seed: int,
+    out: str,
+    shard_size: int,
+    dry_run: bool,
+    overwrite: bool,
+) -> None:
     """Merge adapters into a checkpoint, streaming shard by shard, into a new HF model directory.
 
     Memory stays about one weight matrix: only targeted weights are read into memory, one at a
@@ -172,21 +211,30 @@ def merge(base: str, adapters: tuple[str, ...], weights: list[float] | None, how
           --weights 1,0.5 --how ties --density 0.3 --out models/llama-ab --shard-size 1GB
     """
     if weights is not None and len(weights) != len(adapters):
-        raise click.BadParameter(f"{len(weights)} weights for {len(adapters)} adapters", param_hint="--weights")
+        raise click.BadParameter(
+            f"{len(weights)} weights for {len(adapters)} adapters", param_hint="--weights"
+        )
     plan = plan_merge(base, list(adapters), weights, how, shard_size, density=density, p=p, seed=seed)
     if dry_run:
         click.echo("\n".join(plan.describe()))
         click.echo(f"dry run: nothing written (would write {out})")
         return
     target = run_merge(plan, out, overwrite=overwrite)
-    click.echo(f"merged {len(plan.targets)} weights from {len(adapters)} adapter(s) into {target} "
-               f"({len(plan.outputs)} shard(s))")
+    click.echo(
+        f"merged {len(plan.targets)} weights from {len(adapters)} adapter(s) into {target} "
+        f"({len(plan.outputs)} shard(s))"
+    )
 
 
 @cli.command()
 @click.argument("directory", metavar="DIR")
-@click.option("--format", "fmt", type=click.Choice(["peft", "dense"]), required=True,
-              help="peft: PEFT's LoRA directory; dense: one safetensors file of ΔW per module.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["peft", "dense"]),
+    required=True,
+    help="peft: PEFT's LoRA directory; dense: one safetensors file of ΔW per module.",
+)
 @click.option("--out", required=True, metavar="OUT", help="Directory (peft) or .safetensors file (dense).")
 def export(directory: str, fmt: str, out: str) -> None:
     """Export an adapter as a PEFT LoRA directory or as dense ΔW per module.
@@ -226,13 +274,17 @@ def combine(config: str) -> None:
     resolved, report = run_combine(config)
     extra = f", rank {report.rank}" if report.rank else ""
     lost = f"; discarded {100 * report.discarded_fraction:.2f}% of the energy" if report.discarded else ""
-    click.echo(f"combined {len(resolved['adapters'])} adapters ({report.how}, kind {report.kind}{extra}) "
-               f"into {resolved['out']}{lost}")
+    click.echo(
+        f"combined {len(resolved['adapters'])} adapters ({report.how}, kind {report.kind}{extra}) "
+        f"into {resolved['out']}{lost}"
+    )
 
 
 @cli.command(name="validate")
 @click.argument("directory", metavar="DIR")
-@click.option("--base", required=True, metavar="MODEL_DIR", help="Hugging Face model directory (safetensors).")
+@click.option(
+    "--base", required=True, metavar="MODEL_DIR", help="Hugging Face model directory (safetensors)."
+)
 def validate_command(directory: str, base: str) -> None:
     """Check an adapter against a base checkpoint (reads the base's headers only).
 
@@ -248,8 +300,10 @@ def validate_command(directory: str, base: str) -> None:
         click.echo(f"{'ok' if check.ok else 'FAIL':>4}  {check.name:<11} {check.detail}")
     failed = [c.name for c in checks if not c.ok]
     if failed:
-        raise AdapterFileError(f"{directory!r} failed {len(failed)} of {len(checks)} checks against {base!r}: "
-                               f"{', '.join(failed)}")
+        raise AdapterFileError(
+            f"{directory!r} failed {len(failed)} of {len(checks)} checks against {base!r}: "
+            f"{', '.join(failed)}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

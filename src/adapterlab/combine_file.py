@@ -2,6 +2,7 @@
 field; paths relative to the file), run on a skeleton built from the adapters' fingerprints, and
 saved with the resolved options as `out/combine.yaml`. docs/cli.md#combine.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,16 @@ from .io import load, save
 from .skeleton import skeleton_model
 
 FIELDS = ("adapters", "weights", "how", "kind", "density", "p", "seed", "rank", "trim_scope", "out", "base")
-DEFAULTS: dict[str, Any] = {"how": "linear", "kind": "lora", "density": 0.2, "p": 0.9, "seed": 0, "rank": None,
-                            "trim_scope": "tensor", "base": None}
+DEFAULTS: dict[str, Any] = {
+    "how": "linear",
+    "kind": "lora",
+    "density": 0.2,
+    "p": 0.9,
+    "seed": 0,
+    "rank": None,
+    "trim_scope": "tensor",
+    "base": None,
+}
 RESOLVED_FILE = "combine.yaml"
 _NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -38,8 +47,10 @@ def _path(where: str, field: str, value: Any, root: Path) -> str:
 
 def _adapters(where: str, value: Any, root: Path) -> dict[str, str]:
     if not isinstance(value, dict) or not value:
-        raise ConfigError(f"{where}: adapters={value!r} must be a mapping of names to adapter directories, "
-                          "e.g. {{math: runs/math, code: runs/code}}")
+        raise ConfigError(
+            f"{where}: adapters={value!r} must be a mapping of names to adapter directories, "
+            "e.g. {{math: runs/math, code: runs/code}}"
+        )
     bad = [n for n in value if not (isinstance(n, str) and _NAME.fullmatch(n))]
     if bad:
         raise ConfigError(f"{where}: adapter name {bad[0]!r} is invalid; use letters, digits, '_' or '-'")
@@ -52,15 +63,19 @@ def _weights(where: str, value: Any, names: list[str]) -> dict[str, float]:
     if isinstance(value, list):
         if len(value) != len(names):
             raise ConfigError(f"{where}: weights has {len(value)} entries for {len(names)} adapters {names}")
-        value = dict(zip(names, value))
+        value = dict(zip(names, value, strict=True))
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: weights={value!r} must be a mapping {{name: weight}} or a list of numbers")
+        raise ConfigError(
+            f"{where}: weights={value!r} must be a mapping {{name: weight}} or a list of numbers"
+        )
     unknown = [n for n in value if n not in names]
     if unknown:
         raise ConfigError(f"{where}: weights names unknown adapter {unknown[0]!r}; adapters: {names}")
     missing = [n for n in names if n not in value]
     if missing:
-        raise ConfigError(f"{where}: weights has no entry for adapter {missing[0]!r}; give every adapter a weight")
+        raise ConfigError(
+            f"{where}: weights has no entry for adapter {missing[0]!r}; give every adapter a weight"
+        )
     bad = {n: w for n, w in value.items() if not _number(w)}
     if bad:
         raise ConfigError(f"{where}: weights {bad} must be finite numbers")
@@ -106,19 +121,26 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where} is not valid YAML: {problem}{at}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{where} must hold a YAML mapping of options ({', '.join(FIELDS)}), "
-                          f"not a {type(data).__name__}")
+        raise ConfigError(
+            f"{where} must hold a YAML mapping of options ({', '.join(FIELDS)}), not a {type(data).__name__}"
+        )
     unknown = [k for k in data if k not in FIELDS]
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (did you mean {closest(str(unknown[0]), FIELDS)}?); "
-                          f"valid keys: {', '.join(FIELDS)}")
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (did you mean {closest(str(unknown[0]), FIELDS)}?); "
+            f"valid keys: {', '.join(FIELDS)}"
+        )
     for key in ("adapters", "out"):
         if key not in data:
             raise ConfigError(f"{where}: {key!r} is required")
     root = file.resolve().parent
     adapters = _adapters(where, data["adapters"], root)
-    resolved = {"adapters": adapters, "weights": _weights(where, data.get("weights"), list(adapters)),
-                **_scalars(where, data), "out": _path(where, "out", data["out"], root)}
+    resolved = {
+        "adapters": adapters,
+        "weights": _weights(where, data.get("weights"), list(adapters)),
+        **_scalars(where, data),
+        "out": _path(where, "out", data["out"], root),
+    }
     base = data.get("base")
     resolved["base"] = None if base is None else _path(where, "base", base, root)
     return {k: resolved[k] for k in FIELDS}
@@ -135,7 +157,8 @@ def _union(files: dict[str, AdapterFile]) -> dict[str, dict[str, Any]]:
             if seen["shape"] != entry["shape"] or seen["type"] != entry["type"]:
                 raise FingerprintMismatchError(
                     f"adapters {owner[path]!r} and {name!r} were made for different models: {path!r} is a "
-                    f"{seen['type']} {seen['shape']} in one and a {entry['type']} {entry['shape']} in the other")
+                    f"{seen['type']} {seen['shape']} in one and a {entry['type']} {entry['shape']} in the other"
+                )
     return modules
 
 
@@ -158,9 +181,18 @@ def run_combine(path: str | os.PathLike) -> tuple[dict[str, Any], CombineReport]
     into = "combined"
     while into in files:
         into += "_"
-    report = combine(model, config["weights"], how=config["how"], into=into, kind=config["kind"],
-                     density=config["density"], trim_scope=config["trim_scope"], p=config["p"],
-                     seed=config["seed"], rank=config["rank"])
+    report = combine(
+        model,
+        config["weights"],
+        how=config["how"],
+        into=into,
+        kind=config["kind"],
+        density=config["density"],
+        trim_scope=config["trim_scope"],
+        p=config["p"],
+        seed=config["seed"],
+        rank=config["rank"],
+    )
     config["rank"] = report.rank
     out = save(model, config["out"], name=into)
     _write_text(out / RESOLVED_FILE, _yaml(config))

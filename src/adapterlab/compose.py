@@ -2,6 +2,7 @@
 re-expressed as a new LoRA (SVD, or exact `cat`), sparse or dense adapter. docs/compose.md has
 the formulas and how DARE's masks are drawn.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,14 +47,20 @@ def check_options(how: str, kind: str, density: float, p: float, trim_scope: str
         raise ConfigError(f"how={how!r} produces a LoRA; use kind='lora' (or how='linear' for kind={kind!r})")
     check_density_p(density, p)
     if trim_scope not in ("tensor", "global"):
-        raise ConfigError(f"trim={trim_scope!r}; use 'tensor' (top-k per weight) or 'global' (top-k per adapter)")
+        raise ConfigError(
+            f"trim={trim_scope!r}; use 'tensor' (top-k per weight) or 'global' (top-k per adapter)"
+        )
     if rank is not None and not (isinstance(rank, int) and rank >= 1):
         raise ConfigError(f"rank={rank!r} must be a positive integer")
 
 
-def _global_thresholds(layers: list[tuple[str, AdapterLayer]], names: list[str], density: float) -> dict[str, float]:
+def _global_thresholds(
+    layers: list[tuple[str, AdapterLayer]], names: list[str], density: float
+) -> dict[str, float]:
     """Per input: the |τ| of its ⌈density·n⌉-th largest entry over all its targets."""
-    return {n: global_threshold([layer.deltas[n].delta_weight() for _, layer in layers], density) for n in names}
+    return {
+        n: global_threshold([layer.deltas[n].delta_weight() for _, layer in layers], density) for n in names
+    }
 
 
 def _taus(layer: AdapterLayer, names: Iterable[str]) -> dict[str, Tensor]:
@@ -67,7 +74,8 @@ def _common_targets(model: nn.Module, names: list[str]) -> list[tuple[str, Adapt
         if missing:
             raise UnsupportedModuleError(
                 f"adapters {names} do not cover the same modules: {missing} have no delta at {path!r}; "
-                "combine adapters trained on the same targets")
+                "combine adapters trained on the same targets"
+            )
     return layers
 
 
@@ -84,15 +92,29 @@ def _output_config(kind: str, how: str, rank: int | None, paths: list[str], inpu
         rank = sum(input_ranks)
     elif rank is None:
         if not input_ranks:
-            raise ConfigError("rank=None: no input is a LoRA to take the rank from; pass rank=… (or kind='dense')")
+            raise ConfigError(
+                "rank=None: no input is a LoRA to take the rank from; pass rank=… (or kind='dense')"
+            )
         rank = max(input_ranks)
     modes = {c.conv_mode for c in inputs if isinstance(c, LoRAConfig)}
-    return LoRAConfig(r=rank, alpha=float(rank), targets=paths, conv_mode=modes.pop() if len(modes) == 1 else "kernel")
+    return LoRAConfig(
+        r=rank, alpha=float(rank), targets=paths, conv_mode=modes.pop() if len(modes) == 1 else "kernel"
+    )
 
 
-def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", into: str = "combined",
-            kind: str = "lora", *, density: float = 0.2, trim_scope: str = "tensor", p: float = 0.9,
-            seed: int = 0, rank: int | None = None) -> CombineReport:
+def combine(
+    model: nn.Module,
+    weights: dict[str, float],
+    how: str = "linear",
+    into: str = "combined",
+    kind: str = "lora",
+    *,
+    density: float = 0.2,
+    trim_scope: str = "tensor",
+    p: float = 0.9,
+    seed: int = 0,
+    rank: int | None = None,
+) -> CombineReport:
     """Add adapter `into`, combining the adapters in `weights` ({name: weight}) by `how`.
 
     `density`: fraction kept by `ties` / `magnitude_prune` (per tensor, or per adapter with
@@ -107,7 +129,9 @@ def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", in
     known = adapters(model)
     unknown = [n for n in weights if n not in known]
     if unknown:
-        raise AdapterNameError(f"weights name unknown adapter(s) {unknown}; adapters: {sorted(known) or 'none'}")
+        raise AdapterNameError(
+            f"weights name unknown adapter(s) {unknown}; adapters: {sorted(known) or 'none'}"
+        )
     bad = {n: w for n, w in weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w))}
     if bad:
         raise ConfigError(f"weights {bad} must be finite numbers")
@@ -116,21 +140,33 @@ def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", in
     lora_inputs = all(isinstance(layer.deltas[n], LowRankDelta) for _, layer in layers for n in names)
     if how == "cat" and not lora_inputs:
         kinds = sorted({type(layer.deltas[n]).__name__ for _, layer in layers for n in names})
-        raise UnsupportedModuleError(f"how='cat' concatenates LoRA factors; inputs include {kinds}. "
-                                     "Use how='svd' (or 'linear' with kind='lora') instead")
+        raise UnsupportedModuleError(
+            f"how='cat' concatenates LoRA factors; inputs include {kinds}. "
+            "Use how='svd' (or 'linear' with kind='lora') instead"
+        )
     paths = [path for path, _ in layers]
     config = _output_config(kind, how, rank, paths, [known[n] for n in names])
     rank = getattr(config, "r", None)
     steps = plan(model, config, into, paths=paths)
-    thresholds = _global_thresholds(layers, names, density) if trim_scope == "global" and how in (
-        "ties", "magnitude_prune") else None
+    thresholds = (
+        _global_thresholds(layers, names, density)
+        if trim_scope == "global" and how in ("ties", "magnitude_prune")
+        else None
+    )
     gen = torch.Generator().manual_seed(seed)
     report = CombineReport(into, how, kind, rank)
     total = 0.0
-    for (path, layer), (_, _, out) in zip(layers, steps):
+    for (path, layer), (_, _, out) in zip(layers, steps, strict=True):
         if kind != "lora":
-            combined = combine_tensors(_taus(layer, weights), weights, how, density=density, p=p, generator=gen,
-                                       thresholds=thresholds)  # both setters cast
+            combined = combine_tensors(
+                _taus(layer, weights),
+                weights,
+                how,
+                density=density,
+                p=p,
+                generator=gen,
+                thresholds=thresholds,
+            )  # both setters cast
             if kind == "dense":
                 out.weight_delta.data.copy_(combined)
             else:
@@ -139,24 +175,37 @@ def combine(model: nn.Module, weights: dict[str, float], how: str = "linear", in
                 out.set_support(support, flat[support])
             continue
         if not out.refactorable:
-            raise UnsupportedModuleError(f"{path!r} is a grouped conv in kernel mode: its ΔW is not one low-rank "
-                                         "product; use conv_mode='reshape' adapters")
+            raise UnsupportedModuleError(
+                f"{path!r} is a grouped conv in kernel mode: its ΔW is not one low-rank "
+                "product; use conv_mode='reshape' adapters"
+            )
         if how == "cat":
             parts = [layer.deltas[n].factors() for n in names]
-            b = torch.cat([w * bm for w, (bm, _) in zip(weights.values(), parts)], dim=1)
+            b = torch.cat([w * bm for w, (bm, _) in zip(weights.values(), parts, strict=True)], dim=1)
             out.set_factors(b, torch.cat([am for _, am in parts], dim=0))
             continue
-        matrix = out.matrix(combine_tensors(_taus(layer, weights), weights, how, density=density, p=p, generator=gen,
-                                             thresholds=thresholds))
+        matrix = out.matrix(
+            combine_tensors(
+                _taus(layer, weights),
+                weights,
+                how,
+                density=density,
+                p=p,
+                generator=gen,
+                thresholds=thresholds,
+            )
+        )
         inner = out.lora_A.weight.shape[0]
         if inner > min(matrix.shape):
-            raise ConfigError(f"rank={rank} gives inner dimension {inner} at {path!r}, larger than "
-                              f"min{tuple(matrix.shape)}; use rank <= {min(matrix.shape) * rank // inner}")
+            raise ConfigError(
+                f"rank={rank} gives inner dimension {inner} at {path!r}, larger than "
+                f"min{tuple(matrix.shape)}; use rank <= {min(matrix.shape) * rank // inner}"
+            )
         u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
         root = s[:inner].sqrt()
         out.set_factors((u[:, :inner] * root).float(), (root[:, None] * vh[:inner]).float())
         report.discarded[path] = float((s[inner:] ** 2).sum())
-        total += float((s ** 2).sum())
+        total += float((s**2).sum())
     if total:
         report.discarded_fraction = sum(report.discarded.values()) / total
     if kind == "sparse":  # the SFT config records K, the entries the result holds

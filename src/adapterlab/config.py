@@ -2,6 +2,7 @@
 A config class is also where a method declares itself to the rest of the library (PEFT mapping,
 what `inspect` shows, side network or deltas, train-end hook). docs/architecture.md has the list.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,9 @@ def register(cls: C) -> C:
 
 def peft_config_class(peft_type: Any) -> type[AdapterConfig] | None:
     """The config class that reads PEFT's `peft_type`, or None."""
-    return next((cls for cls in _REGISTRY.values() if cls.peft_type is not None and cls.peft_type == peft_type), None)
+    return next(
+        (cls for cls in _REGISTRY.values() if cls.peft_type is not None and cls.peft_type == peft_type), None
+    )
 
 
 def methods() -> list[str]:
@@ -45,9 +48,7 @@ def config_class(method: str) -> type[AdapterConfig]:
     try:
         return _REGISTRY[method.lower()]
     except (KeyError, AttributeError):
-        raise UnknownMethodError(
-            f"unknown method {method!r}; choose one of {', '.join(methods())}"
-        ) from None
+        raise UnknownMethodError(f"unknown method {method!r}; choose one of {', '.join(methods())}") from None
 
 
 def config_for(method: str | AdapterConfig, **kwargs: Any) -> AdapterConfig:
@@ -105,7 +106,7 @@ class AdapterConfig:
     method: ClassVar[str] = ""
     # a network around the whole model (LEVI), not deltas on modules: it cannot be merged or combined
     side_network: ClassVar[bool] = False
-    peft_type: ClassVar[str | None] = None       # PEFT's name for the method, where PEFT can express it
+    peft_type: ClassVar[str | None] = None  # PEFT's name for the method, where PEFT can express it
     summary_fields: ClassVar[tuple[str, ...]] = ()  # the fields `adapterlab inspect` shows as settings
     targets: TargetSpec = "all-linear"
     exclude: TargetSpec | None = None
@@ -125,8 +126,11 @@ class AdapterConfig:
         if self.layers is not None:
             if isinstance(self.layers, int) and not isinstance(self.layers, bool):
                 self.layers = [self.layers]
-            if not (isinstance(self.layers, (list, tuple)) and self.layers
-                    and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
+            if not (
+                isinstance(self.layers, (list, tuple))
+                and self.layers
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
+            ):
                 raise ConfigError(f"layers={self.layers!r} must be a non-empty list of layer indices >= 0")
             self.layers = list(self.layers)
 
@@ -170,15 +174,18 @@ class AdapterConfig:
     def pad_for_hotswap(self, deltas: dict[str, Delta], max_rank: int, name: str) -> None:
         """Make room in adapter `name`'s `deltas` ({path: delta}) for hot-swapping up to rank `max_rank` (LoRA:
         zero padding, ΔW unchanged). Default: refused, the shapes do not depend on a rank."""
-        raise HotswapError(f"prepare_hotswap pads LoRA ranks; adapter {name!r} is {self.method!r}, whose shapes "
-                           "do not depend on a rank: hot-swap it directly with al.hotswap (same shapes needed)")
+        raise HotswapError(
+            f"prepare_hotswap pads LoRA ranks; adapter {name!r} is {self.method!r}, whose shapes "
+            "do not depend on a rank: hot-swap it directly with al.hotswap (same shapes needed)"
+        )
 
     def hotswap_refusal(self, loaded: AdapterConfig, deltas: list[Delta]) -> str | None:
         """Why a saved adapter of config `loaded` cannot be written into these deltas, or None."""
         return None
 
-    def hotswap_values(self, where: str, path: str, delta: Delta, own: dict[str, Tensor],
-                       loaded: AdapterConfig) -> list[tuple[Tensor, Tensor]] | None:
+    def hotswap_values(
+        self, where: str, path: str, delta: Delta, own: dict[str, Tensor], loaded: AdapterConfig
+    ) -> list[tuple[Tensor, Tensor]] | None:
         """(target, value) pairs writing a file's tensors `own` into `delta` in place, checked; None
         (the default): equal shapes, copied as they are."""
         return None
@@ -202,11 +209,15 @@ class AdapterConfig:
         raise AdapterFileError(f"{where}: adapterlab reads no PEFT {cls.method!r} adapters")
 
     @classmethod
-    def peft_modules(cls, data: dict[str, Any], tensors: dict[str, Tensor], where: str) -> dict[str, dict[str, Any]]:
+    def peft_modules(
+        cls, data: dict[str, Any], tensors: dict[str, Tensor], where: str
+    ) -> dict[str, dict[str, Any]]:
         """Fingerprint entries {path: {type, shape}} of a PEFT directory, from its tensors' shapes
         (PEFT stores no fingerprint); tensor keys are relative to the model (no prefix)."""
-        raise AdapterFileError(f"{where}: the metadata holds no fingerprint of the {cls.method!r} adapter's modules; "
-                               "re-save the adapter")
+        raise AdapterFileError(
+            f"{where}: the metadata holds no fingerprint of the {cls.method!r} adapter's modules; "
+            "re-save the adapter"
+        )
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -215,16 +226,22 @@ class AdapterConfig:
     @staticmethod
     def from_dict(data: dict[str, Any], strict: bool = True) -> AdapterConfig:
         """Inverse of `to_dict`. Every field is checked by the config's `validate` (types, ranges);
-        bad values raise `ConfigError`. Unknown keys raise `ConfigError` too, unless `strict=False`
+        bad values raise `ConfigError`. Unknown keys raise `ConfigError` too, unless `strict=True`
         (configs read from files): then they are dropped with a warning naming them."""
         if not isinstance(data, dict) or not isinstance(data.get("method"), str):
-            raise ConfigError(f"an adapter config must be a JSON object with a 'method' string, got {data!r:.200}")
+            raise ConfigError(
+                f"an adapter config must be a JSON object with a 'method' string, got {data!r:.200}"
+            )
         cls = config_class(data["method"])
         fields = {k: v for k, v in data.items() if k != "method"}
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)}, key=str)
         if unknown and not strict:
-            warnings.warn(f"ignoring unknown key(s) {unknown} in a {cls.method!r} config "
-                          "(written by a newer adapterlab?)", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"ignoring unknown key(s) {unknown} in a {cls.method!r} config "
+                "(written by a newer adapterlab?)",
+                UserWarning,
+                stacklevel=2,
+            )
             fields = {k: v for k, v in fields.items() if k not in unknown}
         try:
             return config_for(cls.method, **fields)
@@ -232,12 +249,24 @@ class AdapterConfig:
             raise ConfigError(f"bad config for method {data['method']!r}: {e}") from None
 
 
-def check_number(cfg: AdapterConfig, name: str, *, low: float, high: float = float("inf"),
-                 low_open: bool = False, integer: bool = False, hint: str = "") -> None:
+def check_number(
+    cfg: AdapterConfig,
+    name: str,
+    *,
+    low: float,
+    high: float = float("inf"),
+    low_open: bool = False,
+    integer: bool = False,
+    hint: str = "",
+) -> None:
     """Range/type check for one numeric field, with a message that names the value and the range."""
     value = getattr(cfg, name)
     kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (isinstance(value, int) or math.isfinite(value))
+    ok = (
+        isinstance(value, kind)
+        and not isinstance(value, bool)
+        and (isinstance(value, int) or math.isfinite(value))
+    )
     if ok:  # (NaN and ±inf fail above: from a file they would poison every weight they touch)
         ok = (value > low if low_open else value >= low) and value <= high
     if not ok:

@@ -1,4 +1,5 @@
 """`adapterlab demo`: LoRA on a small Llama built from a config (no download), end to end."""
+
 from __future__ import annotations
 
 import time
@@ -14,8 +15,15 @@ def make_model(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -74,4 +82,9 @@ def run(out_dir: str | Path = "adapterlab-demo", steps: int = 300, seed: int = 0
     print(f"done in {time.perf_counter() - started:.1f}s")
     if not (after < before and reload_diff <= 1e-5 and merged_diff <= 1e-4):
         raise SystemExit("demo check failed: the adapter did not train, reload or merge as it should")
-    return {"loss_before": before, "loss_after": after, "reload_diff": reload_diff, "merged_diff": merged_diff}
+    return {
+        "loss_before": before,
+        "loss_after": after,
+        "reload_diff": reload_diff,
+        "merged_diff": merged_diff,
+    }

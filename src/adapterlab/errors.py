@@ -2,6 +2,7 @@
 
 Every error says what was wrong and what would be right. Catch `AdapterlabError` to catch them all.
 """
+
 from __future__ import annotations
 
 import difflib

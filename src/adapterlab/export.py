@@ -1,6 +1,7 @@
 """`adapterlab export`: an adapter as PEFT's LoRA directory, or as one safetensors file of dense
 ΔW per module (any per-module method). docs/cli.md#export.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ def export_peft(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     adapter = AdapterFile.open(directory)
     if adapter.peft_config is None:
         raise ConfigError(f"{adapter.name!r} {adapter.config.peft_refusal()}. Use --format dense for its ΔW")
-    files = {CONFIG_FILE: (json.dumps(adapter.peft_config, indent=2, sort_keys=True) + "\n").encode(),
-             WEIGHTS_FILE: (adapter.directory / WEIGHTS_FILE).read_bytes()}
+    files = {
+        CONFIG_FILE: (json.dumps(adapter.peft_config, indent=2, sort_keys=True) + "\n").encode(),
+        WEIGHTS_FILE: (adapter.directory / WEIGHTS_FILE).read_bytes(),
+    }
     return write_dir_atomic(Path(out), files)
 
 
@@ -32,8 +35,9 @@ def export_dense(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     adapter.require_deltas("exported as a dense ΔW")
     target = Path(out)
     if target.is_dir():
-        raise ConfigError(f"--out {str(target)!r} is a directory; --format dense writes one file, "
-                          "e.g. delta.safetensors")
+        raise ConfigError(
+            f"--out {str(target)!r} is a directory; --format dense writes one file, e.g. delta.safetensors"
+        )
     dtype = adapter.dtype
     paths = list(adapter.modules)
     layout = [(f"{p}.weight", DTYPE_NAMES[dtype], adapter.modules[p]["shape"]) for p in paths]
@@ -42,7 +46,7 @@ def export_dense(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     def fill(tmp: Path) -> None:
         with SafetensorsWriter(tmp, layout, {"format": "pt", "adapterlab": json.dumps(metadata)}) as writer:
-            for path, (key, _, shape) in zip(paths, layout):
+            for path, (key, _, shape) in zip(paths, layout, strict=True):
                 module = skeleton(adapter.modules[path], zeros(shape, dtype))
                 writer.write(key, adapter.delta(path, module).delta_weight().detach().to(dtype))
             writer.close()

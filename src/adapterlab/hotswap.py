@@ -2,6 +2,7 @@
 model keeps its graphs (no recompilation). Shapes, dtypes and Python numbers never change; a LoRA
 of lower rank is zero-padded (`prepare_hotswap` makes room). docs/precision.md#hot-swap.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,9 @@ from .targeting import logical_modules
 def _layers(model: nn.Module, name: str) -> list[tuple[str, AdapterLayer, Delta]]:
     found = deltas(model, name)
     if not found:
-        raise AdapterNameError(f"no adapter named {name!r} on this model; adapters: {sorted(adapters(model)) or 'none'}")
+        raise AdapterNameError(
+            f"no adapter named {name!r} on this model; adapters: {sorted(adapters(model)) or 'none'}"
+        )
     return found
 
 
@@ -46,8 +49,10 @@ def hotswap(model: nn.Module, directory: str | os.PathLike, name: str = "default
     metadata, tensors = read_adapter(directory)
     where = f"hotswap {str(directory)!r} into adapter {name!r}"
     if metadata["method"] != config.method:
-        raise HotswapError(f"{where}: the file holds a {metadata['method']!r} adapter, {name!r} is {config.method!r}; "
-                           f"load it as a new adapter instead: al.load(model, {str(directory)!r}, name='...')")
+        raise HotswapError(
+            f"{where}: the file holds a {metadata['method']!r} adapter, {name!r} is {config.method!r}; "
+            f"load it as a new adapter instead: al.load(model, {str(directory)!r}, name='...')"
+        )
     loaded = AdapterConfig.from_dict(metadata["config"])
     refusal = config.hotswap_refusal(loaded, [delta for _, _, delta in found])
     if refusal:
@@ -57,40 +62,57 @@ def hotswap(model: nn.Module, directory: str | os.PathLike, name: str = "default
         raise MergeError(f"{where}: the adapter is merged (at {merged[0]!r}); call al.unmerge(model) first")
     require_fingerprint_match(inner, metadata["fingerprint"])
     have = {path for path, _, _ in found}
-    owned = split_by_module(tensors, {p for p, _ in logical_modules(inner)}, repr(str(directory)),
-                            "this model; load it into the model it was made for")
+    owned = split_by_module(
+        tensors,
+        {p for p, _ in logical_modules(inner)},
+        repr(str(directory)),
+        "this model; load it into the model it was made for",
+    )
     given = set(owned)
     if have != given:
         extra, missing = sorted(given - have), sorted(have - given)
-        what = (f"the file adapts {extra[0]!r}, which adapter {name!r} does not" if extra
-                else f"the file has nothing for {missing[0]!r}, which adapter {name!r} adapts")
-        raise HotswapError(f"{where}: the target modules differ ({what}; {len(extra)} extra, {len(missing)} missing). "
-                           "Hot-swap needs the same targets; load it as a new adapter with al.load(model, dir, name=...)")
-    writes = [w for path, _, delta in found
-              for w in _planned_writes(where, path, delta, owned[path], loaded)]
+        what = (
+            f"the file adapts {extra[0]!r}, which adapter {name!r} does not"
+            if extra
+            else f"the file has nothing for {missing[0]!r}, which adapter {name!r} adapts"
+        )
+        raise HotswapError(
+            f"{where}: the target modules differ ({what}; {len(extra)} extra, {len(missing)} missing). "
+            "Hot-swap needs the same targets; load it as a new adapter with al.load(model, dir, name=...)"
+        )
+    writes = [w for path, _, delta in found for w in _planned_writes(where, path, delta, owned[path], loaded)]
     with torch.no_grad():
         for target, value in writes:
             target.copy_(value)
     return model
 
 
-def _planned_writes(where: str, path: str, delta: Delta, own: dict[str, Tensor],
-                    loaded: AdapterConfig) -> list[tuple[Tensor, Tensor]]:
+def _planned_writes(
+    where: str, path: str, delta: Delta, own: dict[str, Tensor], loaded: AdapterConfig
+) -> list[tuple[Tensor, Tensor]]:
     """(target tensor, new value of its exact shape) for one module, after checking the file's
     tensors (`own`, keyed as in the delta's state_dict) fit; nothing is written here."""
     state = delta.state_dict(keep_vars=True)
     if set(own) != set(state):
-        raise HotswapError(f"{where}: {path!r} has tensors {sorted(own)} in the file but {sorted(state)} in the "
-                           "adapter (another kind of delta); load it as a new adapter instead")
+        raise HotswapError(
+            f"{where}: {path!r} has tensors {sorted(own)} in the file but {sorted(state)} in the "
+            "adapter (another kind of delta); load it as a new adapter instead"
+        )
     for key, target in state.items():
         if own[key].is_floating_point() != target.is_floating_point():
-            raise HotswapError(f"{where}: {path}.{key} is {own[key].dtype} in the file, {target.dtype} in the adapter")
-    writes = delta.config.hotswap_values(where, path, delta, own, loaded)  # LoRA pads ranks; sparse checks indices
+            raise HotswapError(
+                f"{where}: {path}.{key} is {own[key].dtype} in the file, {target.dtype} in the adapter"
+            )
+    writes = delta.config.hotswap_values(
+        where, path, delta, own, loaded
+    )  # LoRA pads ranks; sparse checks indices
     if writes is not None:
         return writes
     for key, target in state.items():
         if own[key].shape != target.shape:
-            raise HotswapError(f"{where}: {path}.{key} has shape {list(own[key].shape)} in the file but "
-                               f"{list(target.shape)} in the adapter; hot-swap needs equal shapes for "
-                               f"{delta.config.method!r} (e.g. the same number of sparse entries)")
+            raise HotswapError(
+                f"{where}: {path}.{key} has shape {list(own[key].shape)} in the file but "
+                f"{list(target.shape)} in the adapter; hot-swap needs equal shapes for "
+                f"{delta.config.method!r} (e.g. the same number of sparse entries)"
+            )
     return [(target, own[key]) for key, target in state.items()]

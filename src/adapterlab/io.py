@@ -2,6 +2,7 @@
 `load` adds one from a directory (ours or PEFT's LoRA). The format and its checks live in
 `files/`; docs/architecture.md#files describes them.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,17 @@ from .files.fill import filler
 from .model import adapters, apply_plan, deltas, plan, unwrapped
 from .targeting import logical_modules
 
-__all__ = ["CONFIG_FILE", "FORMAT_VERSION", "PREFIX", "WEIGHTS_FILE", "adapter_files", "load", "read_adapter",
-           "save", "save_pretrained"]
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT_VERSION",
+    "PREFIX",
+    "WEIGHTS_FILE",
+    "adapter_files",
+    "load",
+    "read_adapter",
+    "save",
+    "save_pretrained",
+]
 
 
 def save(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
@@ -40,8 +50,9 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default") 
     return write_dir_atomic(Path(directory), adapter_files(unwrapped(model), name))
 
 
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,
-                    **ignored: Any) -> None:
+def save_pretrained(
+    model: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True, **ignored: Any
+) -> None:
     """`model.save_pretrained(dir)` (and so `Trainer.save_model`) on a Hugging Face model with
     adapters: writes the adapters, as PEFT lays them out — "default" in `dir` itself, any other
     adapter in `dir/<name>/` — and no base weights and no config.json, so a plain
@@ -68,30 +79,51 @@ def adapter_files(model: nn.Module, name: str) -> dict[str, bytes]:
     """{file name: bytes} of adapter `name`'s directory: the safetensors file and the JSON config."""
     found = deltas(model, name)
     if not found:
-        raise AdapterFileError(f"no adapter named {name!r} to save; adapters: {sorted(adapters(model)) or 'none'}")
+        raise AdapterFileError(
+            f"no adapter named {name!r} to save; adapters: {sorted(adapters(model)) or 'none'}"
+        )
     config = found[0][2].config
     paths = [path for path, _, _ in found]
-    tensors = {f"{PREFIX}{path}.{key}": t.detach().contiguous().cpu()
-               for path, _, delta in found for key, t in delta.state_dict().items()}
+    tensors = {
+        f"{PREFIX}{path}.{key}": t.detach().contiguous().cpu()
+        for path, _, delta in found
+        for key, t in delta.state_dict().items()
+    }
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return directory_files(tensors, metadata_block(config, fingerprint(model, paths)),
-                           peft_config(config, paths, [d for _, _, d in found], name_or_path))
+    return directory_files(
+        tensors,
+        metadata_block(config, fingerprint(model, paths)),
+        peft_config(config, paths, [d for _, _, d in found], name_or_path),
+    )
 
 
-def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", trainable: bool = False) -> nn.Module:
+def load(
+    model: nn.Module, directory: str | os.PathLike, name: str = "default", trainable: bool = False
+) -> nn.Module:
     """Add the adapter saved in `directory` to `model` as `name` (atomic: on any error the model is
     unchanged). Reads adapterlab directories and PEFT LoRA directories."""
     inner = unwrapped(model)  # a DDP / DataParallel wrapper is looked through
     metadata, tensors = read_adapter(directory)
     config = AdapterConfig.from_dict(metadata["config"])  # validated by read_adapter
     if config.side_network:
-        raise AdapterFileError(f"{str(directory)!r} holds a {config.method.upper()} side network, not weight "
-                               f"deltas; load it with al.{config.method}.load(backbone, directory)")
+        raise AdapterFileError(
+            f"{str(directory)!r} holds a {config.method.upper()} side network, not weight "
+            f"deltas; load it with al.{config.method}.load(backbone, directory)"
+        )
     require_fingerprint_match(inner, metadata["fingerprint"])
     where = repr(str(directory))
-    owned = split_by_module(tensors, {p for p, _ in logical_modules(inner)}, where,
-                            "this model; load it into the model it was made for")
-    steps = plan(inner, config, name, paths=list(owned),
-                 build=filler(config, owned, lambda path: f"{where}: module {path!r}"))
+    owned = split_by_module(
+        tensors,
+        {p for p, _ in logical_modules(inner)},
+        where,
+        "this model; load it into the model it was made for",
+    )
+    steps = plan(
+        inner,
+        config,
+        name,
+        paths=list(owned),
+        build=filler(config, owned, lambda path: f"{where}: module {path!r}"),
+    )
     apply_plan(inner, name, steps, trainable=trainable)
     return model

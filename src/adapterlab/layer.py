@@ -1,6 +1,7 @@
 """`AdapterLayer` wraps one base module and owns its named deltas; `Delta` is what every method
 implements. Merge, unmerge, stacking and the forward pass are written here once, against `Delta`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -60,12 +61,14 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.deltas = nn.ModuleDict()
-        self.active: dict[str, float] = {}   # adapter name -> weight, in the order they apply
-        self.merged: dict[str, float] = {}   # adapter name -> weight it was merged with
+        self.active: dict[str, float] = {}  # adapter name -> weight, in the order they apply
+        self.merged: dict[str, float] = {}  # adapter name -> weight it was merged with
         self.disabled = False
         self.routes: tuple[int, list[tuple[str, Tensor]]] | None = None  # (batch size, [(name, rows)])
         self._original: Tensor | None = None  # pre-merge weight, kept only for inexact dtypes
-        self._packed: tuple[Any, ...] | None = None  # quantized bases: the pre-merge packed weight (quant.stash)
+        self._packed: tuple[Any, ...] | None = (
+            None  # quantized bases: the pre-merge packed weight (quant.stash)
+        )
         self.merge_error: float | None = None  # quantized bases: max rounding error of the last merge
         self._merge_change = 0.0  # ... and the largest entry of the Σ w·ΔW it merged
         # exact dtypes: per merge call, its weights and the (support, entries) its exact deltas saved
@@ -80,8 +83,11 @@ class AdapterLayer(nn.Module):
             return getattr(self.base_layer, name)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if not self.disabled and self.routes is None and any(
-                self.deltas[n].folds for n in self.active if n not in self.merged):
+        if (
+            not self.disabled
+            and self.routes is None
+            and any(self.deltas[n].folds for n in self.active if n not in self.merged)
+        ):
             return self._forward_folded(x, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
@@ -112,11 +118,19 @@ class AdapterLayer(nn.Module):
         """Per-sample adapters: each adapter's rows of the batch get its delta, others none."""
         size, routes = self.routes  # type: ignore[misc]
         if x.shape[0] != size:
-            raise RoutingError(f"routing ids have length {size} but the batch has {x.shape[0]} samples "
-                               "(dim 0); pass one adapter name or None per sample")
+            raise RoutingError(
+                f"routing ids have length {size} but the batch has {x.shape[0]} samples "
+                "(dim 0); pass one adapter name or None per sample"
+            )
         factors = [self.deltas[name].routing_factors() for name, _ in routes]
-        if routes and None not in factors and not (torch.is_grad_enabled() and any(
-                t.requires_grad for t in [x, *(t for f in factors for t in f[:2])])):  # type: ignore[index]
+        if (
+            routes
+            and None not in factors
+            and not (
+                torch.is_grad_enabled()
+                and any(t.requires_grad for t in [x, *(t for f in factors for t in f[:2])])
+            )
+        ):  # type: ignore[index]
             return self._routed_grouped(x, out, routes, factors)  # type: ignore[arg-type]
         for name, rows in routes:
             rows = rows.to(x.device)
@@ -124,8 +138,13 @@ class AdapterLayer(nn.Module):
             out.index_copy_(0, rows, self.deltas[name](x.index_select(0, rows), out.index_select(0, rows)))
         return out
 
-    def _routed_grouped(self, x: Tensor, out: Tensor, routes: list[tuple[str, Tensor]],
-                        factors: list[tuple[Tensor, Tensor, float]]) -> Tensor:
+    def _routed_grouped(
+        self,
+        x: Tensor,
+        out: Tensor,
+        routes: list[tuple[str, Tensor]],
+        factors: list[tuple[Tensor, Tensor, float]],
+    ) -> Tensor:
         """All routed adapters are plain low-rank products: one grouped op for the whole batch."""
         from . import kernels
 
@@ -133,8 +152,9 @@ class AdapterLayer(nn.Module):
         for g, (_, rows) in enumerate(routes):
             sample[rows] = g
         tokens = sample.to(x.device).repeat_interleave(x.numel() // (x.shape[0] * x.shape[-1]))
-        return kernels.grouped_lora_add(out, x, tokens, [a for a, _, _ in factors], [b for _, b, _ in factors],
-                                        [s for _, _, s in factors])
+        return kernels.grouped_lora_add(
+            out, x, tokens, [a for a, _, _ in factors], [b for _, b, _ in factors], [s for _, _, s in factors]
+        )
 
     # -- merge ----------------------------------------------------------------------------------
     def merged_weight(self, weights: dict[str, float]) -> Tensor:

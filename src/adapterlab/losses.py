@@ -8,6 +8,7 @@ HW×HW grows fast (a 64×64 map gives 16.8 M entries per sample), so the affinit
 one piece: rows are taken `chunk` at a time, and each chunk is recomputed in backward
 (activation checkpointing), so peak memory is B·chunk·HW, not B·HW·HW.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,12 +22,12 @@ from .errors import ConfigError, TargetError, closest
 
 
 def _normalised(f: Tensor, eps: float) -> Tensor:
-    flat = f.flatten(2)                                    # B × C × HW
+    flat = f.flatten(2)  # B × C × HW
     return flat / (flat.norm(dim=1, keepdim=True) + eps)
 
 
 def _chunk_l1(s: Tensor, t: Tensor, start: int, stop: int) -> Tensor:
-    rows_s = s[:, :, start:stop].transpose(1, 2) @ s     # B × chunk × HW
+    rows_s = s[:, :, start:stop].transpose(1, 2) @ s  # B × chunk × HW
     rows_t = t[:, :, start:stop].transpose(1, 2) @ t
     return (rows_s - rows_t).abs().sum()
 
@@ -34,8 +35,10 @@ def _chunk_l1(s: Tensor, t: Tensor, start: int, stop: int) -> Tensor:
 def affinity_l1(student: Tensor, teacher: Tensor, chunk: int = 1024, eps: float = 1e-7) -> Tensor:
     """mean |A_student − A_teacher| for one pair of B×C×H×W maps (C may differ between them)."""
     if student.dim() < 3 or student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
-        raise ConfigError(f"feature maps must share batch and spatial size: student {tuple(student.shape)}, "
-                          f"teacher {tuple(teacher.shape)}")
+        raise ConfigError(
+            f"feature maps must share batch and spatial size: student {tuple(student.shape)}, "
+            f"teacher {tuple(teacher.shape)}"
+        )
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ConfigError(f"chunk={chunk!r} must be a positive integer (rows of the affinity per step)")
     s, t = _normalised(student, eps), _normalised(teacher, eps)
@@ -50,21 +53,28 @@ def affinity_l1(student: Tensor, teacher: Tensor, chunk: int = 1024, eps: float 
     return total / (s.shape[0] * hw * hw)
 
 
-def spatial_affinity_loss(student_feats: Sequence[Tensor] | Mapping[str, Tensor],
-                          teacher_feats: Sequence[Tensor] | Mapping[str, Tensor], chunk: int = 1024,
-                          eps: float = 1e-7) -> Tensor:
+def spatial_affinity_loss(
+    student_feats: Sequence[Tensor] | Mapping[str, Tensor],
+    teacher_feats: Sequence[Tensor] | Mapping[str, Tensor],
+    chunk: int = 1024,
+    eps: float = 1e-7,
+) -> Tensor:
     """Σ over layers of mean |A_student − A_teacher| (compute the teacher's maps without gradient)."""
     if isinstance(student_feats, Mapping) != isinstance(teacher_feats, Mapping):
         raise ConfigError("pass student and teacher features both as lists or both as dicts")
     if isinstance(student_feats, Mapping):
         if student_feats.keys() != teacher_feats.keys():
-            raise ConfigError(f"student layers {sorted(student_feats)} differ from teacher layers {sorted(teacher_feats)}")
+            raise ConfigError(
+                f"student layers {sorted(student_feats)} differ from teacher layers {sorted(teacher_feats)}"
+            )
         pairs = [(student_feats[k], teacher_feats[k]) for k in student_feats]
     else:
         if len(student_feats) != len(teacher_feats) or not student_feats:
-            raise ConfigError(f"got {len(student_feats)} student and {len(teacher_feats)} teacher maps; "
-                              "pass one teacher map per student map")
-        pairs = list(zip(student_feats, teacher_feats))
+            raise ConfigError(
+                f"got {len(student_feats)} student and {len(teacher_feats)} teacher maps; "
+                "pass one teacher map per student map"
+            )
+        pairs = list(zip(student_feats, teacher_feats, strict=True))
     return sum(affinity_l1(s, t, chunk, eps) for s, t in pairs)
 
 
@@ -75,9 +85,13 @@ def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
-        raise TargetError("no module named " + "; ".join(f"{n!r} (closest: {closest(n, modules)})" for n in missing))
+        raise TargetError(
+            "no module named " + "; ".join(f"{n!r} (closest: {closest(n, modules)})" for n in missing)
+        )
     feats: dict[str, Tensor] = {}
-    handles = [modules[n].register_forward_hook(lambda _m, _i, out, n=n: feats.__setitem__(n, out)) for n in names]
+    handles = [
+        modules[n].register_forward_hook(lambda _m, _i, out, n=n: feats.__setitem__(n, out)) for n in names
+    ]
     try:
         yield feats
     finally:

@@ -3,6 +3,7 @@
 The model is changed in place and returned (no outer wrapper, so state-dict keys stay the model's
 own, with `.base_layer.` and `.deltas.<name>.` inserted at adapted modules).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,11 +43,16 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield path, module
 
 
-def deltas(model: nn.Module, name: str, kind: type | tuple[type, ...] | None = None) -> list[tuple[str, AdapterLayer, Delta]]:
+def deltas(
+    model: nn.Module, name: str, kind: type | tuple[type, ...] | None = None
+) -> list[tuple[str, AdapterLayer, Delta]]:
     """(path, layer, delta) of every module adapter `name` changes, in model order; with `kind`,
     only deltas of that class."""
-    return [(path, layer, layer.deltas[name]) for path, layer in adapter_layers(model)
-            if name in layer.deltas and (kind is None or isinstance(layer.deltas[name], kind))]
+    return [
+        (path, layer, layer.deltas[name])
+        for path, layer in adapter_layers(model)
+        if name in layer.deltas and (kind is None or isinstance(layer.deltas[name], kind))
+    ]
 
 
 def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -72,30 +78,48 @@ def _require(model: nn.Module, names: Any) -> list[str]:
     names = [names] if isinstance(names, str) else list(names)
     missing = [n for n in names if n not in known]
     if missing:
-        raise AdapterNameError(f"no adapter named {missing} on this model; adapters: {sorted(known) or 'none'}")
+        raise AdapterNameError(
+            f"no adapter named {missing} on this model; adapters: {sorted(known) or 'none'}"
+        )
     return names
 
 
-def plan(model: nn.Module, config: AdapterConfig, name: str, paths: list[str] | None = None,
-         build: Callable[[str, nn.Module], Delta] | None = None) -> Plan:
+def plan(
+    model: nn.Module,
+    config: AdapterConfig,
+    name: str,
+    paths: list[str] | None = None,
+    build: Callable[[str, nn.Module], Delta] | None = None,
+) -> Plan:
     """Validate and build every delta `inject` would add, without touching the model.
     `paths` (exact module paths) replaces the config's targeting, and `build(path, module)` the
     config's `make_delta`, as when loading a file."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise AdapterNameError(f"adapter name {name!r} is invalid; use letters, digits, '_' or '-' (e.g. 'default')")
+        raise AdapterNameError(
+            f"adapter name {name!r} is invalid; use letters, digits, '_' or '-' (e.g. 'default')"
+        )
     if name in adapters(model):
-        raise AdapterNameError(f"an adapter named {name!r} exists already; choose another name or al.delete it first")
+        raise AdapterNameError(
+            f"an adapter named {name!r} exists already; choose another name or al.delete it first"
+        )
     if paths is not None:
         exact = "|".join(re.escape(p) for p in paths)
-        targets = find_targets(model, dataclasses.replace(config, targets=f"(?:{exact})", exclude=None, layers=None))
+        targets = find_targets(
+            model, dataclasses.replace(config, targets=f"(?:{exact})", exclude=None, layers=None)
+        )
     else:
         targets = find_targets(model, config)
     if any(path == "" for path, _ in targets):
         raise TargetError("the model itself is a target; wrap it in a container, e.g. nn.Sequential(module)")
-    return [(path, module, build(path, module) if build else config.make_delta(module)) for path, module in targets]
+    return [
+        (path, module, build(path, module) if build else config.make_delta(module))
+        for path, module in targets
+    ]
 
 
-def apply_plan(model: nn.Module, name: str, steps: Plan, *, trainable: bool = True, activate: bool = True) -> None:
+def apply_plan(
+    model: nn.Module, name: str, steps: Plan, *, trainable: bool = True, activate: bool = True
+) -> None:
     """Wrap the planned modules and add the deltas (active unless `activate=False`); freeze
     everything but the new adapter (and that too unless `trainable`)."""
     if not hasattr(model, _FLAGS):
@@ -120,7 +144,9 @@ def apply_plan(model: nn.Module, name: str, steps: Plan, *, trainable: bool = Tr
         delta.requires_grad_(trainable)
 
 
-def inject(model: nn.Module, method: str | AdapterConfig = "lora", name: str = "default", **options: Any) -> nn.Module:
+def inject(
+    model: nn.Module, method: str | AdapterConfig = "lora", name: str = "default", **options: Any
+) -> nn.Module:
     """Add adapter `name` of `method` to the targeted modules of `model`; return `model`.
 
     `method` is a registered name ("lora", "convlora", …) with its options as keyword arguments,
@@ -134,11 +160,17 @@ def inject(model: nn.Module, method: str | AdapterConfig = "lora", name: str = "
 
 def set_active(model: nn.Module, names: str | list[str] | dict[str, float]) -> None:
     """Choose which adapters apply, and with what weight; several stack (their deltas add)."""
-    weights = dict(names) if isinstance(names, dict) else {n: 1.0 for n in ([names] if isinstance(names, str) else names)}
+    weights = (
+        dict(names)
+        if isinstance(names, dict)
+        else {n: 1.0 for n in ([names] if isinstance(names, str) else names)}
+    )
     _require(model, list(weights))
     weights = {n: _weight(n, w) for n, w in weights.items()}  # all checked before any layer changes
     if any(layer.merged for _, layer in adapter_layers(model)):
-        raise MergeError("adapters are merged into the weights; call al.unmerge(model) before changing the active set")
+        raise MergeError(
+            "adapters are merged into the weights; call al.unmerge(model) before changing the active set"
+        )
     for _, layer in adapter_layers(model):
         layer.active = {n: w for n, w in weights.items() if n in layer.deltas}
 
@@ -150,7 +182,9 @@ def _weight(name: str, weight: Any) -> float:
     except (TypeError, ValueError, OverflowError):
         value = math.nan
     if isinstance(weight, bool) or not math.isfinite(value):
-        raise ConfigError(f"weight {weight!r} for adapter {name!r} is not a finite number; use e.g. 1.0 or 0.5")
+        raise ConfigError(
+            f"weight {weight!r} for adapter {name!r} is not a finite number; use e.g. 1.0 or 0.5"
+        )
     return value
 
 
@@ -166,7 +200,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for layer, weights in zip(layers, merged):
+        for layer, weights in zip(layers, merged, strict=True):
             layer.disabled = False
             if weights:
                 layer.merge(weights)
@@ -218,13 +252,17 @@ def _merge_active(model: nn.Module, names: list[str] | None, safe: bool) -> dict
     inactive = [n for n in chosen if n not in current]
     if inactive:
         raise MergeError(f"adapter(s) {inactive} are not active; al.set_active them before merging")
-    layers = [(path, layer, {n: layer.active[n] for n in chosen if n in layer.active})
-              for path, layer in adapter_layers(model)]
+    layers = [
+        (path, layer, {n: layer.active[n] for n in chosen if n in layer.active})
+        for path, layer in adapter_layers(model)
+    ]
     layers = [(p, layer, w) for p, layer, w in layers if w]
     for path, layer, weights in layers:
         twice = [n for n in weights if n in layer.merged]
         if twice:
-            raise MergeError(f"adapter(s) {twice} are merged already (at {path!r}); call al.unmerge(model) first")
+            raise MergeError(
+                f"adapter(s) {twice} are merged already (at {path!r}); call al.unmerge(model) first"
+            )
         unmergeable = [n for n in weights if not layer.deltas[n].mergeable]
         if unmergeable:
             raise MergeError(f"adapter(s) {unmergeable} cannot be merged into weights; keep them unmerged")
@@ -234,19 +272,28 @@ def _merge_active(model: nn.Module, names: list[str] | None, safe: bool) -> dict
     if safe:
         for path, layer, weights in layers:
             if not torch.isfinite(layer.merged_weight(weights)).all():
-                raise MergeError(f"merging {sorted(weights)} into {path!r} gives NaN/Inf; nothing was merged. "
-                                 "Check the adapter weights (al.save and inspect them) or pass safe=False")
+                raise MergeError(
+                    f"merging {sorted(weights)} into {path!r} gives NaN/Inf; nothing was merged. "
+                    "Check the adapter weights (al.save and inspect them) or pass safe=False"
+                )
     for _, layer, weights in layers:
         layer.merge(weights)
     errors = {path: layer.merge_error for path, layer, _ in layers if layer.merge_error is not None}
-    lossy = [path for path, layer, _ in layers
-             if layer.merge_error is not None and layer.merge_error >= layer._merge_change > 0]
+    lossy = [
+        path
+        for path, layer, _ in layers
+        if layer.merge_error is not None and layer.merge_error >= layer._merge_change > 0
+    ]
     if lossy:
         path = max(lossy, key=errors.__getitem__)
-        warnings.warn(f"merging into quantized weights: in {len(lossy)} module(s) the rounding error is at least the "
-                      f"adapter's largest change (worst: {path!r}, error {errors[path]:.3g}), so the merged model keeps "
-                      "only part of the adapter. Keep it unmerged, or merge into a dequantized model "
-                      "(al.dequantize(model, torch.bfloat16), then al.merge)", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"merging into quantized weights: in {len(lossy)} module(s) the rounding error is at least the "
+            f"adapter's largest change (worst: {path!r}, error {errors[path]:.3g}), so the merged model keeps "
+            "only part of the adapter. Keep it unmerged, or merge into a dequantized model "
+            "(al.dequantize(model, torch.bfloat16), then al.merge)",
+            UserWarning,
+            stacklevel=2,
+        )
     return errors
 
 
@@ -291,7 +338,9 @@ def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     `al.unload(al.dequantize(model, torch.bfloat16), merge=True)`; a method that edits weight
     entries (SaRA, SFT, HFT, LocFT, dense) needs a dequantized model too."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"dequantize: dtype={dtype!r} is not a floating-point torch dtype; use e.g. torch.bfloat16")
+        raise ConfigError(
+            f"dequantize: dtype={dtype!r} is not a floating-point torch dtype; use e.g. torch.bfloat16"
+        )
 
     def replace(parent: nn.Module) -> None:
         for leaf, child in list(parent.named_children()):
@@ -347,19 +396,27 @@ def trainable_summary(model: nn.Module) -> Summary:
     """How many parameters train, in all and per adapter. A quantized weight counts its logical
     entries (a 4-bit weight packs two in a byte)."""
     unique = {id(p): p for p in model.parameters()}.values()
-    logical = {id(m.weight): math.prod(quant.logical_shape(m)) for m in model.modules() if quant.is_quantized(m)}
+    logical = {
+        id(m.weight): math.prod(quant.logical_shape(m)) for m in model.modules() if quant.is_quantized(m)
+    }
     per: dict[str, tuple[int, int]] = {}
     for name in adapters(model):
         ps = [p for _, _, delta in deltas(model, name) for p in delta.parameters()]
         per[name] = (sum(p.numel() for p in ps), sum(p.numel() * p.element_size() for p in ps))
-    return Summary(sum(p.numel() for p in unique if p.requires_grad), sum(logical.get(id(p), p.numel()) for p in unique),
-                   per)
+    return Summary(
+        sum(p.numel() for p in unique if p.requires_grad),
+        sum(logical.get(id(p), p.numel()) for p in unique),
+        per,
+    )
 
 
 def training_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     """{name: config} of the adapters with a parameter that requires grad (the ones training)."""
-    return {name: config for name, config in adapters(model).items()
-            if any(p.requires_grad for _, _, delta in deltas(model, name) for p in delta.parameters())}
+    return {
+        name: config
+        for name, config in adapters(model).items()
+        if any(p.requires_grad for _, _, delta in deltas(model, name) for p in delta.parameters())
+    }
 
 
 def before_step(model: nn.Module, step: int) -> None:

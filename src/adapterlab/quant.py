@@ -16,6 +16,7 @@ asks one question (`is_quantized`) and uses five answers:
 Neither bitsandbytes nor torchao is imported here: a layer from them exists only if the user
 imported them, so they are taken from `sys.modules` when such a layer is met.
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,7 +40,11 @@ def kind(module: nn.Module) -> str | None:
         if isinstance(module, bnb.nn.Linear8bitLt) and module.weight.dtype == torch.int8:
             return BNB_8BIT
     weight = getattr(module, "weight", None)
-    if isinstance(weight, Tensor) and type(weight).__module__.startswith("torchao.") and hasattr(weight, "dequantize"):
+    if (
+        isinstance(weight, Tensor)
+        and type(weight).__module__.startswith("torchao.")
+        and hasattr(weight, "dequantize")
+    ):
         return TORCHAO
     return None
 
@@ -72,8 +77,10 @@ def entrywise_refusal(module: nn.Module) -> str | None:
     `module`, or None if its weight is not quantized."""
     if not is_quantized(module):
         return None
-    return (f"its weight is quantized ({describe(module)}) and this method edits individual weight entries; "
-            "use LoRA on quantized layers, or dequantize first (al.dequantize(model, torch.bfloat16))")
+    return (
+        f"its weight is quantized ({describe(module)}) and this method edits individual weight entries; "
+        "use LoRA on quantized layers, or dequantize first (al.dequantize(model, torch.bfloat16))"
+    )
 
 
 def _bnb() -> Any:
@@ -123,24 +130,43 @@ def requantize(module: nn.Module, weight: Tensor) -> float:
         bnb = _bnb()
         state = old.quant_state
         packed, new_state = bnb.functional.quantize_4bit(
-            weight.to(device=old.device, dtype=state.dtype).contiguous(), blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage)
-        _set_weight(module, bnb.nn.Params4bit(
-            packed, requires_grad=False, quant_state=new_state, blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics, quant_type=old.quant_type,
-            quant_storage=old.quant_storage, module=module, bnb_quantized=True))
+            weight.to(device=old.device, dtype=state.dtype).contiguous(),
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+        )
+        _set_weight(
+            module,
+            bnb.nn.Params4bit(
+                packed,
+                requires_grad=False,
+                quant_state=new_state,
+                blocksize=old.blocksize,
+                compress_statistics=old.compress_statistics,
+                quant_type=old.quant_type,
+                quant_storage=old.quant_storage,
+                module=module,
+                bnb_quantized=True,
+            ),
+        )
     elif what == BNB_8BIT:
         bnb = _bnb()
-        codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(old.device, torch.float32).contiguous())
-        _set_weight(module, bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False,
-                                              CB=codes, SCB=scales))
+        codes, scales, _ = bnb.functional.int8_vectorwise_quant(
+            weight.to(old.device, torch.float32).contiguous()
+        )
+        _set_weight(
+            module,
+            bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales),
+        )
         module.state.CB = module.state.SCB = None  # the next forward takes them from the new weight
     elif what == TORCHAO:
         refusal = merge_refusal(module)
         if refusal:
             raise MergeError(refusal)
-        new = type(old).from_hp(weight.to(old.device, old.dtype), _torchao_granularity(old),
-                                act_quant_kwargs=old.act_quant_kwargs)
+        new = type(old).from_hp(
+            weight.to(old.device, old.dtype), _torchao_granularity(old), act_quant_kwargs=old.act_quant_kwargs
+        )
         _set_weight(module, nn.Parameter(new, requires_grad=False))
     else:
         raise TypeError(f"{type(module).__name__} has no quantized weight")
@@ -162,9 +188,11 @@ def merge_refusal(module: nn.Module) -> str | None:
     """Why ΔW cannot be merged into `module`'s quantized weight, or None if it can (or is not quantized)."""
     if kind(module) == TORCHAO and _torchao_granularity(module.weight) is None:
         w = module.weight
-        return (f"cannot requantize a torchao {type(w).__name__} (block size {list(getattr(w, 'block_size', []))}) "
-                "after merging; keep the adapter unmerged, or dequantize first (al.dequantize(model, torch.bfloat16)) "
-                "and merge into that")
+        return (
+            f"cannot requantize a torchao {type(w).__name__} (block size {list(getattr(w, 'block_size', []))}) "
+            "after merging; keep the adapter unmerged, or dequantize first (al.dequantize(model, torch.bfloat16)) "
+            "and merge into that"
+        )
     return None
 
 

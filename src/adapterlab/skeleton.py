@@ -2,6 +2,7 @@
 from a checkpoint when merging, zeros otherwise), so a method's own `make_delta` works without the
 base model. Used by the CLI's merge, export, validate and combine.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,7 +34,9 @@ def _empty_module(kind: str, shape: list[int], groups: int) -> nn.Module:
         with torch.device("meta"):
             return Conv1D(shape[1], shape[0])
     if kind in _CONVS and len(shape) == int(kind[4]) + 2:
-        return _CONVS[kind](shape[1] * groups, shape[0], tuple(shape[2:]), groups=groups, bias=False, device="meta")
+        return _CONVS[kind](
+            shape[1] * groups, shape[0], tuple(shape[2:]), groups=groups, bias=False, device="meta"
+        )
     if kind.endswith("Linear") and len(shape) == 2:
         return _named(nn.Linear, kind)(shape[1], shape[0], bias=False, device="meta")
     if kind.endswith("RMSNorm") and len(shape) == 1:
@@ -42,15 +45,17 @@ def _empty_module(kind: str, shape: list[int], groups: int) -> nn.Module:
         return _named(nn.LayerNorm, kind)(shape, bias=False, device="meta")
     raise UnsupportedModuleError(
         f"cannot rebuild a {kind!r} module with weight shape {shape} without the model; the CLI rebuilds Linear, "
-        "transformers Conv1D, Conv1d/2d/3d, LayerNorm and RMSNorm modules. Use the Python API with the model")
+        "transformers Conv1D, Conv1d/2d/3d, LayerNorm and RMSNorm modules. Use the Python API with the model"
+    )
 
 
 def skeleton(entry: dict[str, Any], weight: Tensor) -> nn.Module:
     """A module of the fingerprint `entry`'s type whose only parameter is `weight` (frozen)."""
     shape = list(entry["shape"])
     if list(weight.shape) != shape:
-        raise AdapterFileError(f"a {entry['type']} of weight shape {shape} cannot take a weight of shape "
-                               f"{list(weight.shape)}")
+        raise AdapterFileError(
+            f"a {entry['type']} of weight shape {shape} cannot take a weight of shape {list(weight.shape)}"
+        )
     module = _empty_module(entry["type"], shape, int(entry.get("groups", 1)))
     module.weight = nn.Parameter(weight, requires_grad=False)
     return module

@@ -4,6 +4,7 @@
 - a string: a keyword ("all-linear", "all-conv", "all") or a regex that must match the whole path;
 - `layers`: the first all-digit path component is the layer index.
 """
+
 from __future__ import annotations
 
 import re
@@ -67,9 +68,8 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 def matches(path: str, module: nn.Module, spec: TargetSpec, head: nn.Module | None) -> bool:
     if isinstance(spec, str):
-        if spec in ("all-linear", "all"):
-            if is_linear(module) and module is not head:
-                return True
+        if spec in ("all-linear", "all") and is_linear(module) and module is not head:
+            return True
         if spec in ("all-conv", "all"):
             return is_conv(module)
         if spec in ("all-linear", "all-conv", "all"):

@@ -1,6 +1,7 @@
 """`adapterlab validate`: an adapter checked against a base checkpoint from the checkpoint's
 headers alone (format, fingerprint, modules, shapes, dtypes, fit, NaN/Inf). docs/cli.md#validate.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,25 +34,53 @@ def validate(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> lis
     except AdapterFileError as e:
         return [Check("format", False, str(e))]
     metadata = adapter.metadata
-    checks = [Check("format", True, f"format version {metadata['format_version']} (this adapterlab reads up to "
-                                    f"{FORMAT_VERSION}), method {adapter.method}, "
-                                    f"written by {metadata['library_version']}")]
+    checks = [
+        Check(
+            "format",
+            True,
+            f"format version {metadata['format_version']} (this adapterlab reads up to "
+            f"{FORMAT_VERSION}), method {adapter.method}, "
+            f"written by {metadata['library_version']}",
+        )
+    ]
     if adapter.config.side_network:
-        return checks + [Check("deltas", False, f"a {adapter.method.upper()} side network has no weight deltas "
-                                                "to check against a base")]
+        return checks + [
+            Check(
+                "deltas",
+                False,
+                f"a {adapter.method.upper()} side network has no weight deltas to check against a base",
+            )
+        ]
     base = open_checkpoint(base_dir)
     checks.append(_integrity_check(adapter))
     found = locate(adapter.modules, base.tensors)
     problems = location_errors(adapter, base, found)
     located = not found.missing and not found.ambiguous
-    checks.append(Check("modules", located, f"all {len(adapter.modules)} modules found in the checkpoint"
-                        if located else "; ".join(problems[:3])))
+    checks.append(
+        Check(
+            "modules",
+            located,
+            f"all {len(adapter.modules)} modules found in the checkpoint"
+            if located
+            else "; ".join(problems[:3]),
+        )
+    )
     shapes_ok = located and not problems
-    checks.append(Check("shapes", shapes_ok, "every weight shape matches" if shapes_ok else
-                        ("; ".join(problems[:3]) if located else "not checked: modules are missing")))
+    checks.append(
+        Check(
+            "shapes",
+            shapes_ok,
+            "every weight shape matches"
+            if shapes_ok
+            else ("; ".join(problems[:3]) if located else "not checked: modules are missing"),
+        )
+    )
     checks.append(_dtype_check(adapter, base, found.keys))
-    checks.append(_fit_check(adapter, base, found.keys) if shapes_ok else
-                  Check("tensors", False, "not checked: the shapes do not match"))
+    checks.append(
+        _fit_check(adapter, base, found.keys)
+        if shapes_ok
+        else Check("tensors", False, "not checked: the shapes do not match")
+    )
     checks.append(_finite_check(adapter))
     return checks
 
@@ -62,8 +91,13 @@ def _integrity_check(adapter: AdapterFile) -> Check:
     if stored is None:
         return Check("fingerprint", True, "none stored (PEFT-written); shapes inferred from lora_A/lora_B")
     digest = modules_sha256(adapter.modules)
-    return Check("fingerprint", digest == stored, f"sha256 {stored[:16]}… matches its {len(adapter.modules)} modules"
-                 if digest == stored else f"stored sha256 {stored[:16]}… but the modules hash to {digest[:16]}…")
+    return Check(
+        "fingerprint",
+        digest == stored,
+        f"sha256 {stored[:16]}… matches its {len(adapter.modules)} modules"
+        if digest == stored
+        else f"stored sha256 {stored[:16]}… but the modules hash to {digest[:16]}…",
+    )
 
 
 def _dtype_check(adapter: AdapterFile, base: Checkpoint, keys: dict[str, str]) -> Check:
@@ -74,7 +108,9 @@ def _dtype_check(adapter: AdapterFile, base: Checkpoint, keys: dict[str, str]) -
     ok = not bad_base and bool(floats)
     detail = f"base {', '.join(base_dtypes) or '-'}; adapter {', '.join(adapter_dtypes)}"
     if bad_base:
-        detail += f"; {bad_base[0]!r} is not floating point, adapters merge into F16/BF16/F32/F64 weights only"
+        detail += (
+            f"; {bad_base[0]!r} is not floating point, adapters merge into F16/BF16/F32/F64 weights only"
+        )
     elif not floats:
         detail += "; the adapter has no floating-point tensors"
     return Check("dtypes", ok, detail)
@@ -92,6 +128,11 @@ def _fit_check(adapter: AdapterFile, base: Checkpoint, keys: dict[str, str]) -> 
 
 
 def _finite_check(adapter: AdapterFile) -> Check:
-    bad = [k for k, t in adapter.tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    return Check("finite", not bad, "no NaN/Inf" if not bad else
-                 f"NaN/Inf in {len(bad)} tensor(s): {', '.join(bad[:3])}")
+    bad = [
+        k for k, t in adapter.tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    return Check(
+        "finite",
+        not bad,
+        "no NaN/Inf" if not bad else f"NaN/Inf in {len(bad)} tensor(s): {', '.join(bad[:3])}",
+    )

@@ -4,15 +4,17 @@ Tolerance rule: the kernel's error against an fp64 reference is at most 2× the 
 torch in the same dtype (plus a floor of a few ulps of the output's scale). bf16 inputs are
 upcast to fp32 for the kernel (the interpreter's bf16 tl.dot is wrong), fp16 runs as fp16.
 """
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")
+from conftest import DEVICE  # noqa: E402
+
 from adapterlab.kernels import lora as K  # noqa: E402  (TRITON_INTERPRET is set in conftest)
 from adapterlab.kernels import reference as R  # noqa: E402
-from conftest import DEVICE  # noqa: E402
 
 EPS = {torch.float32: 1.2e-7, torch.float16: 9.8e-4}
 
@@ -20,8 +22,8 @@ EPS = {torch.float32: 1.2e-7, torch.float16: 9.8e-4}
 def make(m, k, n, r, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=gen, dtype=torch.float64)
-    a = torch.randn(r, k, generator=gen, dtype=torch.float64) / k ** 0.5
-    b = torch.randn(n, r, generator=gen, dtype=torch.float64) / r ** 0.5
+    a = torch.randn(r, k, generator=gen, dtype=torch.float64) / k**0.5
+    b = torch.randn(n, r, generator=gen, dtype=torch.float64) / r**0.5
     out = torch.randn(m, n, generator=gen, dtype=torch.float64)
     g = torch.randn(m, n, generator=gen, dtype=torch.float64)
     high = [t.to(DEVICE) for t in (out, x, a, b, g)]
@@ -56,15 +58,19 @@ def check(m, k, n, r, dtype, p, seed=0):
     ys = low[0] + scale * ((xs * mask) @ as_.t()) @ bs.t()
     ys.backward(low[4])
     plain = (ys.detach(), xs.grad, as_.grad, bs.grad)
-    for name, t, want, yard in zip(("out", "dx", "dA", "dB"), got, truth, plain):
+    for name, t, want, yard in zip(("out", "dx", "dA", "dB"), got, truth, plain, strict=True):
         assert t.shape == want.shape and t.dtype == kernel_dtype, name
         err = (t.double() - want).abs().max().item()
-        budget = 2 * (yard.double() - want).abs().max().item() + 4 * EPS[kernel_dtype] * want.abs().max().item()
+        budget = (
+            2 * (yard.double() - want).abs().max().item() + 4 * EPS[kernel_dtype] * want.abs().max().item()
+        )
         assert err <= budget, f"{name}: kernel error {err:.3g} > budget {budget:.3g}"
 
 
-@pytest.mark.parametrize("m,k,n,r", [(1, 1, 1, 1), (17, 31, 13, 3), (1023, 16, 7, 2), (5, 97, 61, 64),
-                                     (64, 64, 64, 16), (2, 3, 129, 33)])
+@pytest.mark.parametrize(
+    "m,k,n,r",
+    [(1, 1, 1, 1), (17, 31, 13, 3), (1023, 16, 7, 2), (5, 97, 61, 64), (64, 64, 64, 16), (2, 3, 129, 33)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_odd_shapes_and_dtypes(m, k, n, r, dtype):
     check(m, k, n, r, dtype, p=0.0)
@@ -79,8 +85,14 @@ def test_dropout_forward_and_backward_use_one_regenerated_mask(p):
     assert not torch.equal(mask, K.keep_mask((200, 50), p, 8, DEVICE))
 
 
-@given(m=st.integers(1, 40), k=st.integers(1, 40), n=st.integers(1, 40), r=st.integers(1, 64),
-       dtype=st.sampled_from([torch.float32, torch.float16]), p=st.sampled_from([0.0, 0.2]))
+@given(
+    m=st.integers(1, 40),
+    k=st.integers(1, 40),
+    n=st.integers(1, 40),
+    r=st.integers(1, 64),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    p=st.sampled_from([0.0, 0.2]),
+)
 def test_random_shapes(m, k, n, r, dtype, p):
     check(m, k, n, r, dtype, p)
 
@@ -127,8 +139,9 @@ def test_dispatch(monkeypatch):
 
 
 def test_model_forward_through_triton_backend(monkeypatch):
-    import adapterlab as al
     from conftest import randomize_lora
+
+    import adapterlab as al
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 5))
@@ -147,8 +160,9 @@ def test_model_forward_through_triton_backend(monkeypatch):
 
 def test_dropout_through_triton_backend_draws_its_seed(monkeypatch):
     """Only the Triton path draws a Python seed (the torch path draws its mask in the graph)."""
-    import adapterlab as al
     from conftest import randomize_lora
+
+    import adapterlab as al
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 9))

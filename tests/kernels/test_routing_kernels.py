@@ -1,12 +1,14 @@
 """Grouped (multi-adapter) LoRA kernel (interpreter) against a per-adapter torch loop."""
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")
-from adapterlab.kernels import lora as K  # noqa: E402
 from conftest import DEVICE  # noqa: E402
+
+from adapterlab.kernels import lora as K  # noqa: E402
 
 
 def grouped(out, x, ids, As, Bs, scales):
@@ -17,15 +19,20 @@ def grouped(out, x, ids, As, Bs, scales):
 
 def reference(out, x, ids, As, Bs, scales):
     out = out.double().clone()
-    for g, (a, b, s) in enumerate(zip(As, Bs, scales)):
+    for g, (a, b, s) in enumerate(zip(As, Bs, scales, strict=True)):
         rows = (ids == g).nonzero().flatten()
         out[rows] += s * x[rows].double() @ a.double().t() @ b.double().t()
     return out
 
 
-@given(m=st.integers(1, 70), k=st.integers(1, 33), n=st.integers(1, 33),
-       ranks=st.lists(st.integers(1, 20), min_size=1, max_size=5), seed=st.integers(0, 999),
-       dtype=st.sampled_from([torch.float32, torch.float16]))
+@given(
+    m=st.integers(1, 70),
+    k=st.integers(1, 33),
+    n=st.integers(1, 33),
+    ranks=st.lists(st.integers(1, 20), min_size=1, max_size=5),
+    seed=st.integers(0, 999),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+)
 def test_grouped_matches_per_adapter_loop(m, k, n, ranks, seed, dtype):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(-1, len(ranks), (m,), generator=gen)  # unsorted, with -1 rows, maybe empty groups
@@ -48,13 +55,15 @@ def test_all_rows_without_adapter_and_3d_input():
     ids = torch.tensor([0, 0, 0, 1, 1, 1])
     As, Bs = [torch.randn(2, 4), torch.randn(3, 4)], [torch.randn(5, 2), torch.randn(5, 3)]
     got = grouped(out.clone(), x, ids, As, Bs, [1.0, 2.0])
-    assert torch.allclose(got.view(6, 5).double(), reference(out.view(6, 5), x.view(6, 4), ids, As, Bs, [1.0, 2.0]),
-                          atol=1e-5)
+    assert torch.allclose(
+        got.view(6, 5).double(), reference(out.view(6, 5), x.view(6, 4), ids, As, Bs, [1.0, 2.0]), atol=1e-5
+    )
 
 
 def test_al_routing_takes_the_grouped_kernel_and_matches_the_torch_path(monkeypatch):
-    import adapterlab as al
     from conftest import randomize_lora
+
+    import adapterlab as al
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU(), torch.nn.Linear(10, 6))

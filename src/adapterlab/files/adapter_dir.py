@@ -2,6 +2,7 @@
 checked field by field), PEFT's config both ways, and `AdapterFile`, a directory read without its
 base model (what the CLI works on). The format: docs/architecture.md#files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,25 +75,36 @@ def require_fingerprint_match(model: nn.Module, expected: dict[str, Any]) -> Non
     if problems:
         raise FingerprintMismatchError(
             f"this adapter was made for another base model: {'; '.join(problems[:5])}"
-            f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. Load it into the model it was trained on")
+            f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. Load it into the model it was trained on"
+        )
 
 
 # -- write ----------------------------------------------------------------------------------------
 def metadata_block(config: AdapterConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The `adapterlab` block: format and library version, method, config, fingerprint."""
-    return {"format_version": FORMAT_VERSION, "library_version": VERSION, "method": config.method,
-            "config": config.to_dict(), "fingerprint": fingerprint}
+    return {
+        "format_version": FORMAT_VERSION,
+        "library_version": VERSION,
+        "method": config.method,
+        "config": config.to_dict(),
+        "fingerprint": fingerprint,
+    }
 
 
-def directory_files(tensors: dict[str, Tensor], metadata: dict[str, Any],
-                    peft: dict[str, Any] | None = None) -> dict[str, bytes]:
+def directory_files(
+    tensors: dict[str, Tensor], metadata: dict[str, Any], peft: dict[str, Any] | None = None
+) -> dict[str, bytes]:
     """{file name: bytes} of an adapter directory; adapter_config.json is PEFT's config if given."""
     json_config = peft or {"adapterlab": metadata}
-    return {WEIGHTS_FILE: encode(tensors, {"adapterlab": json.dumps(metadata)}),
-            CONFIG_FILE: (json.dumps(json_config, indent=2, sort_keys=True) + "\n").encode()}
+    return {
+        WEIGHTS_FILE: encode(tensors, {"adapterlab": json.dumps(metadata)}),
+        CONFIG_FILE: (json.dumps(json_config, indent=2, sort_keys=True) + "\n").encode(),
+    }
 
 
-def peft_config(config: AdapterConfig, paths: list[str], deltas: list[Delta], name_or_path: str | None) -> dict | None:
+def peft_config(
+    config: AdapterConfig, paths: list[str], deltas: list[Delta], name_or_path: str | None
+) -> dict | None:
     """adapter_config.json as PEFT writes it for this adapter, or None when PEFT cannot express it."""
     fields = config.to_peft(paths, deltas)
     return None if fields is None else {"base_model_name_or_path": name_or_path, **fields}
@@ -121,7 +133,8 @@ def _read_adapter(root: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             raise AdapterFileError(
                 f"{str(root)!r} holds only pickle weights {pickles}; adapterlab never unpickles (it can run code). "
                 "Convert them with safetensors in a process you trust: "
-                "safetensors.torch.save_file(torch.load(f, weights_only=True), 'adapter_model.safetensors')")
+                "safetensors.torch.save_file(torch.load(f, weights_only=True), 'adapter_model.safetensors')"
+            )
         raise AdapterFileError(f"{str(root)!r} has no {WEIGHTS_FILE}; is it an adapter directory?")
     tensors, header = read_tensors(weights)
     text = header.get("adapterlab")
@@ -150,31 +163,45 @@ def _check_metadata(metadata: Any, root: Path) -> dict[str, Any]:
     """The metadata block with every field checked (and the config validated and normalised by its
     config class); unknown keys are dropped with a warning."""
     where = f"{str(root)!r}: the adapterlab metadata"
-    if not isinstance(metadata, dict) or not _is_int(metadata.get("format_version")) or metadata["format_version"] < 1:
-        raise AdapterFileError(f"{where} is not a JSON object with an integer format_version >= 1; re-save the adapter")
+    if (
+        not isinstance(metadata, dict)
+        or not _is_int(metadata.get("format_version"))
+        or metadata["format_version"] < 1
+    ):
+        raise AdapterFileError(
+            f"{where} is not a JSON object with an integer format_version >= 1; re-save the adapter"
+        )
     version, library = metadata["format_version"], metadata.get("library_version", "?")
     if version > FORMAT_VERSION:
         raise AdapterFileError(
             f"{str(root)!r} has format version {version} (written by adapterlab {library!s:.40}); "
-            f"this adapterlab {VERSION} reads up to {FORMAT_VERSION}. Upgrade adapterlab")
+            f"this adapterlab {VERSION} reads up to {FORMAT_VERSION}. Upgrade adapterlab"
+        )
     unknown = sorted(set(metadata) - METADATA_KEYS)
     if unknown:
         warnings.warn(f"{where} has unknown key(s) {unknown}; ignoring them", UserWarning, stacklevel=4)
     method = metadata.get("method")
     if not isinstance(method, str) or not isinstance(library, str):
-        raise AdapterFileError(f"{where} needs 'method' and 'library_version' strings, got {method!r:.50} and "
-                               f"{library!r:.50}; re-save the adapter")
-    return {"format_version": version, "library_version": library, "method": method,
-            "config": _check_config(metadata.get("config"), method, where),
-            "fingerprint": _parse_fingerprint(metadata.get("fingerprint"), where)}
+        raise AdapterFileError(
+            f"{where} needs 'method' and 'library_version' strings, got {method!r:.50} and "
+            f"{library!r:.50}; re-save the adapter"
+        )
+    return {
+        "format_version": version,
+        "library_version": library,
+        "method": method,
+        "config": _check_config(metadata.get("config"), method, where),
+        "fingerprint": _parse_fingerprint(metadata.get("fingerprint"), where),
+    }
 
 
 def _check_config(data: Any, method: str, where: str) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("method") != method:
-        raise AdapterFileError(f"{where}: config {data!r:.100} is not an object with method {method!r}; "
-                               "re-save the adapter")
+        raise AdapterFileError(
+            f"{where}: config {data!r:.100} is not an object with method {method!r}; re-save the adapter"
+        )
     try:
-        return AdapterConfig.from_dict(data, strict=False).to_dict()
+        return AdapterConfig.from_dict(data, strict=True).to_dict()
     except AdapterlabError as e:
         raise AdapterFileError(f"{where}: {e}") from None
 
@@ -186,11 +213,20 @@ def _parse_fingerprint(fingerprint: Any, where: str) -> dict[str, Any]:
         return {}
     modules = fingerprint.get("modules", {}) if isinstance(fingerprint, dict) else None
     layers = fingerprint.get("layers", {}) if isinstance(fingerprint, dict) else None
-    ok = (isinstance(modules, dict) and all(isinstance(m, dict) and isinstance(m.get("type"), str)
-                                            and naturals(m.get("shape")) and _is_int(m.get("groups", 1))
-                                            and m.get("groups", 1) >= 1 for m in modules.values())
-          and isinstance(layers, dict) and all(isinstance(t, str) for t in layers.values())
-          and isinstance(fingerprint.get("sha256", ""), str))
+    ok = (
+        isinstance(modules, dict)
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("type"), str)
+            and naturals(m.get("shape"))
+            and _is_int(m.get("groups", 1))
+            and m.get("groups", 1) >= 1
+            for m in modules.values()
+        )
+        and isinstance(layers, dict)
+        and all(isinstance(t, str) for t in layers.values())
+        and isinstance(fingerprint.get("sha256", ""), str)
+    )
     if not ok:
         raise AdapterFileError(f"{where}: fingerprint {fingerprint!r:.100} is malformed; re-save the adapter")
     return fingerprint
@@ -204,23 +240,36 @@ def _from_peft(data: Any, root: Path) -> dict[str, Any]:
     cls = peft_config_class(data.get("peft_type")) if isinstance(data, dict) else None
     if cls is None:
         kind = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
-        raise AdapterFileError(f"{str(root)!r}: cannot read a {kind!r:.50} adapter; adapterlab reads its own "
-                               "directories and PEFT LoRA directories")
+        raise AdapterFileError(
+            f"{str(root)!r}: cannot read a {kind!r:.50} adapter; adapterlab reads its own "
+            "directories and PEFT LoRA directories"
+        )
     config = cls.from_peft(data, repr(str(root)))
-    return {"format_version": FORMAT_VERSION, "library_version": f"peft {data.get('peft_version', '?')!s:.40}",
-            "method": config["method"], "config": config, "fingerprint": {}}
+    return {
+        "format_version": FORMAT_VERSION,
+        "library_version": f"peft {data.get('peft_version', '?')!s:.40}",
+        "method": config["method"],
+        "config": config,
+        "fingerprint": {},
+    }
 
 
-def split_by_module(tensors: dict[str, Tensor], paths: set[str], where: str, whose: str) -> dict[str, dict[str, Tensor]]:
+def split_by_module(
+    tensors: dict[str, Tensor], paths: set[str], where: str, whose: str
+) -> dict[str, dict[str, Tensor]]:
     """Each tensor under the longest of `paths` that prefixes its key, keyed relative to it."""
     owned: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
-        parts = key[len(PREFIX):].split(".") if key.startswith(PREFIX) else []
-        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in paths), None)
+        parts = key[len(PREFIX) :].split(".") if key.startswith(PREFIX) else []
+        owner = next(
+            (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in paths), None
+        )
         if owner is None:
-            raise AdapterFileError(f"{where}: tensor {key!r} belongs to no module of {whose} (keys look like "
-                                   f"'{PREFIX}<module path>.<param>')")
-        owned.setdefault(owner, {})[key[len(PREFIX) + len(owner) + 1:]] = t
+            raise AdapterFileError(
+                f"{where}: tensor {key!r} belongs to no module of {whose} (keys look like "
+                f"'{PREFIX}<module path>.<param>')"
+            )
+        owned.setdefault(owner, {})[key[len(PREFIX) + len(owner) + 1 :]] = t
     if not owned:
         raise AdapterFileError(f"{where} holds no tensors")
     return dict(sorted(owned.items()))
@@ -235,8 +284,8 @@ class AdapterFile:
     metadata: dict[str, Any]
     tensors: dict[str, Tensor]
     config: AdapterConfig
-    modules: dict[str, dict[str, Any]]          # path -> fingerprint entry {type, shape[, groups]}
-    peft_config: dict[str, Any] | None = None   # adapter_config.json, when it is PEFT's
+    modules: dict[str, dict[str, Any]]  # path -> fingerprint entry {type, shape[, groups]}
+    peft_config: dict[str, Any] | None = None  # adapter_config.json, when it is PEFT's
     _owned: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -251,12 +300,13 @@ class AdapterFile:
         elif metadata["fingerprint"].get("modules"):
             modules = metadata["fingerprint"]["modules"]
         else:
-            local = {k[len(PREFIX):] if k.startswith(PREFIX) else k: t for k, t in tensors.items()}
+            local = {k[len(PREFIX) :] if k.startswith(PREFIX) else k: t for k, t in tensors.items()}
             modules = type(config).peft_modules(peft or {}, local, repr(str(root)))
         adapter = cls(root, metadata, tensors, config, modules, peft)
         if modules:
-            adapter._owned = split_by_module(tensors, set(modules), repr(str(root)),
-                                             "the fingerprint; re-save the adapter")
+            adapter._owned = split_by_module(
+                tensors, set(modules), repr(str(root)), "the fingerprint; re-save the adapter"
+            )
         return adapter
 
     @property
@@ -271,13 +321,17 @@ class AdapterFile:
     def dtype(self) -> torch.dtype:
         """The dtype for zero skeletons: float64 if the adapter holds float64 tensors (it was
         trained on a float64 base), else float32 (what adapters train in on every other base)."""
-        return torch.float64 if any(t.dtype == torch.float64 for t in self.tensors.values()) else torch.float32
+        return (
+            torch.float64 if any(t.dtype == torch.float64 for t in self.tensors.values()) else torch.float32
+        )
 
     def require_deltas(self, doing: str) -> None:
         """Raise unless the adapter is made of per-module deltas (not a side network)."""
         if self.config.side_network:
-            raise AdapterFileError(f"{self.name!r} holds a {self.config.method.upper()} side network, not weight "
-                                   f"deltas: it cannot be {doing}. Use it with al.{self.method}.load(backbone, directory)")
+            raise AdapterFileError(
+                f"{self.name!r} holds a {self.config.method.upper()} side network, not weight "
+                f"deltas: it cannot be {doing}. Use it with al.{self.method}.load(backbone, directory)"
+            )
 
     def delta(self, path: str, module: nn.Module) -> Delta:
         """The delta of module `path`, built on `module` (a skeleton) and filled from the file."""

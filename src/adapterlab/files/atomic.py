@@ -2,6 +2,7 @@
 for directories (adapter saves, merged checkpoints, exports, combined adapters). docs/reliability.md
 has the tests.
 """
+
 from __future__ import annotations
 
 import errno
@@ -63,7 +64,12 @@ def _flock(fd: int, how: int) -> None:
     try:
         fcntl.flock(fd, how)
     except OSError as e:
-        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):  # no flock here (e.g. NFS)
+        if e.errno not in (
+            errno.ENOLCK,
+            errno.EOPNOTSUPP,
+            errno.EINVAL,
+            errno.EBADF,
+        ):  # no flock here (e.g. NFS)
             raise
 
 
@@ -77,8 +83,10 @@ def interrupted_hint(target: Path) -> str:
     """A hint for a reader of a missing `target` that an interrupted write left beside it."""
     if not _siblings(target, "old"):
         return ""
-    return (f"; an interrupted save left the previous version in {target.parent}/.{target.name}.old-* "
-            "(the next al.save to this path puts it back, or rename it yourself)")
+    return (
+        f"; an interrupted save left the previous version in {target.parent}/.{target.name}.old-* "
+        "(the next al.save to this path puts it back, or rename it yourself)"
+    )
 
 
 def repair(target: Path, temps: bool = False) -> None:
@@ -157,7 +165,9 @@ def write_files_atomic(directory: Path, files: dict[str, bytes]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     with locked(directory.parent):
         for name, data in files.items():
-            write_file_atomic(directory / name, lambda tmp, data=data: fsync_write(tmp, data), sync_parent=False)
+            write_file_atomic(
+                directory / name, lambda tmp, data=data: fsync_write(tmp, data), sync_parent=False
+            )
         fsync_path(directory)
 
 

@@ -2,6 +2,7 @@
 own config, so every shape is checked before anything is allocated, then built and filled.
 Used by `al.load`, `AdapterFile.delta` (the CLI's merge, export, validate) and LEVI's load.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,10 @@ def on_meta(module: nn.Module) -> nn.Module:
     """A shallow copy of `module` whose parameters and buffers are on the meta device (shapes, no
     memory): a delta built from it allocates nothing."""
     twin = copy.copy(module)
-    twin.__dict__["_parameters"] = {k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
-                                    for k, p in module._parameters.items()}
+    twin.__dict__["_parameters"] = {
+        k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
+        for k, p in module._parameters.items()
+    }
     twin.__dict__["_buffers"] = {k: None if b is None else b.to("meta") for k, b in module._buffers.items()}
     return twin
 
@@ -35,13 +38,17 @@ def check_state(state: dict[str, Tensor], tensors: dict[str, Tensor], where: str
     """`tensors` must be exactly the keys of `state`, each of the same shape and kind (float or not)."""
     missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
     if missing or unexpected:
-        raise AdapterFileError(f"{where} does not fit: missing tensors {missing[:5]}, unexpected {unexpected[:5]}"
-                               f"{hint}; re-save the adapter or load it into the model it was made for")
+        raise AdapterFileError(
+            f"{where} does not fit: missing tensors {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{hint}; re-save the adapter or load it into the model it was made for"
+        )
     for key, target in state.items():
         given = tensors[key]
         if given.shape != target.shape or given.is_floating_point() != target.is_floating_point():
-            raise AdapterFileError(f"{where}: tensor {key!r} has shape {list(given.shape)} ({given.dtype}); this "
-                                   f"model needs shape {list(target.shape)} ({target.dtype}){hint}")
+            raise AdapterFileError(
+                f"{where}: tensor {key!r} has shape {list(given.shape)} ({given.dtype}); this "
+                f"model needs shape {list(target.shape)} ({target.dtype}){hint}"
+            )
 
 
 @torch.no_grad()
@@ -75,7 +82,8 @@ def fill_delta(config: AdapterConfig, module: nn.Module, tensors: dict[str, Tens
     return delta
 
 
-def filler(config: AdapterConfig, owned: dict[str, dict[str, Tensor]],
-           where: Callable[[str], str]) -> Callable[[str, nn.Module], Delta]:
+def filler(
+    config: AdapterConfig, owned: dict[str, dict[str, Tensor]], where: Callable[[str], str]
+) -> Callable[[str, nn.Module], Delta]:
     """`fill_delta` per module path, for `model.plan(..., build=…)`."""
     return lambda path, module: fill_delta(config, module, owned[path], where(path))

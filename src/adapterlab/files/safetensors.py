@@ -1,6 +1,7 @@
 """Safetensors, strictly: one header parser with one set of limits and one dtype table, a reader
 of single tensors and a streaming writer. Adapters, base checkpoints and exports all use it.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,11 +20,27 @@ from ..errors import AdapterFileError
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 MAX_DIMS, MAX_ELEMENTS = 8, 2**48  # per tensor (zero-length dims counted as 1)
-DTYPES = {name: dtype for name, dtype in {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None), "U64": getattr(torch, "uint64", None),
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}.items() if dtype is not None}
+DTYPES = {
+    name: dtype
+    for name, dtype in {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "U16": getattr(torch, "uint16", None),
+        "U32": getattr(torch, "uint32", None),
+        "U64": getattr(torch, "uint64", None),
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }.items()
+    if dtype is not None
+}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -58,7 +75,9 @@ def parse_json(text: str | bytes, where: str) -> Any:
 
 def naturals(value: Any) -> bool:
     """A JSON list of integers >= 0."""
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -75,7 +94,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except OSError as e:
         raise not_safetensors(path, str(e)) from None
     if not fits:
-        raise not_safetensors(path, f"its header length field says {length} bytes; the file has {size} bytes in all")
+        raise not_safetensors(
+            path, f"its header length field says {length} bytes; the file has {size} bytes in all"
+        )
     header = parse_json(text, f"the header of {str(path)!r}")
     if not isinstance(header, dict):
         raise not_safetensors(path, f"its header is a JSON {type(header).__name__}, not an object")
@@ -91,17 +112,28 @@ def _entry(path: Path, name: str, entry: Any, data_start: int, size: int) -> Ten
     dtype = entry.get("dtype") if isinstance(entry, dict) else None
     shape = entry.get("shape") if isinstance(entry, dict) else None
     offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-    if not (isinstance(dtype, str) and dtype in DTYPES and naturals(shape) and naturals(offsets)
-            and len(offsets) == 2):
-        raise not_safetensors(path, f"tensor {name!r:.100} has the entry {entry!r:.100}; expected "
-                                    f"dtype (one of {', '.join(DTYPES)}), shape and data_offsets")
+    if not (
+        isinstance(dtype, str)
+        and dtype in DTYPES
+        and naturals(shape)
+        and naturals(offsets)
+        and len(offsets) == 2
+    ):
+        raise not_safetensors(
+            path,
+            f"tensor {name!r:.100} has the entry {entry!r:.100}; expected "
+            f"dtype (one of {', '.join(DTYPES)}), shape and data_offsets",
+        )
     if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise not_safetensors(path, f"tensor {name!r:.100} declares shape {shape!r:.100}, too large")
     begin, end = offsets
     data_bytes = size - data_start
     if not begin <= end <= data_bytes or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
-        raise not_safetensors(path, f"tensor {name!r:.100} declares {dtype} {shape} at bytes [{begin}, {end}) "
-                                    f"of a {data_bytes}-byte data section")
+        raise not_safetensors(
+            path,
+            f"tensor {name!r:.100} declares {dtype} {shape} at bytes [{begin}, {end}) "
+            f"of a {data_bytes}-byte data section",
+        )
     return TensorInfo(dtype, shape, data_start + begin, data_start + end, path)
 
 
@@ -110,7 +142,7 @@ def read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     _, metadata = read_header(path)
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+            return {k: f.get_tensor(k) for k in f}, metadata
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise not_safetensors(path, str(e)) from None
 
@@ -137,7 +169,9 @@ class SafetensorsWriter:
     names, dtypes and shapes) first, then each tensor's bytes; `close` checks all were written and
     fsyncs the file."""
 
-    def __init__(self, path: Path, layout: list[tuple[str, str, list[int]]], metadata: dict[str, str]) -> None:
+    def __init__(
+        self, path: Path, layout: list[tuple[str, str, list[int]]], metadata: dict[str, str]
+    ) -> None:
         header: dict[str, Any] = {"__metadata__": metadata}
         offset = 0
         self.sizes = []
@@ -179,7 +213,7 @@ class SafetensorsWriter:
         source.seek(info.start)
         view, left = memoryview(buffer), info.nbytes
         while left:
-            got = source.readinto(view[:min(left, len(buffer))])
+            got = source.readinto(view[: min(left, len(buffer))])
             if not got:
                 raise AdapterFileError(f"{str(info.file)!r} ended early; the file is truncated")
             self.file.write(view[:got])
@@ -187,7 +221,9 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         if self.done != len(self.layout):
-            raise RuntimeError(f"{self.path}: {len(self.layout) - self.done} planned tensors were not written")
+            raise RuntimeError(
+                f"{self.path}: {len(self.layout) - self.done} planned tensors were not written"
+            )
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()

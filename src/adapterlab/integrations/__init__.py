@@ -1,4 +1,5 @@
 """Integrations with training frameworks: `AdapterCallback` for `transformers.Trainer`."""
+
 from .trainer import AdapterCallback
 
 __all__ = ["AdapterCallback"]

@@ -3,6 +3,7 @@ hooks, and keeps checkpoints adapter-only (resumable). docs/training.md.
 
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[AdapterCallback()])
 """
+
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save as safetensors_bytes
-
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -33,41 +33,84 @@ class AdapterCallback(TrainerCallback):
         self._ignored: Any = None
         self.summary = None
 
-    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         if model is None or not adapters(model):
-            raise AdapterNameError("AdapterCallback: the Trainer's model has no adapterlab adapter; "
-                             "call al.inject(model, ...) or al.load(model, ...) before building the Trainer")
+            raise AdapterNameError(
+                "AdapterCallback: the Trainer's model has no adapterlab adapter; "
+                "call al.inject(model, ...) or al.load(model, ...) before building the Trainer"
+            )
         self._ignored = getattr(model, "_keys_to_ignore_on_save", None)
         model._keys_to_ignore_on_save = {k for k in model.state_dict() if ".deltas." not in k}
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.summary = trainable_summary(model)
         if state.is_world_process_zero:
             logger.info("adapterlab: %s", self.summary)
 
-    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                              model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_pre_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         before_step(model, state.global_step)
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                          model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         after_step(model, state.global_step, optimizer)
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not args.should_save:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
             if "save_pretrained" not in model.__dict__:  # a Hugging Face model's (ours) wrote them already
                 save_pretrained(model, checkpoint)
-            tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if ".deltas." in k}
-            write_files_atomic(checkpoint, {RESUME_FILE: safetensors_bytes(tensors, metadata={"format": "pt"})})
+            tensors = {
+                k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if ".deltas." in k
+            }
+            write_files_atomic(
+                checkpoint, {RESUME_FILE: safetensors_bytes(tensors, metadata={"format": "pt"})}
+            )
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         model._keys_to_ignore_on_save = self._ignored
         if self.finish_sft:
             for name, config in adapters(model).items():

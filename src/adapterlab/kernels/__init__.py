@@ -11,6 +11,7 @@ faster there (docs/benchmarks.md, H200, bf16, K = N = 4096):
 
 The torch implementations in `reference.py` are the CPU backend and the test oracle.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,10 +49,14 @@ def use_triton(t: Tensor, auto: bool = False) -> bool:
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if choice == "triton":
         if not triton_available():
-            raise ConfigError("ADAPTERLAB_BACKEND=triton but triton is not installed; pip install 'adapterlab[triton]'")
+            raise ConfigError(
+                "ADAPTERLAB_BACKEND=triton but triton is not installed; pip install 'adapterlab[triton]'"
+            )
         if not (t.is_cuda or interpreted):
-            raise ConfigError(f"ADAPTERLAB_BACKEND=triton with a {t.device.type} tensor: Triton runs on CUDA, or on "
-                              "the CPU with TRITON_INTERPRET=1 (slow; for tests)")
+            raise ConfigError(
+                f"ADAPTERLAB_BACKEND=triton with a {t.device.type} tensor: Triton runs on CUDA, or on "
+                "the CPU with TRITON_INTERPRET=1 (slow; for tests)"
+            )
         return True
     return auto and t.is_cuda and triton_available()
 
@@ -70,8 +75,9 @@ def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: floa
     return reference.lora_add(out, x, A, B, scale, p)
 
 
-def grouped_lora_add(out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor], Bs: list[Tensor],
-                     scales: list[float]) -> Tensor:
+def grouped_lora_add(
+    out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list[float]
+) -> Tensor:
     """out[t] += scales[g]·x[t]·A_gᵀ·B_gᵀ with g = token_ids[t] (-1: no adapter), in place."""
     tokens = x.numel() // x.shape[-1]
     if use_triton(x, auto=tokens >= GROUPED_MIN_TOKENS):
@@ -81,10 +87,24 @@ def grouped_lora_add(out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor]
     return reference.grouped_lora_add(out, x, token_ids, As, Bs, scales)
 
 
-def sparse_linear_add(out: Tensor, x: Tensor, values: Tensor, indices: Tensor, shape: tuple[int, int],
-                      transposed: bool = False, scale: float = 1.0) -> Tensor:
+def sparse_linear_add(
+    out: Tensor,
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    shape: tuple[int, int],
+    transposed: bool = False,
+    scale: float = 1.0,
+) -> Tensor:
     """out + scale · x·ΔWᵀ for a sparse ΔW (see `reference.SparseLinearAdd`)."""
     return reference.sparse_linear_add(out, x, values, indices, shape, transposed, scale)
 
 
-__all__ = ["BACKENDS", "GROUPED_MIN_TOKENS", "grouped_lora_add", "lora_add", "sparse_linear_add", "use_triton"]
+__all__ = [
+    "BACKENDS",
+    "GROUPED_MIN_TOKENS",
+    "grouped_lora_add",
+    "lora_add",
+    "sparse_linear_add",
+    "use_triton",
+]

@@ -1,4 +1,5 @@
 """Plain-torch implementations: the CPU backend and the oracle the Triton kernels are tested against."""
+
 from __future__ import annotations
 
 import warnings
@@ -16,8 +17,9 @@ def dropout_mask(like: Tensor, p: float, generator: torch.Generator | None = Non
     CPU than `bernoulli_`. With the global RNG it is plain tensor ops, so `torch.compile` traces it
     into the graph (no seed leaves the graph as a Python number)."""
     n = like.numel()
-    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=generator,
-                         device=like.device)
+    bits = torch.randint(
+        -(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=generator, device=like.device
+    )
     return bits.view(torch.int16)[:n].view(like.shape) >= round(p * 65536) - 32768
 
 
@@ -43,8 +45,12 @@ def _expand_into(out: Tensor, h: Tensor, B: Tensor, alpha: float) -> tuple[Tenso
     """out + alpha·h·Bᵀ (h and B of one dtype), in place when `out` allows it; returns (result, in_place).
     Never in place under `torch.compile`: the compiler fuses the add itself, and AOT autograd
     mishandles an in-place write (`mark_dirty`) into a view such as HF Conv1D's output."""
-    if out.dtype == h.dtype and out.is_contiguous() and not (out.is_leaf and out.requires_grad) \
-            and not torch.compiler.is_compiling():
+    if (
+        out.dtype == h.dtype
+        and out.is_contiguous()
+        and not (out.is_leaf and out.requires_grad)
+        and not torch.compiler.is_compiling()
+    ):
         out.view(-1, out.shape[-1]).addmm_(h, B.t(), alpha=alpha)
         return out, True
     return out + (h @ B.t()).mul_(alpha).to(out.dtype).view(out.shape), False
@@ -63,12 +69,21 @@ class LoRAAdd(torch.autograd.Function):
     applied to rank-r tensors only. Gradients are returned in each input's own dtype."""
 
     @staticmethod
-    def forward(ctx, out: Tensor, x: Tensor, A: Tensor, B: Tensor,  # type: ignore[override]
-                scale: float, p: float, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
+    def forward(
+        ctx,
+        out: Tensor,
+        x: Tensor,
+        A: Tensor,
+        B: Tensor,  # type: ignore[override]
+        scale: float,
+        p: float,
+        keep: Tensor | None,
+        dtype: torch.dtype,
+    ) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):  # every dtype below is explicit
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             keep = None if keep is None else keep.reshape(x2.shape)
-            h = _shrink(x2, A.to(dtype), keep)        # (x ⊙ keep) Aᵀ: the true h times (1-p)
+            h = _shrink(x2, A.to(dtype), keep)  # (x ⊙ keep) Aᵀ: the true h times (1-p)
             ctx.save_for_backward(x2, A, B, h, keep)
             ctx.alpha, ctx.x_shape, ctx.x_dtype = scale / (1.0 - p), x.shape, x.dtype
             result, in_place = _expand_into(out, h, B.to(dtype), ctx.alpha)
@@ -83,7 +98,7 @@ class LoRAAdd(torch.autograd.Function):
         with torch.autocast(grad.device.type, enabled=False):
             g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
             a = A.to(dtype)
-            gh = (g2 @ B.to(dtype)).mul_(ctx.alpha)     # d(x ⊙ keep)Aᵀ, (N, r)
+            gh = (g2 @ B.to(dtype)).mul_(ctx.alpha)  # d(x ⊙ keep)Aᵀ, (N, r)
             dA = dB = dx = None
             if ctx.needs_input_grad[3]:
                 dB = (g2.t() @ h).mul_(ctx.alpha).to(B.dtype)
@@ -97,8 +112,15 @@ class LoRAAdd(torch.autograd.Function):
         return grad, dx, dA, dB, None, None, None, None
 
 
-def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float = 0.0,
-             generator: torch.Generator | None = None) -> Tensor:
+def lora_add(
+    out: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: float,
+    p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Reference low-rank update for Linear layouts: out + scale · drop_p(x) Aᵀ Bᵀ, in autocast's
     dtype under autocast (`compute_dtype`), the dropout mask drawn from `generator` (torch's global
     RNG when None, which keeps the whole call traceable by `torch.compile`). Without a gradient to
@@ -113,12 +135,13 @@ def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: floa
         return _expand_into(out, h, B.to(dtype), scale / (1.0 - p))[0]
 
 
-def grouped_lora_add(out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor], Bs: list[Tensor],
-                     scales: list[float]) -> Tensor:
+def grouped_lora_add(
+    out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list[float]
+) -> Tensor:
     """out[t] += scales[g]·x[t]·A_gᵀ·B_gᵀ with g = token_ids[t] (-1: none), one gather/scatter
     per adapter (inference; training routes through each delta's own autograd)."""
     x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-    for g, (a, b, s) in enumerate(zip(As, Bs, scales)):
+    for g, (a, b, s) in enumerate(zip(As, Bs, scales, strict=True)):
         rows = (token_ids == g).nonzero().flatten().to(x.device)
         if rows.numel():
             h = x2.index_select(0, rows).to(a.dtype) @ a.t()
@@ -152,8 +175,9 @@ def sampled_matmul(left_t: Tensor, right: Tensor, indices: Tensor, shape: list[i
     crow[1:] = torch.bincount(rows, minlength=a).cumsum(0)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": not actionable for users
         warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(crow, cols, right.new_zeros(indices.numel()), (a, b),
-                                          check_invariants=False)
+        pattern = torch.sparse_csr_tensor(
+            crow, cols, right.new_zeros(indices.numel()), (a, b), check_invariants=False
+        )
         return torch.sparse.sampled_addmm(pattern, left_t, right, beta=0.0).values().clone()
 
 
@@ -173,10 +197,18 @@ class SparseLinearAdd(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, out: Tensor, x: Tensor, values: Tensor, indices: Tensor,  # type: ignore[override]
-                shape: tuple[int, int], transposed: bool, scale: float) -> Tensor:
+    def forward(
+        ctx,
+        out: Tensor,
+        x: Tensor,
+        values: Tensor,
+        indices: Tensor,  # type: ignore[override]
+        shape: tuple[int, int],
+        transposed: bool,
+        scale: float,
+    ) -> Tensor:
         stored = scatter_dense(shape, values, indices)
-        w = stored if transposed else stored.t()            # (in, out): y = x @ w
+        w = stored if transposed else stored.t()  # (in, out): y = x @ w
         x2 = x.reshape(-1, x.shape[-1])
         xv = x2 if x2.dtype == values.dtype else x2.to(values.dtype)
         out2 = out.reshape(-1, out.shape[-1])
@@ -207,7 +239,14 @@ class SparseLinearAdd(torch.autograd.Function):
         return grad, dx, dvalues, None, None, None, None
 
 
-def sparse_linear_add(out: Tensor, x: Tensor, values: Tensor, indices: Tensor, shape: tuple[int, int],
-                      transposed: bool = False, scale: float = 1.0) -> Tensor:
+def sparse_linear_add(
+    out: Tensor,
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    shape: tuple[int, int],
+    transposed: bool = False,
+    scale: float = 1.0,
+) -> Tensor:
     """Reference sparse update for Linear / HF Conv1D layouts; see `SparseLinearAdd`."""
     return SparseLinearAdd.apply(out, x, values, indices, tuple(shape), transposed, scale)

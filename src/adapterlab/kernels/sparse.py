@@ -7,6 +7,7 @@
   selected entries only — never the dense dW. Entries sorted by row share their dY column, so a
   program takes a run of entries and streams the token dimension in chunks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,9 @@ def _apply(w_ptr, idx_ptr, val_ptr, n, alpha, ATOMIC: tl.constexpr, BLOCK: tl.co
         tl.store(w_ptr + idx, (w + val).to(w_ptr.dtype.element_ty), mask=live)
 
 
-def sparse_apply(weight: Tensor, indices: Tensor, values: Tensor, alpha: float = 1.0, unique: bool = True) -> Tensor:
+def sparse_apply(
+    weight: Tensor, indices: Tensor, values: Tensor, alpha: float = 1.0, unique: bool = True
+) -> Tensor:
     """weight.flat[indices] += alpha·values, in place; atomics only when `unique=False`."""
     flat = weight.view(-1)
     n = indices.numel()
@@ -38,8 +41,22 @@ def sparse_apply(weight: Tensor, indices: Tensor, values: Tensor, alpha: float =
 
 
 @triton.jit
-def _sampled(dy_ptr, x_ptr, rows_ptr, cols_ptr, out_ptr, k, T, s_dt, s_dn, s_xt, s_xk, alpha,
-             BLOCK: tl.constexpr, BT: tl.constexpr):
+def _sampled(
+    dy_ptr,
+    x_ptr,
+    rows_ptr,
+    cols_ptr,
+    out_ptr,
+    k,
+    T,
+    s_dt,
+    s_dn,
+    s_xt,
+    s_xk,
+    alpha,
+    BLOCK: tl.constexpr,
+    BT: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = offs < k
     rows = tl.load(rows_ptr + offs, mask=live, other=0).to(tl.int64)
@@ -54,13 +71,33 @@ def _sampled(dy_ptr, x_ptr, rows_ptr, cols_ptr, out_ptr, k, T, s_dt, s_dn, s_xt,
     tl.store(out_ptr + offs, (acc * alpha).to(out_ptr.dtype.element_ty), mask=live)
 
 
-def sampled_grad(dy: Tensor, x: Tensor, rows: Tensor, cols: Tensor, alpha: float = 1.0,
-                 out_dtype: torch.dtype | None = None) -> Tensor:
+def sampled_grad(
+    dy: Tensor,
+    x: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    alpha: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
     """alpha · Σ_t dy[t, rows_i]·x[t, cols_i] for each i: the gradient of the k values of a sparse
     ΔW (out×in) from dY (T×out) and X (T×in), without forming dW."""
     k = rows.numel()
     out = torch.empty(k, dtype=out_dtype or x.dtype, device=x.device)
     if k:
-        _sampled[(triton.cdiv(k, 64),)](dy, x, rows, cols, out, k, dy.shape[0], dy.stride(0), dy.stride(1),
-                                         x.stride(0), x.stride(1), alpha, BLOCK=64, BT=32)
+        _sampled[(triton.cdiv(k, 64),)](
+            dy,
+            x,
+            rows,
+            cols,
+            out,
+            k,
+            dy.shape[0],
+            dy.stride(0),
+            dy.stride(1),
+            x.stride(0),
+            x.stride(1),
+            alpha,
+            BLOCK=64,
+            BT=32,
+        )
     return out

@@ -17,6 +17,7 @@ and backward then cost what full fine-tuning of that module costs, with no secon
 `forward(x, out, scale)` is the additive form above, for callers that apply deltas one by one.
 Biases are not part of the delta; they stay frozen.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,8 +64,10 @@ def dense_unsupported(module: nn.Module) -> str | None:
     if quant.is_quantized(module):
         return quant.entrywise_refusal(module)
     if dense_kind(module) is None:
-        return ("a dense delta wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.LayerNorm with a weight, "
-                "and RMSNorm layers")
+        return (
+            "a dense delta wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.LayerNorm with a weight, "
+            "and RMSNorm layers"
+        )
     return None
 
 
@@ -77,10 +80,14 @@ class DenseDelta(Delta):
         super().__init__(config)
         kind = dense_kind(base)
         if kind is None:
-            raise UnsupportedModuleError(f"{config.method}: {dense_unsupported(base)}; got {type(base).__name__}")
+            raise UnsupportedModuleError(
+                f"{config.method}: {dense_unsupported(base)}; got {type(base).__name__}"
+            )
         self.kind = kind
         weight = base.weight
-        self.weight_delta = nn.Parameter(torch.zeros(weight.shape, dtype=adapter_dtype(weight), device=weight.device))
+        self.weight_delta = nn.Parameter(
+            torch.zeros(weight.shape, dtype=adapter_dtype(weight), device=weight.device)
+        )
         if kind == "conv":
             self._conv = conv_like(base)
         elif kind == "layer_norm":
@@ -121,7 +128,8 @@ def _check_linear_in_gamma(config: AdapterConfig, norm: nn.Module) -> None:
     if functional_call(norm, {"weight": torch.zeros_like(weight)}, (probe,)).abs().max() != 0:
         raise UnsupportedModuleError(
             f"{config.method}: {type(norm).__name__} is not of the form γ ⊙ n(x) (with γ = 0 its output is not 0, "
-            "as in Gemma's (1 + γ) ⊙ n(x)), so a dense delta on its weight has no additive form; exclude it")
+            "as in Gemma's (1 + γ) ⊙ n(x)), so a dense delta on its weight has no additive form; exclude it"
+        )
 
 
 @register

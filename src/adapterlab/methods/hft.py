@@ -2,12 +2,12 @@
 modules, by category, as dense deltas (`select_half`, `next_stage`, or `stage_steps` within one
 run). docs/methods/hft.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import random
 from dataclasses import dataclass
-
 from typing import Any
 
 from torch import nn
@@ -31,10 +31,18 @@ ARCHITECTURES: dict[str, Categories] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     # GPT-2 fuses q, k, v into c_attn: its attention category has 2 members, so 1 of 2 trains
-    "gpt2": {"attention": ["attn.c_attn", "attn.c_proj"], "ffn": ["mlp.c_fc", "mlp.c_proj"], "norm": ["ln_1", "ln_2"]},
+    "gpt2": {
+        "attention": ["attn.c_attn", "attn.c_proj"],
+        "ffn": ["mlp.c_fc", "mlp.c_proj"],
+        "norm": ["ln_1", "ln_2"],
+    },
     "bert": {
-        "attention": ["attention.self.query", "attention.self.key", "attention.self.value",
-                      "attention.output.dense"],
+        "attention": [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+        ],
         "ffn": ["intermediate.dense", "output.dense"],
         "norm": ["attention.output.LayerNorm", "output.LayerNorm"],
     },
@@ -61,14 +69,23 @@ class HFTConfig(DenseConfig):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"hft: seed={self.seed!r} must be an integer >= 0")
         if self.categories is not None:
-            ok = isinstance(self.categories, dict) and self.categories and all(
-                isinstance(k, str) and isinstance(v, (list, tuple)) and v and all(isinstance(p, str) and p for p in v)
-                for k, v in self.categories.items())
+            ok = (
+                isinstance(self.categories, dict)
+                and self.categories
+                and all(
+                    isinstance(k, str)
+                    and isinstance(v, (list, tuple))
+                    and v
+                    and all(isinstance(p, str) and p for p in v)
+                    for k, v in self.categories.items()
+                )
+            )
             if not ok:
                 raise ConfigError(
                     f"hft: categories={self.categories!r} must map category names to non-empty lists of module "
                     "paths relative to one layer, e.g. {'attention': ['self_attn.q_proj', 'self_attn.k_proj'], "
-                    "'ffn': ['mlp.up_proj', 'mlp.down_proj']}")
+                    "'ffn': ['mlp.up_proj', 'mlp.down_proj']}"
+                )
             self.categories = {k: list(v) for k, v in self.categories.items()}
         if self.stage_steps is not None:
             check_number(self, "stage_steps", low=1, integer=True, hint="or None for one half per adapter")
@@ -77,8 +94,12 @@ class HFTConfig(DenseConfig):
         if isinstance(self.targets, list):  # chosen already (a saved stage, or hand-picked)
             return self
         if self.stage_steps is not None:  # every module some stage may train
-            chosen = [p for _, cats in _filtered_groups(model, self.categories, self.layers, self.exclude)
-                      for members in cats.values() for p in members]
+            chosen = [
+                p
+                for _, cats in _filtered_groups(model, self.categories, self.layers, self.exclude)
+                for members in cats.values()
+                for p in members
+            ]
         else:
             chosen = select_half(model, self.seed, self.categories, layers=self.layers, exclude=self.exclude)
         return dataclasses.replace(self, targets=chosen)
@@ -90,7 +111,9 @@ class HFTConfig(DenseConfig):
         stage = step // self.stage_steps
         halves = self.__dict__.setdefault("_halves", {})  # per stage; not a config field
         if stage not in halves:
-            halves[stage] = set(select_half(model, self.seed + stage, self.categories, self.layers, self.exclude))
+            halves[stage] = set(
+                select_half(model, self.seed + stage, self.categories, self.layers, self.exclude)
+            )
         for path, _, delta in deltas(model, name):
             if path not in halves[stage]:
                 for p in delta.parameters():
@@ -113,13 +136,17 @@ def category_map(model: nn.Module) -> Categories:
     stacks = layer_stacks(model)
     if stacks:
         first = next(iter(stacks.values()))[0]
-        inside = [p[len(first) + 1:] for p, m in logical_modules(model)
-                  if p.startswith(first + ".") and dense_kind(m) is not None]
+        inside = [
+            p[len(first) + 1 :]
+            for p, m in logical_modules(model)
+            if p.startswith(first + ".") and dense_kind(m) is not None
+        ]
         example = f"; the modules of {first!r} are {inside[:12]}"
     raise ConfigError(
         f"hft: no module-category map for architecture {model_type!r} (built in: {', '.join(sorted(ARCHITECTURES))}). "
         "Pass categories={'attention': [...], 'ffn': [...], 'norm': [...]} with module paths relative to one "
-        f"layer{example}")
+        f"layer{example}"
+    )
 
 
 def layer_groups(model: nn.Module, categories: Categories) -> list[tuple[str, Categories]]:
@@ -134,20 +161,26 @@ def layer_groups(model: nn.Module, categories: Categories) -> list[tuple[str, Ca
         for layer in layer_paths:
             missing = [rel for rel in wanted if f"{layer}.{rel}" not in modules]
             if missing:
-                inside = [p[len(layer) + 1:] for p in modules if p.startswith(layer + ".")]
+                inside = [p[len(layer) + 1 :] for p in modules if p.startswith(layer + ".")]
                 raise TargetError(
                     f"hft: layer {layer!r} has no module {missing[0]!r} (closest: {closest(missing[0], inside)}); "
-                    "fix the categories map")
-            groups.append((layer, {cat: [f"{layer}.{rel}" for rel in members] for cat, members in categories.items()}))
+                    "fix the categories map"
+                )
+            groups.append(
+                (layer, {cat: [f"{layer}.{rel}" for rel in members] for cat, members in categories.items()})
+            )
     if not groups:
         everything = [p for p, m in modules.items() if dense_kind(m) is not None]
-        raise TargetError(f"hft: no layer of the model holds the category modules {wanted[:6]} "
-                          f"(closest: {closest(wanted[0], everything)}); paths are relative to one layer")
+        raise TargetError(
+            f"hft: no layer of the model holds the category modules {wanted[:6]} "
+            f"(closest: {closest(wanted[0], everything)}); paths are relative to one layer"
+        )
     return groups
 
 
-def _filtered_groups(model: nn.Module, categories: Categories | None, layers: list[int] | None,
-                     exclude: TargetSpec | None) -> list[tuple[str, Categories]]:
+def _filtered_groups(
+    model: nn.Module, categories: Categories | None, layers: list[int] | None, exclude: TargetSpec | None
+) -> list[tuple[str, Categories]]:
     """`layer_groups`, keeping only `layers` and dropping `exclude`d modules."""
     groups = layer_groups(model, categories or category_map(model))
     if layers is not None:
@@ -156,13 +189,23 @@ def _filtered_groups(model: nn.Module, categories: Categories | None, layers: li
             raise TargetError(f"hft: layers={layers} selects no layer that holds the category modules")
     if exclude is not None:
         modules, head = dict(logical_modules(model)), output_head(model)
-        groups = [(layer, {c: [p for p in ps if not matches(p, modules[p], exclude, head)] for c, ps in cats.items()})
-                  for layer, cats in groups]
+        groups = [
+            (
+                layer,
+                {c: [p for p in ps if not matches(p, modules[p], exclude, head)] for c, ps in cats.items()},
+            )
+            for layer, cats in groups
+        ]
     return groups
 
 
-def select_half(model: nn.Module, seed: int = 0, categories: Categories | None = None,
-                layers: list[int] | None = None, exclude: TargetSpec | None = None) -> list[str]:
+def select_half(
+    model: nn.Module,
+    seed: int = 0,
+    categories: Categories | None = None,
+    layers: list[int] | None = None,
+    exclude: TargetSpec | None = None,
+) -> list[str]:
     """The module paths one HFT stage trains, in model order (deterministic for a given seed)."""
     groups = _filtered_groups(model, categories, layers, exclude)
     rng = random.Random(seed)
@@ -188,7 +231,9 @@ def next_stage(model: nn.Module, seed: int | None = None, name: str | None = Non
     "hft_stage<k>". Returns the new adapter's name."""
     stages = {n: c for n, c in adapters(model).items() if isinstance(c, HFTConfig)}
     if not stages:
-        raise AdapterNameError("hft: this model has no HFT stage yet; start one with al.inject(model, 'hft', seed=0)")
+        raise AdapterNameError(
+            "hft: this model has no HFT stage yet; start one with al.inject(model, 'hft', seed=0)"
+        )
     last = list(stages.values())[-1]
     seed = last.seed + 1 if seed is None else seed
     name = name or f"hft_stage{len(stages)}"

@@ -2,6 +2,7 @@
 on the frozen backbone's layers plus a small model trained from scratch — not a weight delta, so
 it is never merged; `save` / `load` here. docs/methods/levi.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +21,11 @@ from ..files.atomic import write_dir_atomic
 from ..files.fill import check_state, copy_state
 from ..targeting import layer_stacks, logical_modules
 
-MERGE_REFUSAL = ("LEVI is a side network (heads on the frozen backbone's layers plus a model trained from scratch), "
-                 "not a weight delta: it cannot be merged into the backbone's weights. Predict with the LEVI module "
-                 "itself and store it with al.levi.save")
+MERGE_REFUSAL = (
+    "LEVI is a side network (heads on the frozen backbone's layers plus a model trained from scratch), "
+    "not a weight delta: it cannot be merged into the backbone's weights. Predict with the LEVI module "
+    "itself and store it with al.levi.save"
+)
 
 
 @register
@@ -58,10 +61,17 @@ class LEVIConfig(AdapterConfig):
             raise ConfigError(f"levi: pool={self.pool!r}; use 'mean' (over unmasked tokens) or 'first' (CLS)")
         for key, kind in (("layer_names", str), ("layer_dims", int)):
             value = getattr(self, key)
-            if value is not None and not (isinstance(value, (list, tuple)) and value and all(
-                    isinstance(v, kind) and not isinstance(v, bool) and (kind is str or v > 0) for v in value)):
-                raise ConfigError(f"levi: {key}={value!r} must be a non-empty list of "
-                                  f"{'module paths' if kind is str else 'positive sizes'}")
+            if value is not None and not (
+                isinstance(value, (list, tuple))
+                and value
+                and all(
+                    isinstance(v, kind) and not isinstance(v, bool) and (kind is str or v > 0) for v in value
+                )
+            ):
+                raise ConfigError(
+                    f"levi: {key}={value!r} must be a non-empty list of "
+                    f"{'module paths' if kind is str else 'positive sizes'}"
+                )
             if value is not None:
                 setattr(self, key, list(value))
 
@@ -69,8 +79,10 @@ class LEVIConfig(AdapterConfig):
         return "LEVI is a side network around the whole model, not a per-module delta"
 
     def for_model(self, model: nn.Module) -> AdapterConfig:
-        raise ConfigError("levi is a side network around the whole model, not a per-module delta, so al.inject cannot "
-                          "add it; build it with al.levi.LEVI(model, num_classes=..., layer_names=[...])")
+        raise ConfigError(
+            "levi is a side network around the whole model, not a per-module delta, so al.inject cannot "
+            "add it; build it with al.levi.LEVI(model, num_classes=..., layer_names=[...])"
+        )
 
 
 def _layer_paths(backbone: nn.Module, config: LEVIConfig) -> list[str]:
@@ -78,21 +90,29 @@ def _layer_paths(backbone: nn.Module, config: LEVIConfig) -> list[str]:
     if config.layer_names is None:
         stacks = layer_stacks(backbone)
         if not stacks:
-            raise ConfigError(f"levi: {type(backbone).__name__} has no numbered layer list; pass layer_names=[...] "
-                              f"(module paths such as {modules[:6]})")
+            raise ConfigError(
+                f"levi: {type(backbone).__name__} has no numbered layer list; pass layer_names=[...] "
+                f"(module paths such as {modules[:6]})"
+            )
         paths = max(stacks.values(), key=len)
         if config.layers is not None:
             bad = [i for i in config.layers if i >= len(paths)]
             if bad:
-                raise ConfigError(f"levi: layers={config.layers} is out of range; the backbone has {len(paths)} layers "
-                                  f"(0..{len(paths) - 1})")
+                raise ConfigError(
+                    f"levi: layers={config.layers} is out of range; the backbone has {len(paths)} layers "
+                    f"(0..{len(paths) - 1})"
+                )
             paths = [paths[i] for i in config.layers]
         return paths
     found = []
     for name in config.layer_names:
         hits = [p for p in modules if p == name or p.endswith("." + name)]
         if len(hits) != 1:
-            what = "matches no module" if not hits else f"matches {len(hits)} modules {hits[:4]}; give a longer path"
+            what = (
+                "matches no module"
+                if not hits
+                else f"matches {len(hits)} modules {hits[:4]}; give a longer path"
+            )
             raise TargetError(f"levi: layer name {name!r} {what} (closest: {closest(name, modules)})")
         found.append(hits[0])
     return found
@@ -149,8 +169,9 @@ class LEVI(nn.Module):
     logits `mix`. `forward` takes what the backbone takes and returns the ensemble's logits; g reads
     the first positional argument or `input_ids` / `pixel_values` / `x`, with `attention_mask`."""
 
-    def __init__(self, backbone: nn.Module, config: LEVIConfig | None = None, example: Any = None,
-                 **options: Any) -> None:
+    def __init__(
+        self, backbone: nn.Module, config: LEVIConfig | None = None, example: Any = None, **options: Any
+    ) -> None:
         super().__init__()
         config = config_for(config or "levi", **options)
         if not isinstance(config, LEVIConfig):
@@ -162,18 +183,26 @@ class LEVI(nn.Module):
         hf = getattr(backbone, "config", None)
         if config.vocab_size is None and config.input_dim is None:
             if getattr(hf, "vocab_size", None) is None:
-                raise ConfigError("levi: pass vocab_size= (token-id input) or input_dim= (dense input) to size the "
-                                  "side model")
+                raise ConfigError(
+                    "levi: pass vocab_size= (token-id input) or input_dim= (dense input) to size the "
+                    "side model"
+                )
             config.vocab_size = int(hf.vocab_size)
         if config.layer_dims is None:
             config.layer_dims = self._find_dims(hf, example)
         if len(config.layer_dims) != len(self.taps):
-            raise ConfigError(f"levi: layer_dims={config.layer_dims} has {len(config.layer_dims)} sizes for "
-                              f"{len(self.taps)} layers {self.taps}")
+            raise ConfigError(
+                f"levi: layer_dims={config.layer_dims} has {len(config.layer_dims)} sizes for "
+                f"{len(self.taps)} layers {self.taps}"
+            )
         if config.layer_names is None:
             config.layer_names = list(self.taps)
         d = config.side_dim
-        self.side = TokenSide(config.vocab_size, d) if config.vocab_size is not None else DenseSide(config.input_dim, d)
+        self.side = (
+            TokenSide(config.vocab_size, d)
+            if config.vocab_size is not None
+            else DenseSide(config.input_dim, d)
+        )
         self.heads = nn.ModuleList(self._head(h + d) for h in config.layer_dims)
         self.mix = nn.Parameter(torch.zeros(len(self.taps)))
         self.merge_refusal = MERGE_REFUSAL  # read by al.merge
@@ -186,12 +215,15 @@ class LEVI(nn.Module):
 
     def _find_dims(self, hf: Any, example: Any) -> list[int]:
         if example is not None:  # a probe forward: a positional input, or a dict of keyword inputs
-            feats = self.layer_features(**example) if isinstance(example, dict) else self.layer_features(example)
+            feats = (
+                self.layer_features(**example) if isinstance(example, dict) else self.layer_features(example)
+            )
             return [f.shape[-1] for f in feats]
         if getattr(hf, "hidden_size", None) is not None:
             return [int(hf.hidden_size)] * len(self.taps)
-        raise ConfigError("levi: cannot tell the tapped layers' output sizes; "
-                          "pass layer_dims=[...] or example=<an input>")
+        raise ConfigError(
+            "levi: cannot tell the tapped layers' output sizes; pass layer_dims=[...] or example=<an input>"
+        )
 
     def train(self, mode: bool = True) -> LEVI:
         super().train(mode)
@@ -211,6 +243,7 @@ class LEVI(nn.Module):
                 captured[path] = pool(output, mask, self.config.pool).float()
                 if len(captured) == len(self.taps):
                     raise _Enough
+
             return fn
 
         handles = [modules[p].register_forward_hook(hook(p)) for p in self.taps]
@@ -223,7 +256,9 @@ class LEVI(nn.Module):
                 h.remove()
         missing = [p for p in self.taps if p not in captured]
         if missing:
-            raise TargetError(f"levi: layer(s) {missing} did not run in the backbone's forward; tap layers it uses")
+            raise TargetError(
+                f"levi: layer(s) {missing} did not run in the backbone's forward; tap layers it uses"
+            )
         return [captured[p] for p in self.taps]
 
     def raw_input(self, args: tuple, kwargs: dict[str, Any]) -> Tensor:
@@ -232,14 +267,20 @@ class LEVI(nn.Module):
         for key in ("input_ids", "pixel_values", "x"):
             if kwargs.get(key) is not None:
                 return kwargs[key]
-        raise ConfigError(f"levi: no input for the side model; pass it first or as input_ids=/pixel_values=/x= "
-                          f"(got keyword arguments {sorted(kwargs)})")
+        raise ConfigError(
+            f"levi: no input for the side model; pass it first or as input_ids=/pixel_values=/x= "
+            f"(got keyword arguments {sorted(kwargs)})"
+        )
 
-    def forward(self, *args: Any, return_heads: bool = False, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, *args: Any, return_heads: bool = False, **kwargs: Any
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Ensemble logits (B, num_classes); with `return_heads`, also each head's logits (L, B, C)."""
         feats = self.layer_features(*args, **kwargs)
         g = self.side(self.raw_input(args, kwargs), kwargs.get("attention_mask"))
-        heads = torch.stack([head(torch.cat([h, g], dim=-1)) for head, h in zip(self.heads, feats, strict=True)])
+        heads = torch.stack(
+            [head(torch.cat([h, g], dim=-1)) for head, h in zip(self.heads, feats, strict=True)]
+        )
         logits = torch.einsum("l,lbc->bc", torch.softmax(self.mix, 0), heads)
         return (logits, heads) if return_heads else logits
 
@@ -249,17 +290,23 @@ class LEVI(nn.Module):
 
     def fingerprint(self) -> dict[str, Any]:
         modules = dict(logical_modules(self.backbone))
-        return {"backbone": type(self.backbone).__name__,
-                "layers": {p: type(modules[p]).__name__ for p in self.taps}}
+        return {
+            "backbone": type(self.backbone).__name__,
+            "layers": {p: type(modules[p]).__name__ for p in self.taps},
+        }
 
 
 def save(levi: LEVI, directory: str | os.PathLike) -> Path:
     """Write LEVI's trained parts to `directory` (adapter_model.safetensors + adapter_config.json,
     replaced atomically); the backbone is not written."""
     if not isinstance(levi, LEVI):
-        raise ConfigError(f"levi.save needs a LEVI module, got {type(levi).__name__}; use al.save for weight deltas")
+        raise ConfigError(
+            f"levi.save needs a LEVI module, got {type(levi).__name__}; use al.save for weight deltas"
+        )
     tensors = {k: v.detach().contiguous().cpu() for k, v in levi.adapter_state_dict().items()}
-    return write_dir_atomic(Path(directory), directory_files(tensors, metadata_block(levi.config, levi.fingerprint())))
+    return write_dir_atomic(
+        Path(directory), directory_files(tensors, metadata_block(levi.config, levi.fingerprint()))
+    )
 
 
 def load(backbone: nn.Module, directory: str | os.PathLike) -> LEVI:
@@ -267,16 +314,22 @@ def load(backbone: nn.Module, directory: str | os.PathLike) -> LEVI:
     LEVI built on the meta device first."""
     metadata, tensors = read_adapter(directory)
     if metadata["method"] != "levi":
-        raise AdapterFileError(f"{str(directory)!r} holds a {metadata['method']!r} adapter, not LEVI; "
-                               "load it with al.load")
+        raise AdapterFileError(
+            f"{str(directory)!r} holds a {metadata['method']!r} adapter, not LEVI; load it with al.load"
+        )
     config = AdapterConfig.from_dict(metadata["config"])
     expected = metadata["fingerprint"].get("layers", {})
     modules = dict(logical_modules(backbone))
-    wrong = [f"{p!r} ({'missing' if p not in modules else type(modules[p]).__name__}, saved with {t})"
-             for p, t in expected.items() if p not in modules or type(modules[p]).__name__ != t]
+    wrong = [
+        f"{p!r} ({'missing' if p not in modules else type(modules[p]).__name__}, saved with {t})"
+        for p, t in expected.items()
+        if p not in modules or type(modules[p]).__name__ != t
+    ]
     if wrong:
-        raise FingerprintMismatchError(f"{str(directory)!r} was saved for another backbone: {'; '.join(wrong[:5])}. "
-                                       "Load it onto the backbone it was trained with")
+        raise FingerprintMismatchError(
+            f"{str(directory)!r} was saved for another backbone: {'; '.join(wrong[:5])}. "
+            "Load it onto the backbone it was trained with"
+        )
     with torch.device("meta"):
         dry = LEVI(backbone, config)
     check_state(dry.adapter_state_dict(), tensors, repr(str(directory)))

@@ -2,6 +2,7 @@
 module of one layer trains as a dense delta; `edit` (breadth- or depth-first) and `evaluate`
 (reliability, generalization, locality). docs/methods/locft.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,13 +43,17 @@ class LocFTConfig(DenseConfig):
     def validate(self) -> None:
         super().validate()
         if self.layer is not None and (not isinstance(self.layer, int) or isinstance(self.layer, bool)):
-            raise ConfigError(f"locft: layer={self.layer!r} must be an integer layer index "
-                              "(negative counts from the end)")
+            raise ConfigError(
+                f"locft: layer={self.layer!r} must be an integer layer index (negative counts from the end)"
+            )
         if not isinstance(self.module, str) or not self.module:
-            raise ConfigError(f"locft: module={self.module!r} must be a module path inside a layer, "
-                              "e.g. 'mlp.down_proj'")
+            raise ConfigError(
+                f"locft: module={self.module!r} must be a module path inside a layer, e.g. 'mlp.down_proj'"
+            )
         if self.stack is not None and (not isinstance(self.stack, str) or not self.stack):
-            raise ConfigError(f"locft: stack={self.stack!r} must be the path of the layer list, e.g. 'model.layers'")
+            raise ConfigError(
+                f"locft: stack={self.stack!r} must be the path of the layer list, e.g. 'model.layers'"
+            )
 
     def for_model(self, model: nn.Module) -> LocFTConfig:
         if isinstance(self.targets, list):  # resolved already (e.g. loaded from a file)
@@ -61,31 +66,47 @@ def edit_location(model: nn.Module, layer: int | None, module: str, stack: str |
     stacks, modules = layer_stacks(model), dict(logical_modules(model))
     if stack is not None:
         if stack not in stacks:
-            raise TargetError(f"locft: stack={stack!r} is not a numbered layer list of this model; "
-                              f"layer lists: {list(stacks) or 'none'}")
+            raise TargetError(
+                f"locft: stack={stack!r} is not a numbered layer list of this model; "
+                f"layer lists: {list(stacks) or 'none'}"
+            )
         found = {stack: stacks[stack]}
     else:
         found = {s: paths for s, paths in stacks.items() if any(f"{p}.{module}" in modules for p in paths)}
     if not found:
-        inside = sorted({p[len(first) + 1:] for first in (paths[0] for paths in stacks.values())
-                         for p, m in modules.items() if p.startswith(first + ".") and dense_kind(m)})
-        raise TargetError(f"locft: module={module!r} is in no layer of this model "
-                          f"(closest: {closest(module, inside)}); modules inside a layer: {inside[:20]}")
+        inside = sorted(
+            {
+                p[len(first) + 1 :]
+                for first in (paths[0] for paths in stacks.values())
+                for p, m in modules.items()
+                if p.startswith(first + ".") and dense_kind(m)
+            }
+        )
+        raise TargetError(
+            f"locft: module={module!r} is in no layer of this model "
+            f"(closest: {closest(module, inside)}); modules inside a layer: {inside[:20]}"
+        )
     if len(found) > 1:
-        raise TargetError(f"locft: module={module!r} is in several layer lists {list(found)}; pass stack= one of them")
-    (stack_path, paths), = found.items()
+        raise TargetError(
+            f"locft: module={module!r} is in several layer lists {list(found)}; pass stack= one of them"
+        )
+    ((stack_path, paths),) = found.items()
     n = len(paths)
     if layer is None:
-        raise ConfigError(f"locft: pass layer= (the layer to edit, 0..{n - 1} for {stack_path!r}); the paper edits "
-                          "layer 22 of 32 in Llama-3-8B and layer 6 of 28 in Qwen2.5-7B")
+        raise ConfigError(
+            f"locft: pass layer= (the layer to edit, 0..{n - 1} for {stack_path!r}); the paper edits "
+            "layer 22 of 32 in Llama-3-8B and layer 6 of 28 in Qwen2.5-7B"
+        )
     if not -n <= layer < n:
-        raise ConfigError(f"locft: layer={layer} is out of range; {stack_path!r} has {n} layers "
-                          f"(0..{n - 1}, or -{n}..-1)")
+        raise ConfigError(
+            f"locft: layer={layer} is out of range; {stack_path!r} has {n} layers (0..{n - 1}, or -{n}..-1)"
+        )
     path = f"{paths[layer]}.{module}"
     if path not in modules:
-        inside = [p[len(paths[layer]) + 1:] for p in modules if p.startswith(paths[layer] + ".")]
-        raise TargetError(f"locft: layer {paths[layer]!r} has no module {module!r} "
-                          f"(closest: {closest(module, inside)})")
+        inside = [p[len(paths[layer]) + 1 :] for p in modules if p.startswith(paths[layer] + ".")]
+        raise TargetError(
+            f"locft: layer {paths[layer]!r} has no module {module!r} (closest: {closest(module, inside)})"
+        )
     return path
 
 
@@ -108,15 +129,24 @@ def as_requests(requests: Iterable[EditRequest | dict[str, Any]]) -> list[EditRe
         if isinstance(req, dict):
             unknown = set(req) - {f.name for f in dataclasses.fields(EditRequest)}
             if unknown:
-                raise ConfigError(f"edit request {i} has unknown key(s) {sorted(unknown)}; "
-                                  "use prompt, target, paraphrases, locality")
-            req = EditRequest(**{"prompt": req.get("prompt"), "target": req.get("target"),
-                                 **{k: list(req[k]) for k in ("paraphrases", "locality") if k in req}})
+                raise ConfigError(
+                    f"edit request {i} has unknown key(s) {sorted(unknown)}; "
+                    "use prompt, target, paraphrases, locality"
+                )
+            req = EditRequest(
+                **{
+                    "prompt": req.get("prompt"),
+                    "target": req.get("target"),
+                    **{k: list(req[k]) for k in ("paraphrases", "locality") if k in req},
+                }
+            )
         for key in ("prompt", "target"):
             value = getattr(req, key, None)
             if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"edit request {i} has {key}={value!r}; each request needs a non-empty prompt "
-                                  "and target, e.g. {'prompt': 'The capital of France is', 'target': 'Paris'}")
+                raise ConfigError(
+                    f"edit request {i} has {key}={value!r}; each request needs a non-empty prompt "
+                    "and target, e.g. {'prompt': 'The capital of France is', 'target': 'Paris'}"
+                )
         out.append(req)
     if not out:
         raise ConfigError("no edit requests given; pass a list of {'prompt': ..., 'target': ...}")
@@ -131,7 +161,9 @@ def _encode(tokenizer: Any, req: EditRequest) -> tuple[list[int], list[int]]:
     return prompt, target + ([eos] if eos is not None else [])
 
 
-def _collate(pairs: Sequence[tuple[list[int], list[int]]], pad: int, device: torch.device) -> dict[str, Tensor]:
+def _collate(
+    pairs: Sequence[tuple[list[int], list[int]]], pad: int, device: torch.device
+) -> dict[str, Tensor]:
     """Right-padded input ids, attention mask and labels (-100 outside the target)."""
     width = max(len(p) + len(t) for p, t in pairs)
     ids = torch.full((len(pairs), width), pad, dtype=torch.long)
@@ -139,16 +171,18 @@ def _collate(pairs: Sequence[tuple[list[int], list[int]]], pad: int, device: tor
     labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
     for row, (p, t) in enumerate(pairs):
         seq = p + t
-        ids[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = 1
-        labels[row, len(p):len(seq)] = torch.tensor(t)
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        labels[row, len(p) : len(seq)] = torch.tensor(t)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 def target_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Mean cross-entropy of the target tokens given everything before them."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE
+    )
 
 
 # -- editing --------------------------------------------------------------------------------------
@@ -167,10 +201,21 @@ class EditReport:
     seconds: float
 
 
-def edit(model: nn.Module, tokenizer: Any, requests: Iterable[EditRequest | dict[str, Any]], *,
-         layer: int | None = None, module: str = "mlp.down_proj", name: str = "locft",
-         strategy: Literal["breadth_first", "depth_first"] = "breadth_first", lr: float = 5e-4,
-         batch_size: int = 100, epochs: int = 25, loss_threshold: float = 1e-2, seed: int = 0) -> EditReport:
+def edit(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Iterable[EditRequest | dict[str, Any]],
+    *,
+    layer: int | None = None,
+    module: str = "mlp.down_proj",
+    name: str = "locft",
+    strategy: Literal["breadth_first", "depth_first"] = "breadth_first",
+    lr: float = 5e-4,
+    batch_size: int = 100,
+    epochs: int = 25,
+    loss_threshold: float = 1e-2,
+    seed: int = 0,
+) -> EditReport:
     """Apply `requests` to `model` by training adapter `name` (a LocFT location, injected at
     `layer`/`module` unless the model has it already). Defaults are the official recipe's."""
     from ..model import adapters, deltas, inject
@@ -189,15 +234,23 @@ def edit(model: nn.Module, tokenizer: Any, requests: Iterable[EditRequest | dict
     elif not isinstance(existing, LocFTConfig):
         raise ConfigError(f"locft: adapter {name!r} is a {existing.method!r} adapter; pass another name")
     elif layer is not None and [edit_location(model, layer, module)] != existing.targets:
-        raise ConfigError(f"locft: adapter {name!r} edits {existing.targets[0]!r}, not layer={layer} "
-                          f"module={module!r}; pass another name for another location (or layer=None to keep "
-                          "editing this one)")
+        raise ConfigError(
+            f"locft: adapter {name!r} edits {existing.targets[0]!r}, not layer={layer} "
+            f"module={module!r}; pass another name for another location (or layer=None to keep "
+            "editing this one)"
+        )
     params = [p for _, _, delta in deltas(model, name) for p in delta.parameters()]
     for p in params:
         p.requires_grad_(True)
     device = params[0].device
-    pad = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
-                if t is not None), 0)
+    pad = next(
+        (
+            t
+            for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+            if t is not None
+        ),
+        0,
+    )
     encoded = [_encode(tokenizer, r) for r in reqs]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
     was_training = model.training
@@ -219,9 +272,9 @@ def edit(model: nn.Module, tokenizer: Any, requests: Iterable[EditRequest | dict
     try:
         if strategy == "breadth_first":
             gen = torch.Generator().manual_seed(seed)
-            for epochs_run in range(1, epochs + 1):
+            for epochs_run in range(1, epochs + 1):  # noqa: B007 - read after the loop
                 order = torch.randperm(len(reqs), generator=gen).tolist()
-                batch_losses = [step(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+                batch_losses = [step(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
                 losses.append(sum(batch_losses) / len(batch_losses))
                 if losses[-1] < loss_threshold:
                     break
@@ -235,8 +288,10 @@ def edit(model: nn.Module, tokenizer: Any, requests: Iterable[EditRequest | dict
                 losses.append(loss)
         with torch.no_grad():
             chunks = [range(i, min(i + batch_size, len(reqs))) for i in range(0, len(reqs), batch_size)]
-            final = sum(target_loss(model, _collate([encoded[j] for j in c], pad, device)).item() * len(c)
-                        for c in chunks) / len(reqs)
+            final = sum(
+                target_loss(model, _collate([encoded[j] for j in c], pad, device)).item() * len(c)
+                for c in chunks
+            ) / len(reqs)
     finally:
         model.train(was_training)
     return EditReport(strategy, steps, skipped, epochs_run, losses, final, time.perf_counter() - start)
@@ -250,7 +305,9 @@ def normalize(text: str) -> str:
 
 
 @torch.no_grad()
-def greedy(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int | Sequence[int]) -> list[str]:
+def greedy(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int | Sequence[int]
+) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped), stopping at EOS. Prompts of equal
     token length run as one batch, so no padding can change a result."""
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -267,9 +324,7 @@ def greedy(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tok
         for t in range(max(limits[i] for i in rows)):
             nxt = model(input_ids=seq).logits[:, -1].argmax(-1)
             for k, i in enumerate(rows):
-                if done[k] or t >= limits[i]:
-                    done[k] = True
-                elif eos is not None and int(nxt[k]) == eos:
+                if done[k] or t >= limits[i] or eos is not None and int(nxt[k]) == eos:
                     done[k] = True
                 else:
                     generated[i].append(int(nxt[k]))
@@ -279,8 +334,12 @@ def greedy(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tok
     return [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
 
 
-def evaluate(model: nn.Module, tokenizer: Any, requests: Iterable[EditRequest | dict[str, Any]],
-             locality_tokens: int = 8) -> dict[str, float | int | None]:
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Iterable[EditRequest | dict[str, Any]],
+    locality_tokens: int = 8,
+) -> dict[str, float | int | None]:
     """Reliability, generalization and locality (fractions in [0, 1]; None where a request set has
     no paraphrases / locality prompts) by greedy decoding and normalised exact match. A target is
     decoded for up to its own token count + 1 (room for EOS); locality prompts for
@@ -291,6 +350,7 @@ def evaluate(model: nn.Module, tokenizer: Any, requests: Iterable[EditRequest | 
     was_training = model.training
     model.eval()
     try:
+
         def length(target: str) -> int:
             return len(tokenizer(" " + target, add_special_tokens=False)["input_ids"]) + 1
 
@@ -298,7 +358,9 @@ def evaluate(model: nn.Module, tokenizer: Any, requests: Iterable[EditRequest | 
             if not pairs:
                 return None
             outs = greedy(model, tokenizer, [p for p, _ in pairs], [length(t) for _, t in pairs])
-            return sum(normalize(o) == normalize(t) for o, (_, t) in zip(outs, pairs, strict=True)) / len(pairs)
+            return sum(normalize(o) == normalize(t) for o, (_, t) in zip(outs, pairs, strict=True)) / len(
+                pairs
+            )
 
         reliability = score([(r.prompt, r.target) for r in reqs])
         generalization = score([(p, r.target) for r in reqs for p in r.paraphrases])
@@ -308,8 +370,16 @@ def evaluate(model: nn.Module, tokenizer: Any, requests: Iterable[EditRequest | 
             after = greedy(model, tokenizer, unrelated, locality_tokens)
             with disabled(model):
                 before = greedy(model, tokenizer, unrelated, locality_tokens)
-            locality = sum(normalize(a) == normalize(b) for a, b in zip(after, before, strict=True)) / len(unrelated)
+            locality = sum(normalize(a) == normalize(b) for a, b in zip(after, before, strict=True)) / len(
+                unrelated
+            )
     finally:
         model.train(was_training)
-    return {"reliability": reliability, "generalization": generalization, "locality": locality, "edits": len(reqs),
-            "paraphrases": sum(len(r.paraphrases) for r in reqs), "locality_prompts": len(unrelated)}
+    return {
+        "reliability": reliability,
+        "generalization": generalization,
+        "locality": locality,
+        "edits": len(reqs),
+        "paraphrases": sum(len(r.paraphrases) for r in reqs),
+        "locality_prompts": len(unrelated),
+    }

@@ -7,6 +7,7 @@ Conv layouts (`conv_mode`):
 - "reshape" (loralib / DSCLoRA): A ∈ R^{(r·k0)×(C_in·k1·…)}, B ∈ R^{(C_out/groups·k0)×(r·k0)},
   ΔW = (B·A) viewed as the base kernel. For 2-D square kernels this is exactly loralib's ConvLoRA.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,10 @@ class LoRAConfig(AdapterConfig):
         if not isinstance(self.rslora, bool):
             raise ConfigError(f"{self.method}: rslora={self.rslora!r} must be True or False")
         if self.conv_mode not in ("kernel", "reshape"):
-            raise ConfigError(f"{self.method}: conv_mode={self.conv_mode!r}; use 'kernel' (PEFT layout) "
-                              "or 'reshape' (loralib / DSCLoRA layout)")
+            raise ConfigError(
+                f"{self.method}: conv_mode={self.conv_mode!r}; use 'kernel' (PEFT layout) "
+                "or 'reshape' (loralib / DSCLoRA layout)"
+            )
 
     @property
     def scaling(self) -> float:
@@ -74,16 +77,22 @@ class LoRAConfig(AdapterConfig):
         """Zero-pad every factor to rank `max_rank` (ΔW unchanged); the config becomes r = max_rank
         with the α that keeps each delta's scaling (so `al.save` still writes this ΔW)."""
         if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < self.r:
-            raise HotswapError(f"max_rank={max_rank!r} must be an integer >= adapter {name!r}'s rank r={self.r}; "
-                               f"pass the largest rank you will hot-swap in (e.g. max_rank={max(16, self.r)})")
+            raise HotswapError(
+                f"max_rank={max_rank!r} must be an integer >= adapter {name!r}'s rank r={self.r}; "
+                f"pass the largest rank you will hot-swap in (e.g. max_rank={max(16, self.r)})"
+            )
         if max_rank == self.r:
             return
         for path, delta in deltas.items():
             if not delta.refactorable:
-                raise HotswapError(f"{path!r}: a grouped kernel-layout conv LoRA keeps its rank split across groups, so it cannot "
-                                   f"be zero-padded; hot-swap adapters of its rank r={self.r} only (skip prepare_hotswap)")
+                raise HotswapError(
+                    f"{path!r}: a grouped kernel-layout conv LoRA keeps its rank split across groups, so it cannot "
+                    f"be zero-padded; hot-swap adapters of its rank r={self.r} only (skip prepare_hotswap)"
+                )
         scaling = next(iter(deltas.values())).scaling
-        padded = dataclasses.replace(self, r=max_rank, alpha=scaling * (math.sqrt(max_rank) if self.rslora else max_rank))
+        padded = dataclasses.replace(
+            self, r=max_rank, alpha=scaling * (math.sqrt(max_rank) if self.rslora else max_rank)
+        )
         with torch.no_grad():
             for delta in deltas.values():
                 inner = delta.lora_A.weight.shape[0] // self.r * max_rank
@@ -99,27 +108,41 @@ class LoRAConfig(AdapterConfig):
 
     def hotswap_refusal(self, loaded: AdapterConfig, deltas: list[Delta]) -> str | None:
         if loaded.conv_mode != self.conv_mode and not all(isinstance(d, LinearLoRA) for d in deltas):
-            return (f"the file's conv_mode={loaded.conv_mode!r} differs from the adapter's {self.conv_mode!r} "
-                    "(another factor layout)")
+            return (
+                f"the file's conv_mode={loaded.conv_mode!r} differs from the adapter's {self.conv_mode!r} "
+                "(another factor layout)"
+            )
         return None
 
-    def hotswap_values(self, where: str, path: str, delta: Delta, own: dict[str, Tensor],
-                       loaded: AdapterConfig) -> list[tuple[Tensor, Tensor]]:
+    def hotswap_values(
+        self, where: str, path: str, delta: Delta, own: dict[str, Tensor], loaded: AdapterConfig
+    ) -> list[tuple[Tensor, Tensor]]:
         """A, B padded with zeros to the adapter's rank, B times s'/s (the loaded scaling over ours)."""
         a, b = delta.lora_A.weight, delta.lora_B.weight
         new_a, new_b = own["lora_A.weight"], own["lora_B.weight"]
         rank, new_rank = a.shape[0], new_a.shape[0]
-        fits = (new_a.dim() == a.dim() and new_b.dim() == b.dim() and new_a.shape[1:] == a.shape[1:]
-                and new_b.shape[0] == b.shape[0] and new_b.shape[2:] == b.shape[2:] and new_b.shape[1] == new_rank
-                if delta.refactorable else new_a.shape == a.shape and new_b.shape == b.shape)
+        fits = (
+            new_a.dim() == a.dim()
+            and new_b.dim() == b.dim()
+            and new_a.shape[1:] == a.shape[1:]
+            and new_b.shape[0] == b.shape[0]
+            and new_b.shape[2:] == b.shape[2:]
+            and new_b.shape[1] == new_rank
+            if delta.refactorable
+            else new_a.shape == a.shape and new_b.shape == b.shape
+        )
         if not fits:
-            raise HotswapError(f"{where}: {path!r} has lora_A {list(new_a.shape)} and lora_B {list(new_b.shape)} in "
-                               f"the file; the adapter has {list(a.shape)} and {list(b.shape)} (another layer shape or "
-                               "layout)")
+            raise HotswapError(
+                f"{where}: {path!r} has lora_A {list(new_a.shape)} and lora_B {list(new_b.shape)} in "
+                f"the file; the adapter has {list(a.shape)} and {list(b.shape)} (another layer shape or "
+                "layout)"
+            )
         if new_rank > rank:
-            raise HotswapError(f"{where}: {path!r} has rank r={loaded.r} in the file, above the adapter's "
-                               f"r={delta.config.r}; call al.prepare_hotswap(model, max_rank={loaded.r}) (or larger) "
-                               "before compiling")
+            raise HotswapError(
+                f"{where}: {path!r} has rank r={loaded.r} in the file, above the adapter's "
+                f"r={delta.config.r}; call al.prepare_hotswap(model, max_rank={loaded.r}) (or larger) "
+                "before compiling"
+            )
         pad_a = a.new_zeros(a.shape)
         pad_a[:new_rank] = new_a
         pad_b = b.new_zeros(b.shape)
@@ -131,44 +154,69 @@ class LoRAConfig(AdapterConfig):
         if not all(getattr(d, "peft_compatible", False) for d in deltas):
             return None
         return {
-            "peft_type": "LORA", "task_type": None,
-            "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout, "use_rslora": self.rslora,
+            "peft_type": "LORA",
+            "task_type": None,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.rslora,
             # a regex PEFT full-matches: exactly these modules (a list would also match dotted suffixes)
             "target_modules": "^(?:" + "|".join(re.escape(p) for p in paths) + ")$",
             "fan_in_fan_out": any(getattr(d, "transposed", False) for d in deltas),
-            "bias": "none", "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+            "bias": "none",
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
         }
 
     def peft_refusal(self) -> str:
-        why = ("reshape-layout conv LoRA (conv_mode='reshape')" if self.conv_mode == "reshape" else
-               "conv LoRA with groups, dilation or a padding mode PEFT does not model")
+        why = (
+            "reshape-layout conv LoRA (conv_mode='reshape')"
+            if self.conv_mode == "reshape"
+            else "conv LoRA with groups, dilation or a padding mode PEFT does not model"
+        )
         return f"is a {why}, which PEFT cannot load"
 
     @classmethod
     def from_peft(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
-        used = [k for k, default in PEFT_UNSUPPORTED.items() if data.get(k, default) not in (default, None, {}, [], False)]
+        used = [
+            k
+            for k, default in PEFT_UNSUPPORTED.items()
+            if data.get(k, default) not in (default, None, {}, [], False)
+        ]
         if data.get("bias", "none") != "none":
             used.append(f"bias={data['bias']!r:.50}")
         if used:
             raise AdapterFileError(f"{where} uses PEFT LoRA features adapterlab does not read: {used}")
-        return {"method": "lora", "r": data.get("r"), "alpha": data.get("lora_alpha"),
-                "dropout": data.get("lora_dropout", 0.0), "rslora": data.get("use_rslora", False)}
+        return {
+            "method": "lora",
+            "r": data.get("r"),
+            "alpha": data.get("lora_alpha"),
+            "dropout": data.get("lora_dropout", 0.0),
+            "rslora": data.get("use_rslora", False),
+        }
 
     @classmethod
-    def peft_modules(cls, data: dict[str, Any], tensors: dict[str, Tensor], where: str) -> dict[str, dict[str, Any]]:
+    def peft_modules(
+        cls, data: dict[str, Any], tensors: dict[str, Tensor], where: str
+    ) -> dict[str, dict[str, Any]]:
         """Linear (Conv1D with `fan_in_fan_out`) or ConvNd, with shapes read off lora_A / lora_B."""
         factors: dict[str, dict[str, Tensor]] = {}
         for key, t in tensors.items():
             found = _PEFT_FACTOR.fullmatch(key)
             if found is None:
-                raise AdapterFileError(f"{where}: tensor {key!r} is not a LoRA factor "
-                                       "('base_model.model.<module>.lora_A.weight' / lora_B); adapterlab rebuilds only those")
+                raise AdapterFileError(
+                    f"{where}: tensor {key!r} is not a LoRA factor "
+                    "('base_model.model.<module>.lora_A.weight' / lora_B); adapterlab rebuilds only those"
+                )
             factors.setdefault(found["path"], {})[found["which"]] = t
         fan_in_fan_out = bool(data.get("fan_in_fan_out"))
         modules = {}
         for path, ab in factors.items():
             if set(ab) != {"A", "B"}:
-                raise AdapterFileError(f"{where}: module {path!r} has lora_{''.join(ab)} but not both factors")
+                raise AdapterFileError(
+                    f"{where}: module {path!r} has lora_{''.join(ab)} but not both factors"
+                )
             a, b = ab["A"].shape, ab["B"].shape
             if len(a) == 2:
                 kind = "Conv1D" if fan_in_fan_out else "Linear"
@@ -178,9 +226,16 @@ class LoRAConfig(AdapterConfig):
         return modules
 
 
-PEFT_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "modules_to_save": None, "rank_pattern": {},
-                    "alpha_pattern": {}, "layer_replication": None, "target_parameters": None,
-                    "trainable_token_indices": None}
+PEFT_UNSUPPORTED = {
+    "use_dora": False,
+    "lora_bias": False,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+}
 _PEFT_FACTOR = re.compile(r"(?P<path>.+)\.lora_(?P<which>[AB])\.weight")
 
 
@@ -275,8 +330,17 @@ def _conv_nd_fn(ndim: int):
     return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[ndim]
 
 
-def _conv_apply(conv, padding_mode: str, pad: tuple[int, ...], stride, padding, dilation, groups,
-                x: Tensor, weight: Tensor) -> Tensor:
+def _conv_apply(
+    conv,
+    padding_mode: str,
+    pad: tuple[int, ...],
+    stride,
+    padding,
+    dilation,
+    groups,
+    x: Tensor,
+    weight: Tensor,
+) -> Tensor:
     if padding_mode != "zeros":
         return conv(F.pad(x, pad, mode=padding_mode), weight, None, stride, 0, dilation, groups)
     return conv(x, weight, None, stride, padding, dilation, groups)
@@ -284,9 +348,16 @@ def _conv_apply(conv, padding_mode: str, pad: tuple[int, ...], stride, padding, 
 
 def conv_like(base: nn.Module):
     """`f(x, weight)`: a convolution with the base module's geometry (and padding mode), any weight."""
-    return functools.partial(_conv_apply, _conv_nd_fn(base.weight.dim()), base.padding_mode,
-                             base._reversed_padding_repeated_twice, base.stride, base.padding,
-                             base.dilation, base.groups)
+    return functools.partial(
+        _conv_apply,
+        _conv_nd_fn(base.weight.dim()),
+        base.padding_mode,
+        base._reversed_padding_repeated_twice,
+        base.stride,
+        base.padding,
+        base.dilation,
+        base.groups,
+    )
 
 
 class _ConvLoRA(LowRankDelta):
@@ -310,7 +381,8 @@ class KernelConvLoRA(_ConvLoRA):
         if r % g:
             raise UnsupportedModuleError(
                 f"{config.method}: rank r={r} is not divisible by the conv's groups={g}; use r a multiple "
-                f"of {g} (e.g. r={g * max(1, round(r / g))}) or conv_mode='reshape'")
+                f"of {g} (e.g. r={g * max(1, round(r / g))}) or conv_mode='reshape'"
+            )
         self.lora_A, self.lora_B = _factors((r, c_in_g, *k), (c_out, r // g, *[1] * len(k)), base.weight)
         self.refactorable = g == 1
         # PEFT's A ignores groups and dilation and pads with zeros: same layout only without them
@@ -330,7 +402,6 @@ class KernelConvLoRA(_ConvLoRA):
         return out + (y * (self.scaling * scale)).to(out.dtype)
 
 
-
 class ReshapeConvLoRA(_ConvLoRA):
     """loralib's layout: B·A is reshaped into the kernel, one extra conv with ΔW."""
 
@@ -339,8 +410,9 @@ class ReshapeConvLoRA(_ConvLoRA):
         c_out, c_in_g, k0, *k_rest = self.kernel_shape
         r, g = config.r, self.groups
         c_in = c_in_g * g
-        self.lora_A, self.lora_B = _factors((r * k0, c_in * math.prod(k_rest)), (c_out // g * k0, r * k0),
-                                            base.weight)
+        self.lora_A, self.lora_B = _factors(
+            (r * k0, c_in * math.prod(k_rest)), (c_out // g * k0, r * k0), base.weight
+        )
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B.weight @ self.lora_A.weight).view(self.kernel_shape) * self.scaling

@@ -2,6 +2,7 @@
 each weight train as a `SparseDelta`, with a nuclear-norm term (`nuclear_norm_loss`) and
 progressive re-selection (`reselect`, `progressive_update`). docs/methods/sara.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,9 +39,13 @@ class SaRAConfig(AdapterConfig):
             check_number(self, "threshold", low=0, low_open=True, hint="the official default is 2e-3")
             self.density = None  # an absolute threshold replaces the density
         elif self.density is None:
-            raise ConfigError(f"{self.method}: set density (a fraction in (0, 1], e.g. 0.1) or threshold (e.g. 2e-3)")
+            raise ConfigError(
+                f"{self.method}: set density (a fraction in (0, 1], e.g. 0.1) or threshold (e.g. 2e-3)"
+            )
         else:
-            check_number(self, "density", low=0, high=1, low_open=True, hint="use e.g. 0.1 for the smallest 10%")
+            check_number(
+                self, "density", low=0, high=1, low_open=True, hint="use e.g. 0.1 for the smallest 10%"
+            )
         check_number(self, "nuclear_weight", low=0, hint="the paper's default is 5e-4; 0 turns the term off")
         check_number(self, "nuclear_min_dim", low=0, integer=True)
         if self.progressive_step is not None:
@@ -69,8 +74,9 @@ class SaRAConfig(AdapterConfig):
         """The file's support; the threshold stays the one computed from the base weights."""
         return SaRADelta(self, module, tensors.get("indices", built.indices), built.threshold)
 
-    def hotswap_values(self, where: str, path: str, delta: Delta, own: dict[str, Tensor],
-                       loaded: AdapterConfig) -> None:
+    def hotswap_values(
+        self, where: str, path: str, delta: Delta, own: dict[str, Tensor], loaded: AdapterConfig
+    ) -> None:
         check_swapped_indices(where, path, delta, own)  # then copied as they are, at equal shapes
 
     def before_step(self, model: nn.Module, name: str, step: int) -> None:
@@ -80,14 +86,16 @@ class SaRAConfig(AdapterConfig):
         loss = nuclear_norm_loss(model, name, generator=torch.Generator().manual_seed(step))
         params = [d.values for _, _, d in found]
         if loss.requires_grad:
-            for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+            for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad.add_(g)
         for _, _, d in found:
             if d.values.grad is not None and hasattr(d, "frozen"):
                 d.values.grad.masked_fill_(d.frozen, 0)
 
-    def after_step(self, model: nn.Module, name: str, step: int, optimizer: torch.optim.Optimizer | None) -> None:
+    def after_step(
+        self, model: nn.Module, name: str, step: int, optimizer: torch.optim.Optimizer | None
+    ) -> None:
         """Re-select at `progressive_step`; keep frozen entries at their values."""
         progressive_update(model, step, optimizer, name)
 
@@ -114,8 +122,10 @@ class SaRADelta(SparseDelta):
     def freeze(self, keep: Tensor) -> None:
         """Freeze, at their current values, the entries where `keep` (a bool per entry) is False."""
         if not hasattr(self, "frozen"):
-            raise ConfigError("sara: reselect needs progressive_step set in the config (it keeps the frozen mask); "
-                              "inject with progressive_step=<step>")
+            raise ConfigError(
+                "sara: reselect needs progressive_step set in the config (it keeps the frozen mask); "
+                "inject with progressive_step=<step>"
+            )
         newly = ~keep & ~self.frozen
         self.held[newly] = self.values[newly]
         self.frozen |= newly
@@ -141,7 +151,9 @@ def _sara_deltas(model: nn.Module, name: str) -> list[tuple[str, nn.Module, SaRA
     return found
 
 
-def nuclear_norm_loss(model: nn.Module, name: str = "default", generator: torch.Generator | None = None) -> Tensor:
+def nuclear_norm_loss(
+    model: nn.Module, name: str = "default", generator: torch.Generator | None = None
+) -> Tensor:
     """λ·‖ΔW‖_* for one weight of SaRA adapter `name`, drawn uniformly (with `generator`) among the
     eligible ones; add it to the loss each step. Zero (but connected to the values) when no weight
     is eligible, λ is 0 or the drawn ΔW is still zero (where the norm has no useful gradient)."""
@@ -159,8 +171,9 @@ def nuclear_norm_loss(model: nn.Module, name: str = "default", generator: torch.
 
 
 @torch.no_grad()
-def reselect(model: nn.Module, name: str = "default",
-             optimizer: torch.optim.Optimizer | None = None) -> dict[str, tuple[int, int]]:
+def reselect(
+    model: nn.Module, name: str = "default", optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, tuple[int, int]]:
     """SaRA's progressive step: mask' = mask ∧ |θ₀ + Δ| < threshold, per weight of adapter `name`.
     Entries that grew past the threshold freeze at their value (they stay in ΔW). The `values`
     parameters keep their shapes; their state in `optimizer` (if given) is dropped, so it restarts.
@@ -168,7 +181,9 @@ def reselect(model: nn.Module, name: str = "default",
     found = _sara_deltas(model, name)
     merged = [path for path, layer, _ in found if name in layer.merged]
     if merged:
-        raise MergeError(f"adapter {name!r} is merged (at {merged[0]!r}); call al.unmerge(model) before reselect")
+        raise MergeError(
+            f"adapter {name!r} is merged (at {merged[0]!r}); call al.unmerge(model) before reselect"
+        )
     changes = {}
     for path, layer, delta in found:
         base = layer.base_layer.weight.detach().reshape(-1)
@@ -181,8 +196,9 @@ def reselect(model: nn.Module, name: str = "default",
     return changes
 
 
-def progressive_update(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None,
-                       name: str = "default") -> dict[str, tuple[int, int]] | None:
+def progressive_update(
+    model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None, name: str = "default"
+) -> dict[str, tuple[int, int]] | None:
     """Call after every optimizer step: keeps frozen entries at their values and, at the config's
     `progressive_step`, runs `reselect` and returns its report; otherwise returns None."""
     found = _sara_deltas(model, name)

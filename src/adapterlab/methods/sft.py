@@ -2,6 +2,7 @@
 (full phase, global top-K of |θ − θ₀|, sparse phase) and the same procedure as a schedule under a
 training loop you do not own (`full_steps`: `select`, then `finish`). docs/methods/sft.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,9 +44,13 @@ class SFTConfig(AdapterConfig):
             check_number(self, "count", low=1, integer=True, hint="K is a number of weight entries")
             self.density = None  # a count replaces the density
         elif self.density is None:
-            raise ConfigError(f"{self.method}: set density (a fraction in (0, 1], e.g. 0.01) or count (K entries)")
+            raise ConfigError(
+                f"{self.method}: set density (a fraction in (0, 1], e.g. 0.01) or count (K entries)"
+            )
         else:
-            check_number(self, "density", low=0, high=1, low_open=True, hint="use e.g. 0.01 for 1% of the entries")
+            check_number(
+                self, "density", low=0, high=1, low_open=True, hint="use e.g. 0.01 for 1% of the entries"
+            )
         if self.full_steps is not None:
             check_number(self, "full_steps", low=1, integer=True, hint="or None to train with train_lt_sft")
 
@@ -54,8 +59,10 @@ class SFTConfig(AdapterConfig):
         if self.count is None:
             return max(1, round(self.density * maskable))
         if self.count > maskable:
-            raise ConfigError(f"{self.method}: count={self.count} is larger than the {maskable} entries of the "
-                              f"targeted weights; use count <= {maskable} or target more modules")
+            raise ConfigError(
+                f"{self.method}: count={self.count} is larger than the {maskable} entries of the "
+                f"targeted weights; use count <= {maskable} or target more modules"
+            )
         return self.count
 
     def supports(self, module: nn.Module) -> str | None:
@@ -74,8 +81,9 @@ class SFTConfig(AdapterConfig):
             return built
         return SparseDelta(dataclasses.replace(self, full_steps=None), module, indices)
 
-    def hotswap_values(self, where: str, path: str, delta: Delta, own: dict[str, Tensor],
-                       loaded: AdapterConfig) -> None:
+    def hotswap_values(
+        self, where: str, path: str, delta: Delta, own: dict[str, Tensor], loaded: AdapterConfig
+    ) -> None:
         check_swapped_indices(where, path, delta, own)  # then copied as they are, at equal shapes
 
     def before_step(self, model: nn.Module, name: str, step: int) -> None:
@@ -97,8 +105,12 @@ class SFTConfig(AdapterConfig):
         if step >= self.full_steps:
             finish(model, name)
         else:
-            logger.warning("adapterlab: LT-SFT adapter %r stopped in its full phase (%d of %d steps); "
-                           "it stays dense", name, step, self.full_steps)
+            logger.warning(
+                "adapterlab: LT-SFT adapter %r stopped in its full phase (%d of %d steps); it stays dense",
+                name,
+                step,
+                self.full_steps,
+            )
 
 
 class HeadDelta(DenseDelta):
@@ -117,15 +129,18 @@ class PhasedDelta(DenseDelta):
         if reason:
             raise UnsupportedModuleError(f"{config.method}: {reason}; got {type(base).__name__}")
         super().__init__(config, base)
-        self.register_buffer("mask", torch.ones(self.weight_delta.shape, dtype=torch.bool,
-                                                device=self.weight_delta.device))
+        self.register_buffer(
+            "mask", torch.ones(self.weight_delta.shape, dtype=torch.bool, device=self.weight_delta.device)
+        )
 
 
 def _phased(model: nn.Module, name: str) -> list[tuple[str, nn.Module, PhasedDelta]]:
     found = deltas(model, name, PhasedDelta)
     if not found:
-        raise ConfigError(f"adapter {name!r} is not an LT-SFT trained by schedule; inject it with "
-                          "al.inject(model, 'sft', density=..., full_steps=N)")
+        raise ConfigError(
+            f"adapter {name!r} is not an LT-SFT trained by schedule; inject it with "
+            "al.inject(model, 'sft', density=..., full_steps=N)"
+        )
     return found
 
 
@@ -152,11 +167,15 @@ def finish(model: nn.Module, name: str = "default") -> None:
     entries of ΔW become the values. Same output, O(k) storage; active/trainable state is kept."""
     found = _phased(model, name)
     if all(bool(delta.mask.all()) for _, _, delta in found):
-        raise ConfigError(f"adapter {name!r} is still in its full phase ({found[0][2].config.full_steps} steps); "
-                          "train past full_steps (or call al.sft.select) before finish")
+        raise ConfigError(
+            f"adapter {name!r} is still in its full phase ({found[0][2].config.full_steps} steps); "
+            "train past full_steps (or call al.sft.select) before finish"
+        )
     merged = [path for path, layer, _ in found if name in layer.merged]
     if merged:
-        raise MergeError(f"adapter {name!r} is merged (at {merged[0]!r}); call al.unmerge(model) before finish")
+        raise MergeError(
+            f"adapter {name!r} is merged (at {merged[0]!r}); call al.unmerge(model) before finish"
+        )
     config = dataclasses.replace(found[0][2].config, full_steps=None)
     for _, layer, delta in found:
         flat = delta.mask.flatten().nonzero().flatten()
@@ -194,15 +213,24 @@ def select_top_k(diffs: dict[str, Tensor], k: int) -> dict[str, Tensor]:
     chosen[(mags == kth).nonzero().flatten()[:short]] = True
     out, start = {}, 0
     for path, d in diffs.items():
-        out[path] = chosen[start:start + d.numel()].nonzero().flatten()
+        out[path] = chosen[start : start + d.numel()].nonzero().flatten()
         start += d.numel()
     return out
 
 
-def train_lt_sft(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, config: SFTConfig | None = None, *,
-                 name: str = "default", steps: int = 100, sparse_steps: int | None = None,
-                 heads: TargetSpec | None = None, make_optimizer: OptimizerFactory | None = None,
-                 l1: float = 0.0) -> LTSFTResult:
+def train_lt_sft(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    config: SFTConfig | None = None,
+    *,
+    name: str = "default",
+    steps: int = 100,
+    sparse_steps: int | None = None,
+    heads: TargetSpec | None = None,
+    make_optimizer: OptimizerFactory | None = None,
+    l1: float = 0.0,
+) -> LTSFTResult:
     """Train an LT-SFT adapter `name` on `model` (see the module docstring) and leave it active and
     trainable. `batches` is re-iterable (a list, a DataLoader) and cycled for `steps` optimizer
     steps in the full phase and `sparse_steps` (default: `steps`) in the sparse phase;
@@ -215,8 +243,10 @@ def train_lt_sft(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, conf
     if not isinstance(config, SFTConfig):
         raise ConfigError(f"train_lt_sft needs an SFTConfig, got a {config.method!r} config")
     if config.full_steps is not None:
-        raise ConfigError(f"full_steps={config.full_steps} is for training by schedule (al.before_step/after_step, "
-                          "AdapterCallback); train_lt_sft takes steps= instead: drop full_steps")
+        raise ConfigError(
+            f"full_steps={config.full_steps} is for training by schedule (al.before_step/after_step, "
+            "AdapterCallback); train_lt_sft takes steps= instead: drop full_steps"
+        )
     if not isinstance(l1, (int, float)) or l1 < 0:
         raise ConfigError(f"l1={l1!r} must be a number >= 0 (0 turns the L1 pull toward θ₀ off)")
     for what, n in (("steps", steps), ("sparse_steps", steps if sparse_steps is None else sparse_steps)):
@@ -229,8 +259,9 @@ def train_lt_sft(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, conf
     k = config.k(maskable)
 
     optimizer = make_optimizer or (lambda params: torch.optim.AdamW(params, lr=5e-5))
-    diffs, full_losses = _full_phase(model, weights, [m.weight for _, m, _ in head_steps], batches, loss_fn,
-                                     steps, optimizer, l1)
+    diffs, full_losses = _full_phase(
+        model, weights, [m.weight for _, m, _ in head_steps], batches, loss_fn, steps, optimizer, l1
+    )
     supports = select_top_k(diffs, k)
     for path, _, delta in body:
         delta.set_support(supports[path])
@@ -239,29 +270,40 @@ def train_lt_sft(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, conf
     params = values + [p for _, _, d in head_steps for p in d.parameters()]
     penalty = (lambda: l1 * sum(v.abs().sum() for v in values)) if l1 else None
     sparse_losses = _train(model, params, batches, loss_fn, sparse_steps or steps, optimizer, penalty)
-    return LTSFTResult(k, maskable, {path: int(s.numel()) for path, s in supports.items()}, full_losses,
-                       sparse_losses)
+    return LTSFTResult(
+        k, maskable, {path: int(s.numel()) for path, s in supports.items()}, full_losses, sparse_losses
+    )
 
 
-def _head_plan(model: nn.Module, config: SFTConfig, heads: TargetSpec | None,
-               body: set[str]) -> list[tuple[str, nn.Module, Delta]]:
+def _head_plan(
+    model: nn.Module, config: SFTConfig, heads: TargetSpec | None, body: set[str]
+) -> list[tuple[str, nn.Module, Delta]]:
     if heads is None:
         return []
     found = find_targets(model, dataclasses.replace(config, targets=heads, exclude=None, layers=None))
     overlap = sorted(body & {path for path, _ in found})
     if overlap:
-        raise TargetError(f"{overlap} are both sparse targets and heads; add them to `exclude` to train them as heads")
+        raise TargetError(
+            f"{overlap} are both sparse targets and heads; add them to `exclude` to train them as heads"
+        )
     return [(path, module, HeadDelta(config, module)) for path, module in found]
 
 
-def _full_phase(model: nn.Module, weights: dict[str, nn.Parameter], head_weights: list[nn.Parameter],
-                batches: Iterable[Any], loss_fn: LossFn, steps: int, optimizer: OptimizerFactory,
-                l1: float) -> tuple[dict[str, Tensor], list[float]]:
+def _full_phase(
+    model: nn.Module,
+    weights: dict[str, nn.Parameter],
+    head_weights: list[nn.Parameter],
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    steps: int,
+    optimizer: OptimizerFactory,
+    l1: float,
+) -> tuple[dict[str, Tensor], list[float]]:
     """Fine-tune the targeted weights and the heads; return θ − θ₀ per weight and the losses, with
     θ₀ and every parameter's requires_grad restored (also on error)."""
     trained = list(weights.values()) + head_weights
     start = [w.detach().clone() for w in trained]
-    theta0 = dict(zip(weights, start))
+    theta0 = dict(zip(weights, start, strict=True))
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         model.requires_grad_(False)
@@ -273,7 +315,7 @@ def _full_phase(model: nn.Module, weights: dict[str, nn.Parameter], head_weights
             diffs = {path: w.detach() - theta0[path] for path, w in weights.items()}
     finally:
         with torch.no_grad():
-            for w, w0 in zip(trained, start):
+            for w, w0 in zip(trained, start, strict=True):
                 w.copy_(w0)
                 w.grad = None
         for p, flag in flags:
@@ -292,12 +334,21 @@ def _cycle(batches: Iterable[Any], steps: int) -> Iterator[Any]:
             if done == steps:
                 return
         if empty:
-            raise ConfigError("batches yielded nothing; pass a non-empty list or DataLoader (an exhausted "
-                              "iterator cannot be re-read for the second phase)")
+            raise ConfigError(
+                "batches yielded nothing; pass a non-empty list or DataLoader (an exhausted "
+                "iterator cannot be re-read for the second phase)"
+            )
 
 
-def _train(model: nn.Module, params: list[nn.Parameter], batches: Iterable[Any], loss_fn: LossFn, steps: int,
-           optimizer: OptimizerFactory, penalty: Callable[[], Tensor] | None) -> list[float]:
+def _train(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    steps: int,
+    optimizer: OptimizerFactory,
+    penalty: Callable[[], Tensor] | None,
+) -> list[float]:
     opt = optimizer(params)
     losses = []
     for batch in _cycle(batches, steps):

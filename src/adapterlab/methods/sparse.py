@@ -15,6 +15,7 @@ O(k), whatever the size of the weight.
 Merging adds ΔW to the base weight; unmerging writes back the saved original entries at the
 support, so merge → unmerge is bit-exact (`Delta.restores_exactly`).
 """
+
 from __future__ import annotations
 
 import math
@@ -51,19 +52,32 @@ def sparse_unsupported(module: nn.Module) -> str | None:
 def check_indices(indices: Tensor, numel: int, what: str = "indices") -> Tensor:
     """`indices` as a 1-D index tensor of `index_dtype(numel)`, after checking that they are
     integers, strictly increasing and inside [0, numel). Raises `ConfigError` naming the problem."""
-    if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.is_floating_point() \
-            or indices.is_complex() or indices.dtype == torch.bool:
-        got = f"a {indices.dim()}-D {indices.dtype} tensor" if isinstance(indices, Tensor) else type(indices).__name__
+    if (
+        not isinstance(indices, Tensor)
+        or indices.dim() != 1
+        or indices.is_floating_point()
+        or indices.is_complex()
+        or indices.dtype == torch.bool
+    ):
+        got = (
+            f"a {indices.dim()}-D {indices.dtype} tensor"
+            if isinstance(indices, Tensor)
+            else type(indices).__name__
+        )
         raise ConfigError(f"{what} must be a 1-D integer tensor of flat positions, got {got}")
     if indices.numel():
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= numel:
             bad = low if low < 0 else high
-            raise ConfigError(f"{what} hold position {bad}, outside the weight's {numel} entries "
-                              f"(valid: 0 to {numel - 1}); were they made for a weight of another shape?")
+            raise ConfigError(
+                f"{what} hold position {bad}, outside the weight's {numel} entries "
+                f"(valid: 0 to {numel - 1}); were they made for a weight of another shape?"
+            )
         if bool((indices[1:] <= indices[:-1]).any()):
-            raise ConfigError(f"{what} must be strictly increasing (sorted, no repeats); "
-                              "pass torch.unique(indices), which sorts and removes repeats")
+            raise ConfigError(
+                f"{what} must be strictly increasing (sorted, no repeats); "
+                "pass torch.unique(indices), which sorts and removes repeats"
+            )
     return indices.to(index_dtype(numel))
 
 
@@ -85,7 +99,9 @@ class SparseDelta(Delta):
             indices = torch.zeros(0, dtype=index_dtype(self.numel), device=weight.device)
         idx = check_indices(indices.to(weight.device), self.numel)
         self.register_buffer("indices", idx)
-        self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=adapter_dtype(weight), device=weight.device))
+        self.values = nn.Parameter(
+            torch.zeros(idx.numel(), dtype=adapter_dtype(weight), device=weight.device)
+        )
 
     @property
     def numel(self) -> int:
@@ -104,10 +120,15 @@ class SparseDelta(Delta):
         (or drop its optimizer state), and its gradient is cleared."""
         idx = check_indices(indices.to(self.indices.device), self.numel)
         if values is not None and tuple(values.shape) != (idx.numel(),):
-            raise ConfigError(f"values has shape {tuple(values.shape)}; it needs one entry per index, ({idx.numel()},)")
+            raise ConfigError(
+                f"values has shape {tuple(values.shape)}; it needs one entry per index, ({idx.numel()},)"
+            )
         self.indices = idx
-        self.values.data = (torch.zeros(idx.numel(), dtype=self.values.dtype, device=idx.device) if values is None
-                            else values.detach().to(self.values.dtype).clone())
+        self.values.data = (
+            torch.zeros(idx.numel(), dtype=self.values.dtype, device=idx.device)
+            if values is None
+            else values.detach().to(self.values.dtype).clone()
+        )
         self.values.grad = None
 
     def delta_weight(self) -> Tensor:
@@ -123,8 +144,10 @@ class SparseDelta(Delta):
         return sparse_linear_add(out, x, self.values, self.indices, self.weight_shape, self.transposed, scale)
 
     def extra_repr(self) -> str:
-        return (f"k={self.k}, weight_shape={self.weight_shape}, density={self.k / max(self.numel, 1):.4g}, "
-                f"dtype={self.values.dtype}")
+        return (
+            f"k={self.k}, weight_shape={self.weight_shape}, density={self.k / max(self.numel, 1):.4g}, "
+            f"dtype={self.values.dtype}"
+        )
 
 
 def check_swapped_indices(where: str, path: str, delta: Delta, own: dict[str, Tensor]) -> None:
