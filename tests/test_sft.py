@@ -230,7 +230,7 @@ def test_save_load_round_trip_with_a_dense_head(tmp_path):
     al.save(model, tmp_path)
     with safe_open(tmp_path / WEIGHTS_FILE, "pt") as f:
         assert f.get_tensor(f"{PREFIX}model.layers.0.mlp.up_proj.indices").dtype == torch.int32
-        assert f"{PREFIX}lm_head.weight_delta" in f
+        assert f"{PREFIX}lm_head.weight_delta" in f.keys()
     fresh = al.load(tiny_llama(), tmp_path, trainable=True)
     assert isinstance(fresh.lm_head.deltas["default"], HeadDelta)
     with torch.no_grad():
@@ -246,7 +246,7 @@ def test_save_load_round_trip_with_a_dense_head(tmp_path):
 
 def _tamper(directory, key, value):
     with safe_open(directory / WEIGHTS_FILE, "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
     tensors[key] = value
     save_file(tensors, directory / WEIGHTS_FILE, metadata=meta)
