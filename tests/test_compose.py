@@ -1,12 +1,10 @@
 """al.combine against independent numpy references, whole-matrix comparisons."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from conftest import randomize_lora
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -41,17 +39,19 @@ def deltas(model, name):
 
 
 def np_trim(t, density):
-    k = math.ceil(density * t.size)
+    k = int(density * t.size)  # ⌊density·n⌋, as peft and mergekit
     keep = np.zeros(t.size, bool)
     keep[np.argsort(-np.abs(t).ravel(), kind="stable")[:k]] = True
     return t * keep.reshape(t.shape)
 
 
-def np_ties(ts):
+def np_ties(ts, ws):
+    """Sign elected on the unweighted Σ τ (0 counts as +), mean of wᵢ·τᵢ over the agreeing inputs."""
     s = np.stack(ts)
-    sign = np.sign(s.sum(0))
-    agree = (np.sign(s) == sign) & (s != 0)
-    return (s * agree).sum(0) / np.maximum(agree.sum(0), 1)
+    sign = np.where(s.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(s) == sign
+    weighted = s * np.asarray(ws).reshape(-1, *[1] * (s.ndim - 1))
+    return (weighted * agree).sum(0) / np.maximum(agree.sum(0), 1)
 
 
 @pytest.mark.parametrize("how", HOWS)
@@ -94,7 +94,7 @@ def test_ties_per_tensor(density):
     weights = {"t0": 1.0, "t1": 0.5, "t2": 1.0}
     al.combine(model, weights, how="ties", into="out", density=density, rank=6)
     for path, dw in deltas(model, "out").items():
-        want = np_ties([w * np_trim(deltas(model, n)[path], density) for n, w in weights.items()])
+        want = np_ties([np_trim(deltas(model, n)[path], density) for n in weights], list(weights.values()))
         np.testing.assert_allclose(dw, want, atol=1e-5)  # rank 6 = full rank here, so exact
 
 
@@ -106,12 +106,14 @@ def test_ties_global_trim_uses_one_threshold_per_adapter():
     tv = {n: deltas(model, n) for n in ("t0", "t1")}
     thr = {
         n: np.sort(np.concatenate([np.abs(v).ravel() for v in tv[n].values()]))[::-1][
-            math.ceil(0.3 * sum(v.size for v in tv[n].values())) - 1
+            int(0.3 * sum(v.size for v in tv[n].values())) - 1
         ]
         for n in tv
     }
     for path, dw in deltas(model, "out").items():
-        want = np_ties([np.where(np.abs(tv[n][path]) >= thr[n] * (1 - 1e-6), tv[n][path], 0) for n in tv])
+        want = np_ties(
+            [np.where(np.abs(tv[n][path]) >= thr[n] * (1 - 1e-6), tv[n][path], 0) for n in tv], [1.0, 1.0]
+        )
         np.testing.assert_allclose(dw, want, atol=1e-5)
     per_tensor = deltas(model_with(ranks=(4, 4)), "t0")  # a global trim keeps unequal fractions per tensor
     kept = [np.mean(np.abs(v) >= thr["t0"]) for v in per_tensor.values()]
@@ -126,11 +128,16 @@ def test_dare_with_fixed_seed_equals_tau_m_over_1_minus_p(how):
     gen = torch.Generator().manual_seed(7)
     for path, dw in deltas(model, "out").items():  # targets in model order, inputs in weights order
         dropped = []
-        for n, w in weights.items():
+        for n in weights:
             tau = deltas(model, n)[path]
             m = (torch.rand(tau.shape, generator=gen) >= p).numpy()
-            dropped.append(w * tau * m / (1 - p))
-        want = sum(dropped) if how == "dare_linear" else np_ties(dropped)
+            dropped.append(tau * m / (1 - p))
+        ws = list(weights.values())
+        want = (
+            sum(w * d for w, d in zip(ws, dropped, strict=True))
+            if how == "dare_linear"
+            else np_ties(dropped, ws)
+        )
         np.testing.assert_allclose(dw, want, atol=1e-5)
 
 
@@ -253,13 +260,22 @@ def test_dense_and_sparse_outputs_are_exact(how, kind):
             want = sum(w * taus[n] for n, w in weights.items())
         elif how.startswith("dare"):
             dropped = [
-                w * taus[n] * (torch.rand(taus[n].shape, generator=gen) >= 0.5).numpy() / 0.5
-                for n, w in weights.items()
+                taus[n] * (torch.rand(taus[n].shape, generator=gen) >= 0.5).numpy() / 0.5 for n in weights
             ]
-            want = sum(dropped) if how == "dare_linear" else np_ties(dropped)
+            ws = list(weights.values())
+            want = (
+                sum(w * d for w, d in zip(ws, dropped, strict=True))
+                if how == "dare_linear"
+                else np_ties(dropped, ws)
+            )
         else:
-            trimmed = [w * np_trim(taus[n], 0.3) for n, w in weights.items()]
-            want = sum(trimmed) if how == "magnitude_prune" else np_ties(trimmed)
+            trimmed = [np_trim(taus[n], 0.3) for n in weights]
+            ws = list(weights.values())
+            want = (
+                sum(w * t for w, t in zip(ws, trimmed, strict=True))
+                if how == "magnitude_prune"
+                else np_ties(trimmed, ws)
+            )
         np.testing.assert_allclose(got, want, atol=1e-5)
     out = al.adapters(model)["out"]
     assert out.method == ("dense" if kind == "dense" else "sft")
@@ -304,9 +320,32 @@ def test_the_tensor_level_functions_are_what_combine_uses():
     taus = {"a": torch.randn(6, 5, generator=gen), "b": torch.randn(6, 5, generator=gen)}
     weights = {"a": 1.0, "b": -0.5}
     torch.testing.assert_close(combine_tensors(taus, weights, "linear"), taus["a"] - 0.5 * taus["b"])
-    expected = disjoint_mean([trim(taus["a"], 0.4), -0.5 * trim(taus["b"], 0.4)])
+    expected = disjoint_mean([trim(taus["a"], 0.4), trim(taus["b"], 0.4)], [1.0, -0.5])
     torch.testing.assert_close(combine_tensors(taus, weights, "ties", density=0.4), expected)
     with pytest.raises(al.ConfigError, match="generator"):
         combine_tensors(taus, weights, "dare_linear")
     with pytest.raises(al.ConfigError, match="does not combine"):
         combine_tensors(taus, weights, "cat")
+
+
+@given(
+    n=st.integers(1, 40),
+    inputs=st.integers(1, 4),
+    density=st.floats(0.05, 1.0),
+    seed=st.integers(0, 10_000),
+)
+@settings(max_examples=60, deadline=None)
+def test_ties_and_magnitude_prune_equal_peft_merge_utils(n, inputs, density, seed):
+    """Same task tensors, weights and density → the same tensor as peft's `ties` and
+    `magnitude_prune` (⌊density·n⌋ kept per tensor, the sign elected before weighting)."""
+    from peft.utils import merge_utils
+
+    from adapterlab.arithmetic import combine_tensors
+
+    gen = torch.Generator().manual_seed(seed)
+    taus = {f"t{i}": torch.randn(n, 3, generator=gen) for i in range(inputs)}
+    weights = {k: float(w) for k, w in zip(taus, torch.randn(inputs, generator=gen).tolist(), strict=True)}
+    w = torch.tensor(list(weights.values()))
+    for how, theirs in (("ties", merge_utils.ties), ("magnitude_prune", merge_utils.magnitude_prune)):
+        ours = combine_tensors(taus, weights, how, density=density)
+        torch.testing.assert_close(ours, theirs(list(taus.values()), w, density), atol=1e-6, rtol=1e-6)

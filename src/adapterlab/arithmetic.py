@@ -21,22 +21,32 @@ TENSOR_HOWS = (
 )  # one ΔW per input in, one out
 
 
+def kept_count(density: float, n: int) -> int:
+    """How many of `n` entries a trim at `density` keeps: ⌊density·n⌋, as peft's `merge_utils` and
+    mergekit count, so the same inputs give the same tensor in each tool."""
+    return int(density * n)
+
+
 def trim(tau: Tensor, density: float, threshold: float | None = None) -> Tensor:
-    """Keep the `density` fraction of entries with the largest |τ| (exactly ⌈density·n⌉ of them),
+    """Keep the `density` fraction of entries with the largest |τ| (exactly ⌊density·n⌋ of them),
     or, given a `threshold`, every entry with |τ| ≥ threshold."""
     if threshold is not None:
         return tau * (tau.abs() >= threshold)
-    k = math.ceil(density * tau.numel())
     keep = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
-    keep[tau.abs().flatten().topk(k).indices] = True
+    keep[tau.abs().flatten().topk(kept_count(density, tau.numel())).indices] = True
     return tau * keep.view(tau.shape)
 
 
-def disjoint_mean(taus: list[Tensor]) -> Tensor:
-    """TIES: elect the sign of the sum per entry, average the entries that agree with it."""
+def disjoint_mean(taus: list[Tensor], weights: list[float] | None = None) -> Tensor:
+    """TIES: elect the sign of Σ τᵢ per entry (0 counts as +, as in peft), then average wᵢ·τᵢ over
+    the inputs whose entry has that sign (divided by their count, not by their weights)."""
     stacked = torch.stack(taus)
-    sign = torch.sign(stacked.sum(0))
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(stacked) == majority
+    if weights is not None:
+        stacked = stacked * torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(
+            -1, *[1] * (stacked.dim() - 1)
+        )
     return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
@@ -56,9 +66,11 @@ def check_density_p(density: float, p: float) -> None:
 
 
 def global_threshold(taus: list[Tensor], density: float) -> float:
-    """The |τ| of the ⌈density·n⌉-th largest entry over all of one input's targets."""
+    """The |τ| of the ⌊density·n⌋-th largest entry over all of one input's targets (∞ if that is
+    none: nothing is kept)."""
     flat = torch.cat([t.detach().float().abs().flatten() for t in taus])
-    return flat.topk(math.ceil(density * flat.numel())).values[-1].item()
+    k = kept_count(density, flat.numel())
+    return flat.topk(k).values[-1].item() if k else math.inf
 
 
 def combine_tensors(
@@ -80,9 +92,13 @@ def combine_tensors(
     if how in ("dare_linear", "dare_ties"):
         if generator is None:
             raise ConfigError(f"how={how!r} draws random masks; pass a generator")
-        dropped = [w * dare(taus[n], p, generator) for n, w in weights.items()]
-        return sum(dropped) if how == "dare_linear" else disjoint_mean(dropped)
+        dropped = [dare(taus[n], p, generator) for n in weights]
+        if how == "dare_linear":
+            return sum(w * d for w, d in zip(weights.values(), dropped, strict=True))
+        return disjoint_mean(dropped, list(weights.values()))
     if how not in TENSOR_HOWS:
         raise ConfigError(f"how={how!r} does not combine ΔW tensors; choose one of {', '.join(TENSOR_HOWS)}")
-    trimmed = [w * trim(taus[n], density, thresholds[n] if thresholds else None) for n, w in weights.items()]
-    return sum(trimmed) if how == "magnitude_prune" else disjoint_mean(trimmed)
+    trimmed = [trim(taus[n], density, thresholds[n] if thresholds else None) for n in weights]
+    if how == "magnitude_prune":
+        return sum(w * t for w, t in zip(weights.values(), trimmed, strict=True))
+    return disjoint_mean(trimmed, list(weights.values()))

@@ -57,7 +57,7 @@ def check_options(how: str, kind: str, density: float, p: float, trim_scope: str
 def _global_thresholds(
     layers: list[tuple[str, AdapterLayer]], names: list[str], density: float
 ) -> dict[str, float]:
-    """Per input: the |τ| of its ⌈density·n⌉-th largest entry over all its targets."""
+    """Per input: the |τ| of its ⌊density·n⌋-th largest entry over all its targets."""
     return {
         n: global_threshold([layer.deltas[n].delta_weight() for _, layer in layers], density) for n in names
     }
