@@ -17,7 +17,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..errors import AdapterNameError
 from ..files.atomic import write_files_atomic
 from ..io import save_pretrained
-from ..model import adapters, after_step, before_step, trainable_summary
+from ..model import Summary, adapters, after_step, before_step, trainable_summary
 
 logger = logging.getLogger("adapterlab")
 RESUME_FILE = "model.safetensors"  # the name transformers' resume_from_checkpoint reads
@@ -31,7 +31,7 @@ class AdapterCallback(TrainerCallback):
     def __init__(self, finish_sft: bool = True) -> None:
         self.finish_sft = finish_sft
         self._ignored: Any = None
-        self.summary = None
+        self.summary: Summary | None = None
 
     def on_init_end(
         self,
@@ -41,13 +41,12 @@ class AdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        if model is None or not adapters(model):
-            raise AdapterNameError(
-                "AdapterCallback: the Trainer's model has no adapterlab adapter; "
-                "call al.inject(model, ...) or al.load(model, ...) before building the Trainer"
-            )
+        model = _adapted(model)
         self._ignored = getattr(model, "_keys_to_ignore_on_save", None)
-        model._keys_to_ignore_on_save = {k for k in model.state_dict() if ".deltas." not in k}
+        # transformers' attribute; torch's stubs type every module attribute as Tensor | Module
+        model._keys_to_ignore_on_save = {  # type: ignore[assignment]
+            k for k in model.state_dict() if ".deltas." not in k
+        }
 
     def on_train_begin(
         self,
@@ -57,7 +56,7 @@ class AdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        self.summary = trainable_summary(model)
+        self.summary = trainable_summary(_adapted(model))
         if state.is_world_process_zero:
             logger.info("adapterlab: %s", self.summary)
 
@@ -69,7 +68,7 @@ class AdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        before_step(model, state.global_step)
+        before_step(_adapted(model), state.global_step)
 
     def on_optimizer_step(
         self,
@@ -80,7 +79,7 @@ class AdapterCallback(TrainerCallback):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        after_step(model, state.global_step, optimizer)
+        after_step(_adapted(model), state.global_step, optimizer)
 
     def on_save(
         self,
@@ -92,7 +91,9 @@ class AdapterCallback(TrainerCallback):
     ) -> None:
         if not args.should_save:
             return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        model = _adapted(model)
+        # the Trainer fills in output_dir (its default) when it is None
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"  # type: ignore[arg-type]
         if checkpoint.is_dir():
             if "save_pretrained" not in model.__dict__:  # a Hugging Face model's (ours) wrote them already
                 save_pretrained(model, checkpoint)
@@ -111,7 +112,18 @@ class AdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
+        model = _adapted(model)
         model._keys_to_ignore_on_save = self._ignored
         if self.finish_sft:
             for name, config in adapters(model).items():
                 config.train_end(model, name, state.global_step)
+
+
+def _adapted(model: nn.Module | None) -> nn.Module:
+    """The Trainer's model, which must carry an adapterlab adapter."""
+    if model is None or not adapters(model):
+        raise AdapterNameError(
+            "AdapterCallback: the Trainer's model has no adapterlab adapter; "
+            "call al.inject(model, ...) or al.load(model, ...) before building the Trainer"
+        )
+    return model
