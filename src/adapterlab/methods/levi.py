@@ -31,7 +31,9 @@ MERGE_REFUSAL = (
 @register
 @dataclass
 class LEVIConfig(AdapterConfig):
-    """`layer_names`: module paths (exact or dotted suffix) whose outputs feed the heads; None takes
+    """LEVI: a small side model trained from scratch, with heads on the frozen backbone's layers.
+
+    `layer_names`: module paths (exact or dotted suffix) whose outputs feed the heads; None takes
     every layer of the backbone's layer list, `layers` (indices) keeps some of them. `vocab_size`
     (token-id input) or `input_dim` (dense input, flattened) sizes g; `layer_dims` is found from the
     backbone (its config's hidden_size, or a probe forward with `example`) and saved. `pool`: how a
