@@ -41,7 +41,11 @@ class AdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        model = _adapted(model)
+        if model is None or not adapters(model):
+            raise AdapterNameError(
+                "AdapterCallback: the Trainer's model has no adapterlab adapter; "
+                "call al.inject(model, ...) or al.load(model, ...) before building the Trainer"
+            )
         self._ignored = getattr(model, "_keys_to_ignore_on_save", None)
         # transformers' attribute; torch's stubs type every module attribute as Tensor | Module
         model._keys_to_ignore_on_save = {  # type: ignore[assignment]
@@ -56,7 +60,7 @@ class AdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        self.summary = trainable_summary(_adapted(model))
+        self.summary = trainable_summary(_given(model))
         if state.is_world_process_zero:
             logger.info("adapterlab: %s", self.summary)
 
@@ -68,7 +72,7 @@ class AdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        before_step(_adapted(model), state.global_step)
+        before_step(_given(model), state.global_step)
 
     def on_optimizer_step(
         self,
@@ -79,7 +83,7 @@ class AdapterCallback(TrainerCallback):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        after_step(_adapted(model), state.global_step, optimizer)
+        after_step(_given(model), state.global_step, optimizer)
 
     def on_save(
         self,
@@ -91,8 +95,8 @@ class AdapterCallback(TrainerCallback):
     ) -> None:
         if not args.should_save:
             return
-        model = _adapted(model)
-        # the Trainer fills in output_dir (its default) when it is None
+        model = _given(model)
+        # TrainingArguments.__post_init__ sets output_dir ("trainer_output") when it is None
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"  # type: ignore[arg-type]
         if checkpoint.is_dir():
             if "save_pretrained" not in model.__dict__:  # a Hugging Face model's (ours) wrote them already
@@ -112,18 +116,18 @@ class AdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        model = _adapted(model)
+        model = _given(model)
         model._keys_to_ignore_on_save = self._ignored
         if self.finish_sft:
             for name, config in adapters(model).items():
                 config.train_end(model, name, state.global_step)
 
 
-def _adapted(model: nn.Module | None) -> nn.Module:
-    """The Trainer's model, which must carry an adapterlab adapter."""
-    if model is None or not adapters(model):
+def _given(model: nn.Module | None) -> nn.Module:
+    """The model the Trainer passes to every event (on_init_end checked that it has adapters)."""
+    if model is None:
         raise AdapterNameError(
-            "AdapterCallback: the Trainer's model has no adapterlab adapter; "
-            "call al.inject(model, ...) or al.load(model, ...) before building the Trainer"
+            "AdapterCallback: the Trainer passed no model to this event; pass the adapted model to "
+            "Trainer(model=...)"
         )
     return model
