@@ -70,7 +70,7 @@ class LoRAConfig(AdapterConfig):
     def make_delta(self, module: nn.Module) -> Delta:
         if is_linear(module):
             return LinearLoRA(self, module)
-        conv: Conv = module  # type: ignore[assignment]  # not linear, so supports() saw a conv
+        conv = cast(Conv, module)  # not linear, so supports() saw a conv
         if self.conv_mode == "kernel":
             return KernelConvLoRA(self, conv)
         return ReshapeConvLoRA(self, conv)

@@ -19,7 +19,6 @@ support, so merge → unmerge is bit-exact (`Delta.restores_exactly`).
 from __future__ import annotations
 
 import math
-from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -143,7 +142,8 @@ class SparseDelta(Delta):
         if self._conv is not None:
             dw = self.delta_weight()
             return out + (self._conv(x.to(dw.dtype), dw) * scale).to(out.dtype)
-        shape = cast(tuple[int, int], self.weight_shape)  # not a conv: a Linear's (or Conv1D's) 2-d weight
+        # not a conv, so weight_shape is a Linear's (or Conv1D's) 2-d shape
+        shape: tuple[int, int] = self.weight_shape  # type: ignore[assignment]
         return sparse_linear_add(out, x, self.values, self.indices, shape, self.transposed, scale)
 
     def extra_repr(self) -> str:
