@@ -58,7 +58,7 @@ def check(m, k, n, r, dtype, p, seed=0):
     ys = low[0] + scale * ((xs * mask) @ as_.t()) @ bs.t()
     ys.backward(low[4])
     plain = (ys.detach(), xs.grad, as_.grad, bs.grad)
-    for name, t, want, yard in zip(("out", "dx", "dA", "dB"), got, truth, plain, strict=True):
+    for name, t, want, yard in zip(("out", "dx", "dA", "dB"), got, truth[:4], plain, strict=True):
         assert t.shape == want.shape and t.dtype == kernel_dtype, name
         err = (t.double() - want).abs().max().item()
         budget = (
