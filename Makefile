@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The pinned CPU build: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo lint test bench clean
+.PHONY: demo lint typecheck docs test bench clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Types: strict on the public API and the core, default checks elsewhere ([tool.mypy] in pyproject.toml).
+typecheck: $(VENV)/.dev
+	$(VENV)/bin/mypy
+
+# The docs site with its API reference, into site/; --strict fails on a broken link or reference.
+docs: $(VENV)/.dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests
 
@@ -33,4 +41,4 @@ bench: $(VENV)/.dev
 	$(PY) benchmarks/lora_cpu.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache .mypy_cache

@@ -5,7 +5,10 @@ The formulas: docs/compose.md.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -86,19 +89,26 @@ def combine_tensors(
     """Σ over inputs of `weights[n]`·τₙ by `how` (one of `TENSOR_HOWS`; "svd" combines as
     "linear"), in fp32. DARE draws its masks from `generator`, input by input in the order of
     `weights`; `thresholds` (per input) replace `density` for a global trim."""
+    if not weights:
+        raise ConfigError("weights is empty; pass {input name: weight} for at least one input")
     taus = {n: taus[n].detach().float() for n in weights}
     if how in ("linear", "svd"):
-        return sum(w * taus[n] for n, w in weights.items())
+        return _sum(w * taus[n] for n, w in weights.items())
     if how in ("dare_linear", "dare_ties"):
         if generator is None:
             raise ConfigError(f"how={how!r} draws random masks; pass a generator")
         dropped = [dare(taus[n], p, generator) for n in weights]
         if how == "dare_linear":
-            return sum(w * d for w, d in zip(weights.values(), dropped, strict=True))
+            return _sum(w * d for w, d in zip(weights.values(), dropped, strict=True))
         return disjoint_mean(dropped, list(weights.values()))
     if how not in TENSOR_HOWS:
         raise ConfigError(f"how={how!r} does not combine ΔW tensors; choose one of {', '.join(TENSOR_HOWS)}")
     trimmed = [trim(taus[n], density, thresholds[n] if thresholds else None) for n in weights]
     if how == "magnitude_prune":
-        return sum(w * t for w, t in zip(weights.values(), trimmed, strict=True))
+        return _sum(w * t for w, t in zip(weights.values(), trimmed, strict=True))
     return disjoint_mean(trimmed, list(weights.values()))
+
+
+def _sum(terms: Iterable[Tensor]) -> Tensor:
+    """Σ terms left to right, as `sum` adds them (there is at least one)."""
+    return functools.reduce(operator.add, terms)

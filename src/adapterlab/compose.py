@@ -79,7 +79,9 @@ def _common_targets(model: nn.Module, names: list[str]) -> list[tuple[str, Adapt
     return layers
 
 
-def _output_config(kind: str, how: str, rank: int | None, paths: list[str], inputs: list) -> AdapterConfig:
+def _output_config(
+    kind: str, how: str, rank: int | None, paths: list[str], inputs: list[AdapterConfig]
+) -> AdapterConfig:
     """The config of the combined adapter: its deltas are built from it, and it is what is saved."""
     if kind == "dense":
         return DenseConfig(targets=paths)
@@ -87,7 +89,7 @@ def _output_config(kind: str, how: str, rank: int | None, paths: list[str], inpu
         return SFTConfig(targets=paths, density=1.0)
     input_ranks = [c.r for c in inputs if isinstance(c, LoRAConfig)]
     if how == "cat":
-        if len({c.conv_mode for c in inputs}) > 1:
+        if len({c.conv_mode for c in inputs if isinstance(c, LoRAConfig)}) > 1:
             raise UnsupportedModuleError("how='cat' needs inputs of one conv_mode; use how='svd'")
         rank = sum(input_ranks)
     elif rank is None:
@@ -208,7 +210,7 @@ def combine(
         total += float((s**2).sum())
     if total:
         report.discarded_fraction = sum(report.discarded.values()) / total
-    if kind == "sparse":  # the SFT config records K, the entries the result holds
+    if isinstance(config, SFTConfig):  # kind="sparse": the config records K, the entries the result holds
         config.count = max(1, sum(out.k for _, _, out in steps))
         config.density = None
     apply_plan(model, into, steps, trainable=False, activate=False)

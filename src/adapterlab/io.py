@@ -65,7 +65,10 @@ def save_pretrained(
     inner = unwrapped(model)
     names = list(adapters(inner))
     if not names:
-        type(inner).save_pretrained(inner, save_directory, is_main_process=is_main_process, **ignored)
+        # a transformers model (save_pretrained is installed on those only)
+        type(inner).save_pretrained(  # type: ignore[attr-defined]
+            inner, save_directory, is_main_process=is_main_process, **ignored
+        )
         return
     if not is_main_process:
         return

@@ -4,7 +4,8 @@ implements. Merge, unmerge, stacking and the forward pass are written here once,
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import ItemsView, ValuesView
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,11 @@ from . import quant
 from .errors import MergeError, RoutingError
 
 EXACT_DTYPES = (torch.float32, torch.float64)  # W + d - d returns W to well under 1e-6
+
+
+def base_weight(module: nn.Module) -> Tensor:
+    """`module.weight` as a tensor (torch types a module's attributes as `Tensor | Module`)."""
+    return cast(Tensor, module.weight)
 
 
 class Delta(nn.Module):
@@ -36,6 +42,11 @@ class Delta(nn.Module):
         super().__init__()
         self.config = config
 
+    if TYPE_CHECKING:
+        # a method's own parts (lora_A, mask, ...): typed by the method, not by torch's
+        # `Module.__getattr__` (which says every unknown attribute is a Tensor or a Module)
+        def __getattr__(self, name: str) -> Any: ...
+
     def delta_weight(self) -> Tensor:
         raise NotImplementedError
 
@@ -53,6 +64,20 @@ class Delta(nn.Module):
         return None
 
 
+if TYPE_CHECKING:
+
+    class DeltaDict(nn.ModuleDict):
+        """How the type checker sees `AdapterLayer.deltas`: an `nn.ModuleDict` of `Delta`s."""
+
+        def __getitem__(self, key: str) -> Delta: ...
+        def items(self) -> ItemsView[str, Delta]: ...
+        def values(self) -> ValuesView[Delta]: ...
+        def pop(self, key: str) -> Delta: ...
+
+else:
+    DeltaDict = nn.ModuleDict
+
+
 class AdapterLayer(nn.Module):
     """A base module plus named deltas. Attribute access falls through to the base module, so code
     that reads `layer.weight` or `layer.in_features` keeps working."""
@@ -60,7 +85,7 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.deltas = nn.ModuleDict()
+        self.deltas = DeltaDict()
         self.active: dict[str, float] = {}  # adapter name -> weight, in the order they apply
         self.merged: dict[str, float] = {}  # adapter name -> weight it was merged with
         self.disabled = False
@@ -89,7 +114,7 @@ class AdapterLayer(nn.Module):
             and any(self.deltas[n].folds for n in self.active if n not in self.merged)
         ):
             return self._forward_folded(x, *args, **kwargs)
-        out = self.base_layer(x, *args, **kwargs)
+        out: Tensor = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
         if self.routes is not None:
@@ -103,12 +128,12 @@ class AdapterLayer(nn.Module):
         """Deltas with `folds` go into one call of the base module with W + Σ w·ΔW (computed in
         fp32, cast to the base dtype); the others add their contribution after."""
         pending = {n: w for n, w in self.active.items() if n not in self.merged}
-        base = self.base_layer.weight
+        base = base_weight(self.base_layer)
         weight = base.to(torch.promote_types(base.dtype, torch.float32))
         for name, w in pending.items():
             if self.deltas[name].folds:
                 weight = weight + w * self.deltas[name].delta_weight()
-        out = functional_call(self.base_layer, {"weight": weight.to(base.dtype)}, (x, *args), kwargs)
+        out: Tensor = functional_call(self.base_layer, {"weight": weight.to(base.dtype)}, (x, *args), kwargs)
         for name, w in pending.items():
             if not self.deltas[name].folds:
                 out = self.deltas[name](x, out, w)
@@ -123,15 +148,16 @@ class AdapterLayer(nn.Module):
                 "(dim 0); pass one adapter name or None per sample"
             )
         factors = [self.deltas[name].routing_factors() for name, _ in routes]
+        lowrank = [f for f in factors if f is not None]
         if (
             routes
-            and None not in factors
+            and len(lowrank) == len(factors)
             and not (
                 torch.is_grad_enabled()
-                and any(t.requires_grad for t in [x, *(t for f in factors for t in f[:2])])
+                and any(t.requires_grad for t in [x, *(t for f in lowrank for t in f[:2])])
             )
-        ):  # type: ignore[index]
-            return self._routed_grouped(x, out, routes, factors)  # type: ignore[arg-type]
+        ):
+            return self._routed_grouped(x, out, routes, lowrank)
         for name, rows in routes:
             rows = rows.to(x.device)
             # `out` is this layer's fresh output and no op saves it, so rows are written in place
@@ -163,7 +189,7 @@ class AdapterLayer(nn.Module):
         if quant.is_quantized(self.base_layer):
             base, acc = None, quant.dequantized_weight(self.base_layer)
         else:
-            base = self.base_layer.weight
+            base = base_weight(self.base_layer)
             acc = base.detach().to(torch.promote_types(base.dtype, torch.float32))
         for name, w in weights.items():
             delta = self.deltas[name]
@@ -180,7 +206,7 @@ class AdapterLayer(nn.Module):
         if quant.is_quantized(self.base_layer):
             self._merge_quantized(weights)
             return
-        base = self.base_layer.weight
+        base = base_weight(self.base_layer)
         new = self.merged_weight(weights)
         if base.dtype not in EXACT_DTYPES and self._original is None:
             self._original = base.detach().clone()
@@ -209,7 +235,7 @@ class AdapterLayer(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        base = self.base_layer.weight
+        base = base_weight(self.base_layer)
         if self._packed is not None:
             quant.restore(self.base_layer, self._packed)
             self._packed = self.merge_error = None

@@ -11,6 +11,8 @@ one piece: rows are taken `chunk` at a time, and each chunk is recomputed in bac
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -60,22 +62,24 @@ def spatial_affinity_loss(
     eps: float = 1e-7,
 ) -> Tensor:
     """Σ over layers of mean |A_student − A_teacher| (compute the teacher's maps without gradient)."""
-    if isinstance(student_feats, Mapping) != isinstance(teacher_feats, Mapping):
-        raise ConfigError("pass student and teacher features both as lists or both as dicts")
-    if isinstance(student_feats, Mapping):
+    if isinstance(student_feats, Mapping) and isinstance(teacher_feats, Mapping):
         if student_feats.keys() != teacher_feats.keys():
             raise ConfigError(
                 f"student layers {sorted(student_feats)} differ from teacher layers {sorted(teacher_feats)}"
             )
+        if not student_feats:
+            raise ConfigError("got no student or teacher maps; pass at least one layer's maps")
         pairs = [(student_feats[k], teacher_feats[k]) for k in student_feats]
-    else:
+    elif not isinstance(student_feats, Mapping) and not isinstance(teacher_feats, Mapping):
         if len(student_feats) != len(teacher_feats) or not student_feats:
             raise ConfigError(
                 f"got {len(student_feats)} student and {len(teacher_feats)} teacher maps; "
                 "pass one teacher map per student map"
             )
         pairs = list(zip(student_feats, teacher_feats, strict=True))
-    return sum(affinity_l1(s, t, chunk, eps) for s, t in pairs)
+    else:
+        raise ConfigError("pass student and teacher features both as lists or both as dicts")
+    return functools.reduce(operator.add, (affinity_l1(s, t, chunk, eps) for s, t in pairs))
 
 
 @contextmanager

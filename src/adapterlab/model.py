@@ -11,7 +11,7 @@ import math
 import re
 import types
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +73,7 @@ def active(model: nn.Module) -> dict[str, float]:
     return found
 
 
-def _require(model: nn.Module, names: Any) -> list[str]:
+def _require(model: nn.Module, names: str | Iterable[str]) -> list[str]:
     known = adapters(model)
     names = [names] if isinstance(names, str) else list(names)
     missing = [n for n in names if n not in known]

@@ -58,7 +58,7 @@ def describe(module: nn.Module) -> str:
     """The quantized format in words, for messages: 'bitsandbytes 4-bit (nf4, double quantization)'."""
     what = kind(module)
     if what == BNB_4BIT:
-        w = module.weight
+        w = _untyped(module).weight
         return f"{what} ({w.quant_type}{', double quantization' if w.compress_statistics else ''})"
     if what == TORCHAO:
         return f"{what} {type(module.weight).__name__}"
@@ -68,8 +68,8 @@ def describe(module: nn.Module) -> str:
 def logical_shape(module: nn.Module) -> tuple[int, ...]:
     """The weight's shape as the layer computes with it ((out, in) for a quantized Linear)."""
     if kind(module) in (BNB_4BIT, BNB_8BIT):
-        return (module.out_features, module.in_features)
-    return tuple(module.weight.shape)
+        return (_untyped(module).out_features, _untyped(module).in_features)
+    return tuple(_untyped(module).weight.shape)
 
 
 def entrywise_refusal(module: nn.Module) -> str | None:
@@ -83,6 +83,12 @@ def entrywise_refusal(module: nn.Module) -> str | None:
     )
 
 
+def _untyped(module: nn.Module) -> Any:
+    """`module` as the checker should see a quantized layer: its weight and `state` are
+    bitsandbytes/torchao objects (CB, SCB, quant_state, ...) that torch's types do not describe."""
+    return module
+
+
 def _bnb() -> Any:
     return sys.modules["bitsandbytes"]
 
@@ -90,9 +96,13 @@ def _bnb() -> Any:
 def _int8_state(module: nn.Module) -> tuple[Tensor, Tensor]:
     """(codes, row scales) of a `Linear8bitLt`: on the weight until the first forward, then on
     `module.state` (bitsandbytes moves them there)."""
-    w = module.weight
-    codes = w.CB if w.CB is not None else (module.state.CB if module.state.CB is not None else w.data)
-    scales = w.SCB if w.SCB is not None else module.state.SCB
+    w = _untyped(module).weight
+    codes = (
+        w.CB
+        if w.CB is not None
+        else (_untyped(module).state.CB if _untyped(module).state.CB is not None else w.data)
+    )
+    scales = w.SCB if w.SCB is not None else _untyped(module).state.SCB
     return codes, scales
 
 
@@ -100,7 +110,7 @@ def _int8_state(module: nn.Module) -> tuple[Tensor, Tensor]:
 def dequantized_weight(module: nn.Module) -> Tensor:
     """W of a quantized layer, as a detached fp32 (out, in) tensor (what its forward computes with)."""
     what = kind(module)
-    w = module.weight
+    w = _untyped(module).weight
     if what == BNB_4BIT:
         F = _bnb().functional
         data, state = w.data, w.quant_state
@@ -125,7 +135,7 @@ def requantize(module: nn.Module, weight: Tensor) -> float:
     (the old weight object is left as it was, for `restore`). Returns max|dequantized − weight|,
     the rounding error. Raises `MergeError` for a torchao format it cannot rebuild (see `merge_refusal`)."""
     what = kind(module)
-    old = module.weight
+    old = _untyped(module).weight
     if what == BNB_4BIT:
         bnb = _bnb()
         state = old.quant_state
@@ -159,7 +169,8 @@ def requantize(module: nn.Module, weight: Tensor) -> float:
             module,
             bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales),
         )
-        module.state.CB = module.state.SCB = None  # the next forward takes them from the new weight
+        state = _untyped(module).state  # the next forward takes CB, SCB from the new weight
+        state.CB = state.SCB = None
     elif what == TORCHAO:
         refusal = merge_refusal(module)
         if refusal:
@@ -186,8 +197,8 @@ def _torchao_granularity(old: Tensor) -> Any:
 
 def merge_refusal(module: nn.Module) -> str | None:
     """Why ΔW cannot be merged into `module`'s quantized weight, or None if it can (or is not quantized)."""
-    if kind(module) == TORCHAO and _torchao_granularity(module.weight) is None:
-        w = module.weight
+    if kind(module) == TORCHAO and _torchao_granularity(_untyped(module).weight) is None:
+        w = _untyped(module).weight
         return (
             f"cannot requantize a torchao {type(w).__name__} (block size {list(getattr(w, 'block_size', []))}) "
             "after merging; keep the adapter unmerged, or dequantize first (al.dequantize(model, torch.bfloat16)) "
@@ -198,9 +209,9 @@ def merge_refusal(module: nn.Module) -> str | None:
 
 def stash(module: nn.Module) -> tuple[Any, ...]:
     """The objects that hold the layer's quantized weight, for `restore` after `requantize`."""
-    w = module.weight
+    w = _untyped(module).weight
     if kind(module) == BNB_8BIT:
-        return (w, w.CB, w.SCB, module.state.CB, module.state.SCB)
+        return (w, w.CB, w.SCB, _untyped(module).state.CB, _untyped(module).state.SCB)
     return (w,)
 
 
@@ -208,7 +219,7 @@ def restore(module: nn.Module, saved: tuple[Any, ...]) -> None:
     """Put back what `stash` returned: the quantized weight exactly as it was."""
     _set_weight(module, saved[0])
     if len(saved) == 5:
-        saved[0].CB, saved[0].SCB, module.state.CB, module.state.SCB = saved[1:]
+        saved[0].CB, saved[0].SCB, _untyped(module).state.CB, _untyped(module).state.SCB = saved[1:]
 
 
 @torch.no_grad()

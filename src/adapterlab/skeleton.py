@@ -35,7 +35,13 @@ def _empty_module(kind: str, shape: list[int], groups: int) -> nn.Module:
             return Conv1D(shape[1], shape[0])
     if kind in _CONVS and len(shape) == int(kind[4]) + 2:
         return _CONVS[kind](
-            shape[1] * groups, shape[0], tuple(shape[2:]), groups=groups, bias=False, device="meta"
+            # kernel_size: len(shape) - 2 entries, checked above (torch types it per class)
+            shape[1] * groups,
+            shape[0],
+            tuple(shape[2:]),  # type: ignore[arg-type]
+            groups=groups,
+            bias=False,
+            device="meta",
         )
     if kind.endswith("Linear") and len(shape) == 2:
         return _named(nn.Linear, kind)(shape[1], shape[0], bias=False, device="meta")

@@ -60,9 +60,10 @@ def output_head(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
         try:
-            return getter()
+            head = getter()
         except (NotImplementedError, AttributeError):
             return None
+        return head if isinstance(head, nn.Module) else None
     return None
 
 
@@ -82,7 +83,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     """The modules `config` adapts, in model order. Raises `TargetError` if there are none and
     `UnsupportedModuleError` if a matched module cannot be wrapped by the method."""
     head = output_head(model)
-    found, seen, used = [], [], set()
+    found, seen, used = [], [], set[str]()
     for path, module in logical_modules(model):
         seen.append(path)
         if not matches(path, module, config.targets, head):

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import quant
 from ..config import AdapterConfig, peft_config_class
 from ..errors import AdapterFileError, AdapterlabError, FingerprintMismatchError
-from ..layer import Delta
+from ..layer import Delta, base_weight
 from ..targeting import is_conv, logical_modules
 from ..version import VERSION
 from .atomic import interrupted_hint, locked
@@ -53,7 +53,7 @@ def _module_info(module: nn.Module) -> dict[str, Any]:
     trained on a 4-bit base fits the full-precision model too."""
     if quant.is_quantized(module):
         return {"type": "Linear", "shape": list(quant.logical_shape(module))}
-    info = {"type": type(module).__name__, "shape": list(module.weight.shape)}
+    info: dict[str, Any] = {"type": type(module).__name__, "shape": list(base_weight(module).shape)}
     if is_conv(module) and module.groups != 1:
         info["groups"] = module.groups
     return info
@@ -104,14 +104,14 @@ def directory_files(
 
 def peft_config(
     config: AdapterConfig, paths: list[str], deltas: list[Delta], name_or_path: str | None
-) -> dict | None:
+) -> dict[str, Any] | None:
     """adapter_config.json as PEFT writes it for this adapter, or None when PEFT cannot express it."""
     fields = config.to_peft(paths, deltas)
     return None if fields is None else {"base_model_name_or_path": name_or_path, **fields}
 
 
 # -- read -----------------------------------------------------------------------------------------
-def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_adapter(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The `adapterlab` metadata (made from PEFT's config for PEFT-written dirs) and the tensors.
 
     Untrusted input: never unpickles; the safetensors header's sizes are checked against the file
@@ -229,14 +229,15 @@ def _parse_fingerprint(fingerprint: Any, where: str) -> dict[str, Any]:
     )
     if not ok:
         raise AdapterFileError(f"{where}: fingerprint {fingerprint!r:.100} is malformed; re-save the adapter")
-    return fingerprint
+    return dict(fingerprint)
 
 
 def _from_peft(data: Any, root: Path) -> dict[str, Any]:
     """Our metadata block for a directory PEFT wrote; its values are checked by `_check_metadata`
     like ours. It has no fingerprint (see `AdapterConfig.peft_modules`)."""
     if isinstance(data, dict) and "adapterlab" in data:
-        return data["adapterlab"]
+        block: dict[str, Any] = data["adapterlab"]
+        return block
     cls = peft_config_class(data.get("peft_type")) if isinstance(data, dict) else None
     if cls is None:
         kind = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
@@ -289,7 +290,7 @@ class AdapterFile:
     _owned: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, directory: str | os.PathLike) -> AdapterFile:
+    def open(cls, directory: str | os.PathLike[str]) -> AdapterFile:
         """Read `directory` (adapterlab's or PEFT's); every failure is an `AdapterFileError`."""
         root = Path(directory)
         metadata, tensors = read_adapter(root)
@@ -311,7 +312,7 @@ class AdapterFile:
 
     @property
     def method(self) -> str:
-        return self.metadata["method"]
+        return str(self.metadata["method"])
 
     @property
     def name(self) -> str:

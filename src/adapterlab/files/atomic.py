@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import shutil
 import tempfile
@@ -165,9 +166,7 @@ def write_files_atomic(directory: Path, files: dict[str, bytes]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     with locked(directory.parent):
         for name, data in files.items():
-            write_file_atomic(
-                directory / name, lambda tmp, data=data: fsync_write(tmp, data), sync_parent=False
-            )
+            write_file_atomic(directory / name, functools.partial(fsync_write, data=data), sync_parent=False)
         fsync_path(directory)
 
 

@@ -17,7 +17,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..errors import AdapterNameError
 from ..files.atomic import write_files_atomic
 from ..io import save_pretrained
-from ..model import adapters, after_step, before_step, trainable_summary
+from ..model import Summary, adapters, after_step, before_step, trainable_summary
 
 logger = logging.getLogger("adapterlab")
 RESUME_FILE = "model.safetensors"  # the name transformers' resume_from_checkpoint reads
@@ -31,7 +31,7 @@ class AdapterCallback(TrainerCallback):
     def __init__(self, finish_sft: bool = True) -> None:
         self.finish_sft = finish_sft
         self._ignored: Any = None
-        self.summary = None
+        self.summary: Summary | None = None
 
     def on_init_end(
         self,
@@ -47,7 +47,10 @@ class AdapterCallback(TrainerCallback):
                 "call al.inject(model, ...) or al.load(model, ...) before building the Trainer"
             )
         self._ignored = getattr(model, "_keys_to_ignore_on_save", None)
-        model._keys_to_ignore_on_save = {k for k in model.state_dict() if ".deltas." not in k}
+        # transformers' attribute; torch's stubs type every module attribute as Tensor | Module
+        model._keys_to_ignore_on_save = {  # type: ignore[assignment]
+            k for k in model.state_dict() if ".deltas." not in k
+        }
 
     def on_train_begin(
         self,
@@ -57,7 +60,7 @@ class AdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        self.summary = trainable_summary(model)
+        self.summary = trainable_summary(_given(model))
         if state.is_world_process_zero:
             logger.info("adapterlab: %s", self.summary)
 
@@ -69,7 +72,7 @@ class AdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        before_step(model, state.global_step)
+        before_step(_given(model), state.global_step)
 
     def on_optimizer_step(
         self,
@@ -80,7 +83,7 @@ class AdapterCallback(TrainerCallback):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        after_step(model, state.global_step, optimizer)
+        after_step(_given(model), state.global_step, optimizer)
 
     def on_save(
         self,
@@ -92,7 +95,9 @@ class AdapterCallback(TrainerCallback):
     ) -> None:
         if not args.should_save:
             return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        model = _given(model)
+        # TrainingArguments.__post_init__ sets output_dir ("trainer_output") when it is None
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"  # type: ignore[arg-type]
         if checkpoint.is_dir():
             if "save_pretrained" not in model.__dict__:  # a Hugging Face model's (ours) wrote them already
                 save_pretrained(model, checkpoint)
@@ -111,7 +116,18 @@ class AdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
+        model = _given(model)
         model._keys_to_ignore_on_save = self._ignored
         if self.finish_sft:
             for name, config in adapters(model).items():
                 config.train_end(model, name, state.global_step)
+
+
+def _given(model: nn.Module | None) -> nn.Module:
+    """The model the Trainer passes to every event (on_init_end checked that it has adapters)."""
+    if model is None:
+        raise AdapterNameError(
+            "AdapterCallback: the Trainer passed no model to this event; pass the adapted model to "
+            "Trainer(model=...)"
+        )
+    return model

@@ -190,7 +190,8 @@ def matmul(
             *args, **flags
         )
     else:
-        _mm[(*tiles, split)](*args, **flags, BM=bm, BN=bn, BK=bk)
+        grid = (*tiles, split)  # not `_mm[(*tiles, split)]`: mypy reads that as 3.11-only syntax
+        _mm[grid](*args, **flags, BM=bm, BN=bn, BK=bk)
     if split > 1:
         total = target.sum(0)
         if accumulate:
@@ -224,7 +225,7 @@ class TritonLoRAAdd(torch.autograd.Function):
         out: Tensor,
         x: Tensor,
         A: Tensor,
-        B: Tensor,  # type: ignore[override]
+        B: Tensor,
         scale: float,
         p: float,
         seed: int,
@@ -245,7 +246,7 @@ class TritonLoRAAdd(torch.autograd.Function):
         return target
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         x, A, B, h = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])

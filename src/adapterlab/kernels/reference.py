@@ -74,7 +74,7 @@ class LoRAAdd(torch.autograd.Function):
         out: Tensor,
         x: Tensor,
         A: Tensor,
-        B: Tensor,  # type: ignore[override]
+        B: Tensor,
         scale: float,
         p: float,
         keep: Tensor | None,
@@ -92,7 +92,7 @@ class LoRAAdd(torch.autograd.Function):
         return result
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         x2, A, B, h, keep = ctx.saved_tensors
         dtype = h.dtype
         with torch.autocast(grad.device.type, enabled=False):
@@ -202,7 +202,7 @@ class SparseLinearAdd(torch.autograd.Function):
         out: Tensor,
         x: Tensor,
         values: Tensor,
-        indices: Tensor,  # type: ignore[override]
+        indices: Tensor,
         shape: tuple[int, int],
         transposed: bool,
         scale: float,
@@ -221,7 +221,7 @@ class SparseLinearAdd(torch.autograd.Function):
         return y.view(out.shape)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         x, values, indices = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         if g2.dtype != values.dtype:

@@ -21,6 +21,7 @@ Biases are not part of the delta; they stay frozen.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from torch.func import functional_call
 from .. import quant
 from ..config import AdapterConfig, register
 from ..errors import UnsupportedModuleError
-from ..layer import Delta
+from ..layer import Delta, base_weight
 from ..targeting import is_conv, is_hf_conv1d
 from .lora import adapter_dtype, conv_like
 
@@ -84,14 +85,15 @@ class DenseDelta(Delta):
                 f"{config.method}: {dense_unsupported(base)}; got {type(base).__name__}"
             )
         self.kind = kind
-        weight = base.weight
+        weight = base_weight(base)
         self.weight_delta = nn.Parameter(
             torch.zeros(weight.shape, dtype=adapter_dtype(weight), device=weight.device)
         )
         if kind == "conv":
             self._conv = conv_like(base)
         elif kind == "layer_norm":
-            self._shape, self._eps = tuple(base.normalized_shape), base.eps
+            norm = cast(nn.LayerNorm, base)
+            self._shape, self._eps = tuple(norm.normalized_shape), norm.eps
         elif kind == "rms_norm":
             # a plain reference (not a child module): the delta's state_dict holds only ΔW, and a
             # deepcopy of the model maps it onto the copied base module
@@ -123,7 +125,7 @@ class DenseDelta(Delta):
 
 @torch.no_grad()
 def _check_linear_in_gamma(config: AdapterConfig, norm: nn.Module) -> None:
-    weight = norm.weight
+    weight = base_weight(norm)
     probe = torch.randn(2, weight.shape[0], dtype=weight.dtype, device=weight.device)
     if functional_call(norm, {"weight": torch.zeros_like(weight)}, (probe,)).abs().max() != 0:
         raise UnsupportedModuleError(

@@ -214,7 +214,7 @@ def select_half(
     for cat in groups[0][1]:
         k = n_layers // 2 + (n_layers % 2 == 1 and rng.random() < 0.5)
         heavy[cat] = set(rng.sample(range(n_layers), k))
-    chosen = []
+    chosen: list[str] = []
     for i, (_, cats) in enumerate(groups):
         for cat, members in cats.items():
             n = len(members)

@@ -31,7 +31,9 @@ MERGE_REFUSAL = (
 @register
 @dataclass
 class LEVIConfig(AdapterConfig):
-    """`layer_names`: module paths (exact or dotted suffix) whose outputs feed the heads; None takes
+    """LEVI: a small side model trained from scratch, with heads on the frozen backbone's layers.
+
+    `layer_names`: module paths (exact or dotted suffix) whose outputs feed the heads; None takes
     every layer of the backbone's layer list, `layers` (indices) keeps some of them. `vocab_size`
     (token-id input) or `input_dim` (dense input, flattened) sizes g; `layer_dims` is found from the
     backbone (its config's hidden_size, or a probe forward with `example`) and saved. `pool`: how a
@@ -65,7 +67,8 @@ class LEVIConfig(AdapterConfig):
                 isinstance(value, (list, tuple))
                 and value
                 and all(
-                    isinstance(v, kind) and not isinstance(v, bool) and (kind is str or v > 0) for v in value
+                    isinstance(v, kind) and not isinstance(v, bool) and (isinstance(v, str) or v > 0)
+                    for v in value
                 )
             ):
                 raise ConfigError(
@@ -173,14 +176,14 @@ class LEVI(nn.Module):
         self, backbone: nn.Module, config: LEVIConfig | None = None, example: Any = None, **options: Any
     ) -> None:
         super().__init__()
-        config = config_for(config or "levi", **options)
-        if not isinstance(config, LEVIConfig):
-            raise ConfigError(f"levi: got a {config.method!r} config; pass a LEVIConfig or LEVI options")
-        config = dataclasses.replace(config)  # filled in below; the caller's object stays as it was
+        given = config_for(config or "levi", **options)
+        if not isinstance(given, LEVIConfig):
+            raise ConfigError(f"levi: got a {given.method!r} config; pass a LEVIConfig or LEVI options")
+        config = dataclasses.replace(given)  # filled in below; the caller's object stays as it was
         self.backbone = backbone.requires_grad_(False).eval()
         self.taps = _layer_paths(backbone, config)
         self.config = config
-        hf = getattr(backbone, "config", None)
+        hf: Any = getattr(backbone, "config", None)
         if config.vocab_size is None and config.input_dim is None:
             if getattr(hf, "vocab_size", None) is None:
                 raise ConfigError(
@@ -201,7 +204,7 @@ class LEVI(nn.Module):
         self.side = (
             TokenSide(config.vocab_size, d)
             if config.vocab_size is not None
-            else DenseSide(config.input_dim, d)
+            else DenseSide(config.input_dim, d)  # type: ignore[arg-type]  # set if vocab_size is not
         )
         self.heads = nn.ModuleList(self._head(h + d) for h in config.layer_dims)
         self.mix = nn.Parameter(torch.zeros(len(self.taps)))
@@ -318,6 +321,7 @@ def load(backbone: nn.Module, directory: str | os.PathLike) -> LEVI:
             f"{str(directory)!r} holds a {metadata['method']!r} adapter, not LEVI; load it with al.load"
         )
     config = AdapterConfig.from_dict(metadata["config"])
+    assert isinstance(config, LEVIConfig)  # the method is "levi" (checked above)
     expected = metadata["fingerprint"].get("layers", {})
     modules = dict(logical_modules(backbone))
     wrong = [

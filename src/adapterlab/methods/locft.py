@@ -124,7 +124,7 @@ class EditRequest:
 
 def as_requests(requests: Iterable[EditRequest | dict[str, Any]]) -> list[EditRequest]:
     """Check and normalise edit requests (dicts with the same keys are accepted)."""
-    out = []
+    out: list[EditRequest] = []
     for i, req in enumerate(requests):
         if isinstance(req, dict):
             unknown = set(req) - {f.name for f in dataclasses.fields(EditRequest)}
@@ -133,13 +133,12 @@ def as_requests(requests: Iterable[EditRequest | dict[str, Any]]) -> list[EditRe
                     f"edit request {i} has unknown key(s) {sorted(unknown)}; "
                     "use prompt, target, paraphrases, locality"
                 )
-            req = EditRequest(
-                **{
-                    "prompt": req.get("prompt"),
-                    "target": req.get("target"),
-                    **{k: list(req[k]) for k in ("paraphrases", "locality") if k in req},
-                }
-            )
+            given: dict[str, Any] = {
+                "prompt": req.get("prompt"),
+                "target": req.get("target"),
+                **{k: list(req[k]) for k in ("paraphrases", "locality") if k in req},
+            }
+            req = EditRequest(**given)
         for key in ("prompt", "target"):
             value = getattr(req, key, None)
             if not isinstance(value, str) or not value.strip():

@@ -15,7 +15,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,10 @@ from .. import quant
 from ..config import AdapterConfig, check_number, register
 from ..errors import AdapterFileError, ConfigError, HotswapError, UnsupportedModuleError
 from ..kernels import lora_add
-from ..layer import Delta
+from ..layer import Delta, base_weight
 from ..targeting import is_conv, is_hf_conv1d, is_linear
+
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d  # what `is_conv` accepts
 
 
 @register
@@ -68,9 +70,10 @@ class LoRAConfig(AdapterConfig):
     def make_delta(self, module: nn.Module) -> Delta:
         if is_linear(module):
             return LinearLoRA(self, module)
+        conv = cast(Conv, module)  # not linear, so supports() saw a conv
         if self.conv_mode == "kernel":
-            return KernelConvLoRA(self, module)
-        return ReshapeConvLoRA(self, module)
+            return KernelConvLoRA(self, conv)
+        return ReshapeConvLoRA(self, conv)
 
     # -- hot-swap ------------------------------------------------------------------------------------
     def pad_for_hotswap(self, deltas: dict[str, Delta], max_rank: int, name: str) -> None:
@@ -107,6 +110,7 @@ class LoRAConfig(AdapterConfig):
                 delta.config = padded
 
     def hotswap_refusal(self, loaded: AdapterConfig, deltas: list[Delta]) -> str | None:
+        assert isinstance(loaded, LoRAConfig)  # hotswap checked the file's method
         if loaded.conv_mode != self.conv_mode and not all(isinstance(d, LinearLoRA) for d in deltas):
             return (
                 f"the file's conv_mode={loaded.conv_mode!r} differs from the adapter's {self.conv_mode!r} "
@@ -118,6 +122,7 @@ class LoRAConfig(AdapterConfig):
         self, where: str, path: str, delta: Delta, own: dict[str, Tensor], loaded: AdapterConfig
     ) -> list[tuple[Tensor, Tensor]]:
         """A, B padded with zeros to the adapter's rank, B times s'/s (the loaded scaling over ours)."""
+        assert isinstance(loaded, LoRAConfig)  # hotswap checked the file's method
         a, b = delta.lora_A.weight, delta.lora_B.weight
         new_a, new_b = own["lora_A.weight"], own["lora_B.weight"]
         rank, new_rank = a.shape[0], new_a.shape[0]
@@ -226,7 +231,7 @@ class LoRAConfig(AdapterConfig):
         return modules
 
 
-PEFT_UNSUPPORTED = {
+PEFT_UNSUPPORTED: dict[str, Any] = {
     "use_dora": False,
     "lora_bias": False,
     "modules_to_save": None,
@@ -305,8 +310,8 @@ class LinearLoRA(LowRankDelta):
     def __init__(self, config: LoRAConfig, base: nn.Module) -> None:
         super().__init__(config)
         self.transposed = is_hf_conv1d(base)
-        n_in, n_out = quant.logical_shape(base)[::-1] if not self.transposed else base.weight.shape
-        self.lora_A, self.lora_B = _factors((config.r, n_in), (n_out, config.r), base.weight)
+        n_in, n_out = quant.logical_shape(base)[::-1] if not self.transposed else base_weight(base).shape
+        self.lora_A, self.lora_B = _factors((config.r, n_in), (n_out, config.r), base_weight(base))
         self.scaling = config.scaling
         self.dropout = config.dropout
         self.peft_compatible = True
@@ -333,7 +338,7 @@ def _conv_nd_fn(ndim: int):
 def _conv_apply(
     conv,
     padding_mode: str,
-    pad: tuple[int, ...],
+    pad: list[int],
     stride,
     padding,
     dilation,
@@ -346,8 +351,10 @@ def _conv_apply(
     return conv(x, weight, None, stride, padding, dilation, groups)
 
 
-def conv_like(base: nn.Module):
-    """`f(x, weight)`: a convolution with the base module's geometry (and padding mode), any weight."""
+def conv_like(base: nn.Module) -> functools.partial[Tensor]:
+    """`f(x, weight)`: a convolution with the base module's geometry (and padding mode), any weight.
+    `base` is an nn.Conv1d/2d/3d (`is_conv`)."""
+    base = cast(Conv, base)
     return functools.partial(
         _conv_apply,
         _conv_nd_fn(base.weight.dim()),
@@ -361,7 +368,7 @@ def conv_like(base: nn.Module):
 
 
 class _ConvLoRA(LowRankDelta):
-    def __init__(self, config: LoRAConfig, base: nn.Module) -> None:
+    def __init__(self, config: LoRAConfig, base: Conv) -> None:
         super().__init__(config)
         self.conv = conv_like(base)
         self.kernel_shape = tuple(base.weight.shape)
@@ -374,7 +381,7 @@ class _ConvLoRA(LowRankDelta):
 class KernelConvLoRA(_ConvLoRA):
     """A = conv C_in→r with the base geometry, B = 1×1 conv r→C_out; both grouped like the base."""
 
-    def __init__(self, config: LoRAConfig, base: nn.Module) -> None:
+    def __init__(self, config: LoRAConfig, base: Conv) -> None:
         super().__init__(config, base)
         c_out, c_in_g, *k = self.kernel_shape
         g, r = self.groups, config.r
@@ -405,7 +412,7 @@ class KernelConvLoRA(_ConvLoRA):
 class ReshapeConvLoRA(_ConvLoRA):
     """loralib's layout: B·A is reshaped into the kernel, one extra conv with ΔW."""
 
-    def __init__(self, config: LoRAConfig, base: nn.Module) -> None:
+    def __init__(self, config: LoRAConfig, base: Conv) -> None:
         super().__init__(config, base)
         c_out, c_in_g, k0, *k_rest = self.kernel_shape
         r, g = config.r, self.groups

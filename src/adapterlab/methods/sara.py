@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_number, register
 from ..errors import AdapterNameError, ConfigError, MergeError, UnsupportedModuleError
-from ..layer import Delta
+from ..layer import AdapterLayer, Delta, base_weight
 from ..model import adapters, deltas
 from .sparse import SparseDelta, check_swapped_indices, sparse_unsupported
 
@@ -59,6 +59,7 @@ class SaRAConfig(AdapterConfig):
         if self.threshold is not None:
             return float(self.threshold)
         mags = weight.detach().abs().flatten().float()
+        assert self.density is not None  # __post_init__: density or threshold
         k = max(1, round(self.density * mags.numel()))
         return float("inf") if k >= mags.numel() else float(mags.kthvalue(k + 1).values)
 
@@ -66,8 +67,8 @@ class SaRAConfig(AdapterConfig):
         reason = sparse_unsupported(module)
         if reason:
             raise UnsupportedModuleError(f"{self.method}: {reason}; got {type(module).__name__}")
-        t = self.mask_threshold(module.weight)
-        indices = (module.weight.detach().abs().flatten() < t).nonzero().flatten()
+        t = self.mask_threshold(base_weight(module))
+        indices = (base_weight(module).detach().abs().flatten() < t).nonzero().flatten()
         return SaRADelta(self, module, indices, t)
 
     def loaded_delta(self, module: nn.Module, built: Delta, tensors: dict[str, Tensor]) -> Delta:
@@ -141,14 +142,14 @@ class SaRADelta(SparseDelta):
         return len(self.weight_shape) == 2 and min(self.weight_shape) > min_dim
 
 
-def _sara_deltas(model: nn.Module, name: str) -> list[tuple[str, nn.Module, SaRADelta]]:
+def _sara_deltas(model: nn.Module, name: str) -> list[tuple[str, AdapterLayer, SaRADelta]]:
     found = deltas(model, name)
     if not found:
         known = sorted(adapters(model)) or "none"
         raise AdapterNameError(f"no adapter named {name!r} on this model; adapters: {known}")
     if not all(isinstance(d, SaRADelta) for _, _, d in found):
         raise ConfigError(f"adapter {name!r} is a {found[0][2].config.method!r} adapter, not SaRA")
-    return found
+    return [(path, layer, delta) for path, layer, delta in found if isinstance(delta, SaRADelta)]
 
 
 def nuclear_norm_loss(
@@ -186,7 +187,7 @@ def reselect(
         )
     changes = {}
     for path, layer, delta in found:
-        base = layer.base_layer.weight.detach().reshape(-1)
+        base = base_weight(layer.base_layer).detach().reshape(-1)
         theta = base[delta.indices.long()].to(delta.values.dtype) + delta.values.detach()
         before = delta.trained
         delta.freeze(theta.abs() < delta.threshold)

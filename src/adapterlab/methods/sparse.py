@@ -28,7 +28,7 @@ from ..config import AdapterConfig
 from ..errors import ConfigError, HotswapError, UnsupportedModuleError
 from ..kernels import sparse_linear_add
 from ..kernels.reference import scatter_dense
-from ..layer import Delta
+from ..layer import Delta, base_weight
 from ..targeting import is_conv, is_hf_conv1d, is_linear
 from .lora import adapter_dtype, conv_like
 
@@ -84,6 +84,7 @@ def check_indices(indices: Tensor, numel: int, what: str = "indices") -> Tensor:
 class SparseDelta(Delta):
     """ΔW = `values` at the flat positions `indices` of the base weight, zero elsewhere."""
 
+    indices: Tensor  # a buffer (register_buffer)
     restores_exactly = True
 
     def __init__(self, config: AdapterConfig, base: nn.Module, indices: Tensor | None = None) -> None:
@@ -91,7 +92,7 @@ class SparseDelta(Delta):
         reason = sparse_unsupported(base)
         if reason:
             raise UnsupportedModuleError(f"{config.method}: {reason}; got {type(base).__name__}")
-        weight = base.weight
+        weight = base_weight(base)
         self.weight_shape = tuple(weight.shape)
         self.transposed = is_hf_conv1d(base)
         self._conv = None if is_linear(base) else conv_like(base)
@@ -141,7 +142,9 @@ class SparseDelta(Delta):
         if self._conv is not None:
             dw = self.delta_weight()
             return out + (self._conv(x.to(dw.dtype), dw) * scale).to(out.dtype)
-        return sparse_linear_add(out, x, self.values, self.indices, self.weight_shape, self.transposed, scale)
+        # not a conv, so weight_shape is a Linear's (or Conv1D's) 2-d shape
+        shape: tuple[int, int] = self.weight_shape  # type: ignore[assignment]
+        return sparse_linear_add(out, x, self.values, self.indices, shape, self.transposed, scale)
 
     def extra_repr(self) -> str:
         return (
