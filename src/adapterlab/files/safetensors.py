@@ -4,12 +4,13 @@ of single tensors and a streaming writer. Adapters, base checkpoints and exports
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, TypeGuard
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -73,7 +74,7 @@ def parse_json(text: str | bytes, where: str) -> Any:
         raise AdapterFileError(f"{where} is not valid JSON ({str(e)[:200]!r}); re-save the adapter") from None
 
 
-def naturals(value: Any) -> bool:
+def naturals(value: Any) -> TypeGuard[list[int]]:
     """A JSON list of integers >= 0."""
     return isinstance(value, list) and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
@@ -142,12 +143,12 @@ def read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     _, metadata = read_header(path)
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118  (not iterable)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise not_safetensors(path, str(e)) from None
 
 
-def read_tensor(f: BinaryIO, info: TensorInfo) -> Tensor:
+def read_tensor(f: io.BufferedIOBase, info: TensorInfo) -> Tensor:
     """The tensor `info` describes, read from the open file `f` into fresh memory."""
     dtype = DTYPES[info.dtype]
     if info.nbytes == 0:
@@ -205,9 +206,9 @@ class SafetensorsWriter:
         if DTYPE_NAMES.get(tensor.dtype) != dtype or list(tensor.shape) != list(shape):
             raise RuntimeError(f"{name!r} is {tensor.dtype} {list(tensor.shape)}, planned {dtype} {shape}")
         if tensor.numel():
-            self.file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self.file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
-    def copy(self, name: str, source: BinaryIO, info: TensorInfo, buffer: bytearray) -> None:
+    def copy(self, name: str, source: io.BufferedIOBase, info: TensorInfo, buffer: bytearray) -> None:
         """The next tensor, copied byte for byte from `info`'s range of the open file `source`."""
         self._next(name)
         source.seek(info.start)

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, TargetSpec, check_number, config_for, register
 from ..errors import ConfigError, MergeError, TargetError, UnsupportedModuleError
-from ..layer import Delta
+from ..layer import AdapterLayer, Delta
 from ..model import apply_plan, deltas, plan
 from ..targeting import find_targets
 from .dense import DenseDelta
@@ -57,6 +57,7 @@ class SFTConfig(AdapterConfig):
     def k(self, maskable: int) -> int:
         """K for targets with `maskable` entries in all; `ConfigError` if it exceeds them."""
         if self.count is None:
+            assert self.density is not None  # validate(): count or density
             return max(1, round(self.density * maskable))
         if self.count > maskable:
             raise ConfigError(
@@ -134,14 +135,14 @@ class PhasedDelta(DenseDelta):
         )
 
 
-def _phased(model: nn.Module, name: str) -> list[tuple[str, nn.Module, PhasedDelta]]:
+def _phased(model: nn.Module, name: str) -> list[tuple[str, AdapterLayer, PhasedDelta]]:
     found = deltas(model, name, PhasedDelta)
     if not found:
         raise ConfigError(
             f"adapter {name!r} is not an LT-SFT trained by schedule; inject it with "
             "al.inject(model, 'sft', density=..., full_steps=N)"
         )
-    return found
+    return [(path, layer, delta) for path, layer, delta in found if isinstance(delta, PhasedDelta)]
 
 
 @torch.no_grad()
@@ -196,7 +197,7 @@ class LTSFTResult:
     sparse_losses: list[float] = field(default_factory=list)
 
 
-def select_top_k(diffs: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+def select_top_k(diffs: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     """Sorted flat indices, per tensor, of the K entries with the largest |diff| over all tensors.
     Exactly K are chosen: entries tied at the K-th largest magnitude are taken in order (tensors
     in the dict's order, then by flat position) until K are reached."""
@@ -239,9 +240,10 @@ def train_lt_sft(
     optimizer (default AdamW, lr 5e-5). `l1` adds l1·Σ|θ − θ₀| over the targeted weights.
     The model stays in the mode it is in (call `model.train()` first for dropout). Everything is
     validated before training; on an error in training the weights are restored."""
-    config = SFTConfig() if config is None else config_for(config)
-    if not isinstance(config, SFTConfig):
-        raise ConfigError(f"train_lt_sft needs an SFTConfig, got a {config.method!r} config")
+    given = SFTConfig() if config is None else config_for(config)
+    if not isinstance(given, SFTConfig):
+        raise ConfigError(f"train_lt_sft needs an SFTConfig, got a {given.method!r} config")
+    config = given
     if config.full_steps is not None:
         raise ConfigError(
             f"full_steps={config.full_steps} is for training by schedule (al.before_step/after_step, "
@@ -254,13 +256,20 @@ def train_lt_sft(
             raise ConfigError(f"{what}={n!r} must be an integer >= 1")
     body = plan(model, config, name)
     head_steps = _head_plan(model, config, heads, {path for path, _, _ in body})
-    weights = {path: module.weight for path, module, _ in body}
+    weights = {path: cast(nn.Parameter, module.weight) for path, module, _ in body}
     maskable = sum(w.numel() for w in weights.values())
     k = config.k(maskable)
 
     optimizer = make_optimizer or (lambda params: torch.optim.AdamW(params, lr=5e-5))
     diffs, full_losses = _full_phase(
-        model, weights, [m.weight for _, m, _ in head_steps], batches, loss_fn, steps, optimizer, l1
+        model,
+        weights,
+        [cast(nn.Parameter, m.weight) for _, m, _ in head_steps],
+        batches,
+        loss_fn,
+        steps,
+        optimizer,
+        l1,
     )
     supports = select_top_k(diffs, k)
     for path, _, delta in body:
@@ -303,7 +312,7 @@ def _full_phase(
     θ₀ and every parameter's requires_grad restored (also on error)."""
     trained = list(weights.values()) + head_weights
     start = [w.detach().clone() for w in trained]
-    theta0 = dict(zip(weights, start[: len(weights)], strict=True))  # start also holds the heads
+    theta0 = dict(zip(weights, start[: len(weights)], strict=True))  # the heads come after
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         model.requires_grad_(False)
@@ -347,7 +356,7 @@ def _train(
     loss_fn: LossFn,
     steps: int,
     optimizer: OptimizerFactory,
-    penalty: Callable[[], Tensor] | None,
+    penalty: Callable[[], Tensor | float] | None,
 ) -> list[float]:
     opt = optimizer(params)
     losses = []
