@@ -1,8 +1,9 @@
 """Triton LoRA kernels (run by the interpreter on CPU) against the fp64 torch reference.
 
 Tolerance rule: the kernel's error against an fp64 reference is at most 2× the error of plain
-torch in the same dtype (plus a floor of a few ulps of the output's scale). bf16 inputs are
-upcast to fp32 for the kernel (the interpreter's bf16 tl.dot is wrong), fp16 runs as fp16.
+torch in the same dtype, plus a floor of 8 ulps of the output's scale (a different summation order
+alone can cost a few). bf16 inputs are upcast to fp32 for the kernel (the interpreter's bf16
+tl.dot is wrong), fp16 runs as fp16.
 """
 
 import pytest
@@ -63,7 +64,7 @@ def check(m, k, n, r, dtype, p, seed=0):
         assert t.shape == want.shape and t.dtype == kernel_dtype, name
         err = (t.double() - want).abs().max().item()
         budget = (
-            2 * (yard.double() - want).abs().max().item() + 4 * EPS[kernel_dtype] * want.abs().max().item()
+            2 * (yard.double() - want).abs().max().item() + 8 * EPS[kernel_dtype] * want.abs().max().item()
         )
         assert err <= budget, f"{name}: kernel error {err:.3g} > budget {budget:.3g}"
 
