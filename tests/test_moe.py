@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
 
 import adapterlab as al
 
@@ -178,3 +181,164 @@ def test_our_expert_lora_loads_in_peft(tmp_path, arch):
     theirs = peft.PeftModel.from_pretrained(build(arch), tmp_path)
     assert (logits(ours) - logits(build(arch))).abs().max() > 1e-3
     assert (logits(ours) - logits(theirs)).abs().max() <= 1e-5
+
+
+class MyExperts(nn.Module):
+    """Experts of a layout adapterlab does not know: y[e] = x @ w[e]ᵀ for the routed expert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, 6))
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x, expert):
+        return nn.functional.linear(x, self.w[expert]) * self.scale[expert]
+
+
+def unchanged(model, keys):
+    hooks = [m for m in model.modules() if m._forward_pre_hooks or m._forward_hooks]
+    return list(model.state_dict()) == keys and not hooks and not al.adapters(model)
+
+
+@pytest.mark.parametrize(
+    "arch, options, words",
+    [
+        ("gpt_oss", {"targets": ["mlp.experts.gate_up_proj_bias"]}, "not a weight matrix or a stack"),
+        ("qwen3_moe", {"targets": ["self_attn.q_norm.weight"]}, "target the module"),
+        ("qwen3_moe", {"targets": "all-experts", "r": 9}, "exceeds"),  # down_proj is (4, 16, 8)
+        ("mixtral", {"targets": "all-experts", "dropout": 0.1}, "dropout"),
+    ],
+)
+def test_bad_expert_targets_are_refused_before_anything_changes(arch, options, words):
+    model = build(arch)
+    keys = list(model.state_dict())
+    with pytest.raises(al.UnsupportedModuleError, match=words):
+        al.inject(model, "lora", **options)
+    assert unchanged(model, keys)
+
+
+def test_unknown_layout_is_refused_until_registered():
+    model = nn.Sequential(MyExperts())
+    keys, x = list(model.state_dict()), torch.randn(5, 6)
+    with pytest.raises(al.UnsupportedModuleError, match="register_layout"):
+        al.inject(model, "lora", targets=["w"], r=2)
+    assert unchanged(model, keys)
+    with pytest.raises(al.TargetError):
+        al.inject(model, "lora", targets="all-experts", r=2)
+    al.experts.register_layout("MyExperts", transposed=False)
+    try:
+        al.inject(model, "lora", targets=["0.w"], r=2)
+    finally:
+        del al.experts.LAYOUTS["MyExperts"]
+    randomize(model)
+    ((_, layer, delta),) = al.model.deltas(model, "default")
+    want = [
+        x @ (layer.base_layer.weight[e] + delta.delta_weight()[e]).T * model[0].scale[e] for e in range(3)
+    ]
+    for e in range(3):
+        assert torch.allclose(model[0](x, e), want[e], atol=1e-6)
+    assert delta.lora_A.weight.shape == (3, 2, 6) and delta.lora_B.weight.shape == (3, 4, 2)
+
+
+def test_exclude_and_layers_apply_to_expert_weights():
+    model = al.inject(
+        build("qwen3_moe"), "lora", targets="all-experts", exclude=["down_proj"], layers=[1], r=2
+    )
+    assert [p for p, _, _ in al.model.deltas(model, "default")] == ["model.layers.1.mlp.experts.gate_up_proj"]
+    model = al.inject(build("qwen3_moe"), "lora", targets=r".*experts\.down_proj", r=2)
+    assert len(al.model.deltas(model, "default")) == 2
+
+
+def test_routing_refuses_expert_weights():
+    model = al.inject(build("qwen3_moe"), "lora", targets="all-experts", r=2)
+    with pytest.raises(al.RoutingError, match="expert weight"), al.routing(model, ["default", None]):
+        model(input_ids=X)
+    assert all(not m.__dict__.get("gate_up_proj") for m in model.modules())  # nothing left in place
+
+
+@given(
+    experts=st.integers(1, 4),
+    rank=st.integers(1, 3),
+    dims=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=3),
+)
+def test_peft_layout_round_trip(experts, rank, dims):
+    from adapterlab.methods.lora_experts import from_peft_tensors, to_peft_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    modules, tensors = {}, {}
+    for i, (n_out, n_in) in enumerate(dims):
+        path = f"m.experts.p{i}"
+        modules[path] = {"type": "ExpertWeights", "shape": [experts, n_out, n_in], "index": i}
+        tensors[f"{path}.lora_A.weight"] = torch.randn(experts, rank, n_in, generator=gen)
+        tensors[f"{path}.lora_B.weight"] = torch.randn(experts, n_out, rank, generator=gen)
+    tensors["m.q.lora_A.weight"] = torch.randn(rank, 3, generator=gen)
+    peft_side = to_peft_tensors(tensors, modules)
+    assert len(peft_side) == len(tensors)
+    assert sum(".base_layer." in k for k in peft_side) == 2 * (len(dims) - 1)
+    back = from_peft_tensors(peft_side, modules, "test")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def train(model, steps=2, lr=0.5):
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        opt.zero_grad()
+        model(input_ids=X, labels=X).loss.backward()
+        al.before_step(model, step)
+        opt.step()
+        al.after_step(model, step, opt)
+    model.eval()
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("dense", {}),
+        ("sara", {"density": 0.2, "nuclear_min_dim": 2}),
+        ("sft", {"density": 0.1, "full_steps": 1}),
+    ],
+)
+def test_entrywise_methods_on_expert_weights(tmp_path, method, options):
+    model = build("qwen3_moe")
+    base, before = logits(model), {n: p.detach().clone() for n, p in model.named_parameters()}
+    al.inject(model, method, targets="all-experts", **options)
+    train(model)
+    if method == "sft":
+        al.sft.finish(model)
+    found = al.model.deltas(model, "default")
+    assert len(found) == 4 and all(d.delta_weight().shape == layer.weight.shape for _, layer, d in found)
+    if method != "dense":  # O(k) state: the support and its values, never a dense ΔW
+        assert all(isinstance(d, al.SparseDelta) and 0 < d.k < d.numel for _, _, d in found)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # SaRA trains the smallest entries: make the change visible at the output
+        for _, _, d in found:
+            for p in d.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    out = logits(model)
+    assert (out - base).abs().max() > 1e-3
+    al.merge(model)
+    assert (logits(model) - out).abs().max() <= 1e-5
+    al.unmerge(model)
+    for path, layer, _ in found:
+        if method == "dense":
+            assert torch.allclose(layer.weight, before[path], atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(layer.weight, before[path])  # sparse deltas restore bit for bit
+    al.save(model, tmp_path / "a")
+    assert torch.equal(logits(al.load(build("qwen3_moe"), tmp_path / "a")), out)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_hft_categories_know_experts_and_router(tmp_path, arch):
+    model = al.inject(build(arch), "hft", seed=3)
+    chosen = al.adapters(model)["default"].targets
+    kinds = {p.rsplit(".", 1)[1] for p in chosen}
+    assert kinds & {"gate_up_proj", "down_proj"} and kinds & {"gate", "router"}
+    train(model, steps=1)
+    out = logits(model)
+    al.merge(model)
+    assert (logits(model) - out).abs().max() <= 1e-5
+    al.unmerge(model)
+    al.save(model, tmp_path / "a")
+    assert (logits(al.load(build(arch), tmp_path / "a")) - out).abs().max() <= 1e-6
