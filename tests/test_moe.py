@@ -342,3 +342,42 @@ def test_hft_categories_know_experts_and_router(tmp_path, arch):
     al.unmerge(model)
     al.save(model, tmp_path / "a")
     assert (logits(al.load(build(arch), tmp_path / "a")) - out).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "arch, method, options",
+    [
+        ("qwen3_moe", "lora", {"r": 2, "alpha": 4}),  # saved per expert: gate_proj, up_proj, down_proj
+        ("mixtral", "sara", {"density": 0.1}),  # per expert, block_sparse_moe.experts.<e>.w1 / w3 / w2
+        ("gpt_oss", "lora", {"r": 2, "alpha": 4}),  # saved fused, (E, in, out)
+    ],
+)
+def test_cli_merge_of_a_sharded_moe_checkpoint_equals_al_merge(tmp_path, arch, method, options):
+    from safetensors.torch import load_file
+
+    from adapterlab.cli import main
+
+    build(arch).save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    model = al.inject(build(arch), method, targets="all-experts", **options)
+    randomize(model)
+    with torch.no_grad():
+        for _, _, d in al.model.deltas(model, "default"):
+            if hasattr(d, "values"):
+                d.values.normal_(0, 0.1)
+    al.save(model, tmp_path / "adapter")
+    args = ["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
+    assert main([*args, "--out", str(tmp_path / "out"), "--shard-size", "20KB"]) == 0
+    shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    files = {k: t for s in shards for k, t in load_file(s).items()}
+    before = {
+        k: t for s in sorted((tmp_path / "base").glob("*.safetensors")) for k, t in load_file(s).items()
+    }
+    assert files.keys() == before.keys()
+    changed = {k for k in files if not torch.equal(files[k], before[k])}
+    assert changed == {k for k in before if ".experts." in k and not k.endswith("_bias")}
+    assert len(changed) == (4 if arch == "gpt_oss" else 2 * 4 * 3)  # fused, or layers × experts × 3
+    got = type(model).from_pretrained(tmp_path / "out").state_dict()
+    want = al.unload(model, merge=True).state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], w) for k, w in want.items())  # al.merge's bits

@@ -192,3 +192,36 @@ def detach(parent: nn.Module, leaf: str, base: ExpertWeights) -> None:
         pre, post, _ = parent.__dict__.pop(_HOOKS)
         pre.remove()
         post.remove()
+
+
+# -- checkpoints: fused stacks saved per expert ---------------------------------------------------------
+# transformers saves Qwen3-MoE / DeepSeek-V3 / Mixtral experts per expert, as they are on the Hub:
+# stack `<experts>.<param>` (E, out, in) is the keys `<legacy experts>.<e>.<leaf>.weight`, the rows of
+# expert e split evenly among the leaves (gate_up_proj: gate rows, then up rows).
+LEGACY_KEYS: list[tuple[str, str, dict[str, tuple[str, ...]]]] = [
+    ("mlp.experts", "mlp.experts", {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}),
+    ("mlp.experts", "block_sparse_moe.experts", {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}),
+]
+
+
+def legacy_pieces(path: str, keys: Any) -> list[tuple[str, int, int, int]] | None:
+    """[(checkpoint key, expert e, part j, parts n)] holding stacked weight `path` (E, out, in) per
+    expert in a checkpoint with `keys`: the key's tensor is rows j of n of expert e. None if none."""
+    module, _, param = path.rpartition(".")
+    for fused, legacy, leaves in LEGACY_KEYS:
+        if param not in leaves or not (module == fused or module.endswith("." + fused)):
+            continue
+        prefix = module[: len(module) - len(fused)] + legacy
+        found, e = [], 0
+        while all(f"{prefix}.{e}.{leaf}.weight" in keys for leaf in leaves[param]):
+            n = len(leaves[param])
+            found += [(f"{prefix}.{e}.{leaf}.weight", e, j, n) for j, leaf in enumerate(leaves[param])]
+            e += 1
+        if found:
+            return found
+    return None
+
+
+def piece(stack: Tensor, e: int, j: int, n: int) -> Tensor:
+    """Rows j of n of expert e of a stack (E, out, in)."""
+    return stack[e].chunk(n, dim=0)[j]
