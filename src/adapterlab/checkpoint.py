@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .arithmetic import TENSOR_HOWS, check_density_p, combine_tensors
 from .errors import AdapterFileError, ConfigError, FingerprintMismatchError, MergeError, TargetError
-from .experts import legacy_pieces, piece
+from .experts import legacy_pieces, piece, pieces_mismatch
 from .files.adapter_dir import PICKLE_SUFFIXES, AdapterFile
 from .files.atomic import fsync_path, fsync_write, locked, repair, swap_in, temp_dir
 from .files.safetensors import FLOAT_DTYPES, SafetensorsWriter, TensorInfo, read_header, read_tensor
@@ -169,6 +169,10 @@ def location_errors(adapter: AdapterFile, base: Checkpoint, found: Location) -> 
         for p in found.missing[:3]
     ]
     problems += [f"{p!r} matches several weights {keys[:3]}" for p, keys in list(found.ambiguous.items())[:3]]
+    problems += [
+        pieces_mismatch(p, adapter.modules[p]["shape"], ps, base.tensors) for p, ps in found.pieces.items()
+    ]
+    problems = [p for p in problems if p]
     for path, key in found.keys.items():
         want, have = adapter.modules[path]["shape"], base.tensors[key].shape
         if list(want) != have:
@@ -194,15 +198,6 @@ def locate_adapter(adapter: AdapterFile, base: Checkpoint) -> dict[str, str]:
             f"{adapter.name!r} was made for another model than {str(base.root)!r}: "
             f"{'; '.join(problems[:3])}. Use the base model the adapter was trained on"
         )
-    for path, pieces in found.pieces.items():
-        shape = adapter.modules[path]["shape"]
-        want = [shape[0] * pieces[0][3], shape[1] // pieces[0][3], shape[2]]
-        have = [len(pieces), *base.tensors[pieces[0][0]].shape]
-        if want != have:
-            raise FingerprintMismatchError(
-                f"{adapter.name!r} was made for another model than {str(base.root)!r}: {path!r} has shape "
-                f"{shape} in the adapter; the checkpoint holds {have[0]} weights {have[1:]} for it"
-            )
     return found.keys
 
 
@@ -309,11 +304,20 @@ def plan_merge(
                 pieces[key] = tuple(where)
     _check_targets(checkpoint, files, targets, how)
     keep, skip = checkpoint.extra_files()
-    plan = MergePlan(
-        checkpoint, files, weights, how, density, p, seed, targets, _split(checkpoint, shard_size), keep, skip
+    return MergePlan(
+        checkpoint,
+        files,
+        weights,
+        how,
+        density,
+        p,
+        seed,
+        targets,
+        _split(checkpoint, shard_size),
+        keep,
+        skip,
+        pieces,
     )
-    plan.pieces = pieces
-    return plan
 
 
 def _check_targets(

@@ -225,3 +225,16 @@ def legacy_pieces(path: str, keys: Any) -> list[tuple[str, int, int, int]] | Non
 def piece(stack: Tensor, e: int, j: int, n: int) -> Tensor:
     """Rows j of n of expert e of a stack (E, out, in)."""
     return stack[e].chunk(n, dim=0)[j]
+
+
+def pieces_mismatch(
+    path: str, shape: list[int], pieces: list[tuple[str, int, int, int]], tensors: Any
+) -> str:
+    """Why the per-expert keys `pieces` cannot hold stacked weight `path` of `shape`, or ""."""
+    n = pieces[0][3]
+    want, have = [shape[0] * n, shape[1] // n, shape[2]], [len(pieces), *tensors[pieces[0][0]].shape]
+    if want == have and shape[1] % n == 0:
+        return ""
+    return (
+        f"{path!r} has shape {shape} in the adapter; the checkpoint holds {have[0]} weights {have[1:]} for it"
+    )
