@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adapterlab as al
+from adapterlab.experts import legacy_pieces, pieces_mismatch
+from adapterlab.files.adapter_dir import AdapterFile
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -164,6 +166,8 @@ def test_peft_target_parameters_loads_in_ours(tmp_path, arch):
     ours = al.load(build(arch), tmp_path)
     assert (logits(ours) - logits(build(arch))).abs().max() > 1e-3
     assert (logits(ours) - logits(theirs)).abs().max() <= 1e-5
+    with pytest.raises(al.AdapterFileError, match="needs the model"):  # the CLI cannot tell the nesting
+        AdapterFile.open(tmp_path)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -381,3 +385,41 @@ def test_cli_merge_of_a_sharded_moe_checkpoint_equals_al_merge(tmp_path, arch, m
     want = al.unload(model, merge=True).state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], w) for k, w in want.items())  # al.merge's bits
+
+
+def test_two_adapters_stack_on_expert_weights_and_delete_restores_the_parameter():
+    model = build("qwen3_moe")
+    base, keys = logits(model), list(model.state_dict())
+    al.inject(model, "lora", name="a", targets="all-experts", r=2)
+    al.inject(model, "lora", name="b", targets=["mlp.experts.down_proj"], r=3)
+    randomize(model)
+    al.set_active(model, ["a", "b"])
+    both = logits(model)
+    al.set_active(model, "a")
+    only_a = logits(model)
+    assert (both - only_a).abs().max() > 1e-3
+    with al.disabled(model):
+        assert torch.equal(logits(model), base)
+    al.set_active(model, ["a", "b"])
+    al.merge(model)
+    assert (logits(model) - both).abs().max() <= 1e-5
+    al.unmerge(model)
+    al.delete(model, "b")  # fp32 unmerge subtracts again: within an ulp of the weights before merging
+    assert (logits(model) - only_a).abs().max() <= 1e-6
+    al.delete(model, "a")
+    assert list(model.state_dict()) == keys and (logits(model) - base).abs().max() <= 1e-6
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_per_expert_checkpoint_keys():
+    keys = {
+        f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight": torch.zeros(6, 4)
+        for e in range(3)
+        for w in ("w1", "w3")
+    }
+    pieces = legacy_pieces("model.layers.0.mlp.experts.gate_up_proj", keys)
+    assert [p[1:] for p in pieces] == [(e, j, 2) for e in range(3) for j in range(2)]
+    assert pieces[1][0] == "model.layers.0.block_sparse_moe.experts.0.w3.weight"  # gate rows, then up rows
+    assert pieces_mismatch("x", [3, 12, 4], pieces, keys) == ""
+    assert "holds 6 weights [6, 4]" in pieces_mismatch("x", [3, 10, 4], pieces, keys)
+    assert legacy_pieces("model.layers.0.mlp.experts.down_proj", keys) is None

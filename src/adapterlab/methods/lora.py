@@ -28,7 +28,7 @@ from ..experts import ExpertWeights
 from ..kernels import lora_add
 from ..layer import Delta
 from ..targeting import is_conv, is_hf_conv1d, is_linear
-from .lora_experts import ExpertLoRA, from_peft_tensors, peft_target_parameters, to_peft_tensors
+from .lora_experts import ExpertLoRA, from_peft_tensors, peft_target_parameters, peft_targets, to_peft_tensors
 
 
 @register
@@ -208,12 +208,8 @@ class LoRAConfig(AdapterConfig):
             used.append(f"bias={data['bias']!r:.50}")
         if used:
             raise AdapterFileError(f"{where} uses PEFT LoRA features adapterlab does not read: {used}")
-        params = data.get("target_parameters") or []
-        modules = data.get("target_modules") or []
-        if params and not (isinstance(params, list) and all(isinstance(p, str) and p for p in params)):
-            raise AdapterFileError(f"{where}: target_parameters={params!r:.100} is not a list of names")
         return {
-            **({"targets": [*(modules if isinstance(modules, list) else []), *params]} if params else {}),
+            **peft_targets(data, where),
             "method": "lora",
             "r": data.get("r"),
             "alpha": data.get("lora_alpha"),

@@ -139,3 +139,12 @@ def peft_target_parameters(paths: list[str], deltas: list[Delta]) -> tuple[list[
     """(module paths, parameter paths) of an adapter's targets: PEFT's target_modules / target_parameters."""
     params = [p for p, d in zip(paths, deltas, strict=True) if isinstance(d, ExpertLoRA)]
     return [p for p in paths if p not in params], params
+
+
+def peft_targets(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """{"targets": target_modules + target_parameters} for a PEFT config with `target_parameters`
+    (loading uses them to find the expert weights in the model), else {}."""
+    params, modules = data.get("target_parameters") or [], data.get("target_modules") or []
+    if params and not (isinstance(params, list) and all(isinstance(p, str) and p for p in params)):
+        raise AdapterFileError(f"{where}: target_parameters={params!r:.100} is not a list of names")
+    return {"targets": [*(modules if isinstance(modules, list) else []), *params]} if params else {}
