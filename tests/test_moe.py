@@ -423,3 +423,23 @@ def test_per_expert_checkpoint_keys():
     assert pieces_mismatch("x", [3, 12, 4], pieces, keys) == ""
     assert "holds 6 weights [6, 4]" in pieces_mismatch("x", [3, 10, 4], pieces, keys)
     assert legacy_pieces("model.layers.0.mlp.experts.down_proj", keys) is None
+
+
+def test_hotswap_and_dense_combine_of_expert_lora(tmp_path):
+    source = al.inject(build("gpt_oss"), "lora", targets="all-experts", r=2, alpha=4)
+    randomize(source, seed=5)
+    al.save(source, tmp_path / "a")
+    model = al.inject(build("gpt_oss"), "lora", targets="all-experts", r=2, alpha=8)  # another scaling
+    al.hotswap(model, tmp_path / "a")
+    assert (logits(model) - logits(source)).abs().max() <= 1e-6
+    with pytest.raises(al.HotswapError, match="per MoE expert"):
+        al.prepare_hotswap(model, 4)
+    al.inject(model, "lora", name="b", targets="all-experts", r=2)
+    randomize(model, seed=6)
+    al.set_active(model, {"default": 1.0, "b": 0.5})
+    want = logits(model)
+    with pytest.raises(al.UnsupportedModuleError, match="kind='dense'"):
+        al.combine(model, {"default": 1.0, "b": 0.5})
+    al.combine(model, {"default": 1.0, "b": 0.5}, kind="dense")
+    al.set_active(model, "combined")
+    assert (logits(model) - want).abs().max() <= 1e-5

@@ -90,7 +90,7 @@ class LoRAConfig(AdapterConfig):
         for path, delta in deltas.items():
             if not delta.refactorable:
                 raise HotswapError(
-                    f"{path!r}: a grouped kernel-layout conv LoRA keeps its rank split across groups, so it cannot "
+                    f"{path!r}: a grouped kernel-layout conv LoRA (or LoRA per MoE expert) keeps its rank split, so it cannot "
                     f"be zero-padded; hot-swap adapters of its rank r={self.r} only (skip prepare_hotswap)"
                 )
         scaling = next(iter(deltas.values())).scaling
@@ -141,6 +141,8 @@ class LoRAConfig(AdapterConfig):
                 f"the file; the adapter has {list(a.shape)} and {list(b.shape)} (another layer shape or "
                 "layout)"
             )
+        if not delta.refactorable:  # equal shapes (checked above): copied, B rescaled to our scaling
+            return [(a, new_a), (b, new_b.to(torch.float64) * (loaded.scaling / delta.scaling))]
         if new_rank > rank:
             raise HotswapError(
                 f"{where}: {path!r} has rank r={loaded.r} in the file, above the adapter's "
