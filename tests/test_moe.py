@@ -443,3 +443,18 @@ def test_hotswap_and_dense_combine_of_expert_lora(tmp_path):
     al.combine(model, {"default": 1.0, "b": 0.5}, kind="dense")
     al.set_active(model, "combined")
     assert (logits(model) - want).abs().max() <= 1e-5
+
+
+def test_gradient_checkpointing_recomputes_the_adapted_weight():
+    grads = []
+    for checkpointing in (False, True):
+        model = al.inject(build("qwen3_moe"), "lora", targets="all-experts", r=2)
+        randomize(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model(input_ids=X, labels=X).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+        assert not any(m.__dict__.get("down_proj") is not None for m in model.modules())
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+    assert all(g.abs().sum() > 0 for g in grads[0])
