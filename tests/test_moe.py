@@ -458,3 +458,20 @@ def test_gradient_checkpointing_recomputes_the_adapted_weight():
         assert not any(m.__dict__.get("down_proj") is not None for m in model.modules())
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
     assert all(g.abs().sum() > 0 for g in grads[0])
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_sara_deltas_on_experts_combine(kind):
+    model = build("qwen3_moe")
+    for name, seed in (("a", 1), ("b", 2)):
+        al.inject(model, "sara", name=name, targets="all-experts", density=0.1)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, _, d in al.model.deltas(model, name):
+                d.values.copy_(torch.randn(d.values.shape, generator=gen) * 0.1)
+    al.set_active(model, {"a": 1.0, "b": 0.5})
+    want = logits(model)
+    al.combine(model, {"a": 1.0, "b": 0.5}, kind=kind)
+    al.set_active(model, "combined")
+    assert (logits(model) - want).abs().max() <= 1e-5
+    assert (want - logits(build("qwen3_moe"))).abs().max() > 1e-3
