@@ -4,7 +4,7 @@ import adapterlab as al
 model = al.inject(model, "lora", r=16, alpha=32, targets="all-linear")
 """
 
-from . import losses, methods  # noqa: F401  (methods registers the methods)
+from . import experts, losses, methods  # noqa: F401  (methods registers the methods)
 from .compose import CombineReport, combine
 from .config import AdapterConfig, config_for
 from .errors import (

@@ -22,10 +22,11 @@ from torch import Tensor
 
 from .arithmetic import TENSOR_HOWS, check_density_p, combine_tensors
 from .errors import AdapterFileError, ConfigError, FingerprintMismatchError, MergeError, TargetError
+from .experts import legacy_pieces, piece, pieces_mismatch
 from .files.adapter_dir import PICKLE_SUFFIXES, AdapterFile
 from .files.atomic import fsync_path, fsync_write, locked, repair, swap_in, temp_dir
 from .files.safetensors import FLOAT_DTYPES, SafetensorsWriter, TensorInfo, read_header, read_tensor
-from .skeleton import skeleton
+from .skeleton import skeleton, zeros
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -121,6 +122,8 @@ class Location:
     keys: dict[str, str] = field(default_factory=dict)  # module path -> checkpoint key
     missing: list[str] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)  # module path -> candidate keys
+    # a stacked MoE expert weight saved per expert: path -> [(key, expert, part, parts)] (experts.py)
+    pieces: dict[str, list[tuple[str, int, int, int]]] = field(default_factory=dict)
 
 
 def locate(paths: Iterable[str], keys: Iterable[str]) -> Location:
@@ -137,6 +140,13 @@ def locate(paths: Iterable[str], keys: Iterable[str]) -> Location:
         want = f"{path}.weight"
         if want in keys:
             out.keys[path] = want
+            continue
+        if path in keys:  # a stacked MoE expert weight is a parameter of its own (experts.py)
+            out.keys[path] = path
+            continue
+        pieces = legacy_pieces(path, keys)
+        if pieces:
+            out.pieces[path] = pieces
             continue
         found = sorted(
             k
@@ -159,6 +169,10 @@ def location_errors(adapter: AdapterFile, base: Checkpoint, found: Location) -> 
         for p in found.missing[:3]
     ]
     problems += [f"{p!r} matches several weights {keys[:3]}" for p, keys in list(found.ambiguous.items())[:3]]
+    problems += [
+        pieces_mismatch(p, adapter.modules[p]["shape"], ps, base.tensors) for p, ps in found.pieces.items()
+    ]
+    problems = [p for p in problems if p]
     for path, key in found.keys.items():
         want, have = adapter.modules[path]["shape"], base.tensors[key].shape
         if list(want) != have:
@@ -203,6 +217,8 @@ class MergePlan:
     outputs: list[list[str]]  # output shard -> its keys, in writing order
     copied: list[Path]
     skipped: list[str]
+    pieces: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # key -> (expert, part, parts)
+    stacks: dict[tuple[int, str], Tensor] = field(default_factory=dict, repr=False)  # ΔW of stacks in use
 
     def shard_names(self) -> list[str]:
         n = len(self.outputs)
@@ -272,14 +288,35 @@ def plan_merge(
     checkpoint = open_checkpoint(base)
     files = [AdapterFile.open(d) for d in adapters]
     targets: dict[str, list[tuple[int, str]]] = {}
+    pieces: dict[str, tuple[int, int, int]] = {}
     for i, adapter in enumerate(files):
         adapter.require_deltas("merged")
         for path, key in locate_adapter(adapter, checkpoint).items():
             targets.setdefault(key, []).append((i, path))
+        for path, parts in locate(adapter.modules, checkpoint.tensors).pieces.items():
+            if how != "linear":
+                raise MergeError(
+                    f"{path!r} is saved per expert in {str(checkpoint.root)!r}; how={how!r} combines whole "
+                    "weights, so merge it with --how linear (or al.combine on the model, then merge)"
+                )
+            for key, expert, part, count in parts:
+                targets.setdefault(key, []).append((i, path))
+                pieces[key] = (expert, part, count)
     _check_targets(checkpoint, files, targets, how)
     keep, skip = checkpoint.extra_files()
     return MergePlan(
-        checkpoint, files, weights, how, density, p, seed, targets, _split(checkpoint, shard_size), keep, skip
+        checkpoint,
+        files,
+        weights,
+        how,
+        density,
+        p,
+        seed,
+        targets,
+        _split(checkpoint, shard_size),
+        keep,
+        skip,
+        pieces,
     )
 
 
@@ -345,19 +382,29 @@ def merged_weight(plan: MergePlan, key: str, weight: Tensor) -> Tensor:
     other `how`s: `arithmetic.combine_tensors`, as al.combine. `weight` may be overwritten."""
     found = plan.targets[key]
     first, path = found[0]
-    module = skeleton(plan.adapters[first].modules[path], weight)
+    entry = plan.adapters[first].modules[path]
+    where = plan.pieces.get(key)  # one expert's rows of a stacked weight: ΔW of the stack, sliced
+    module = skeleton(entry, weight if where is None else zeros(entry["shape"], weight.dtype))
     acc = weight.to(torch.promote_types(weight.dtype, torch.float32))
     if plan.how == "linear":
         for i, path in found:
-            delta = plan.adapters[i].delta(path, module)
-            if not delta.mergeable:
-                raise MergeError(
-                    f"{plan.adapters[i].name!r}: the delta at {key!r} cannot be merged into weights"
-                )
-            change = delta.delta_weight().detach().to(acc.dtype)
+            change = plan.stacks.get((i, path)) if where is not None else None
+            if change is None:
+                delta = plan.adapters[i].delta(path, module)
+                if not delta.mergeable:
+                    raise MergeError(
+                        f"{plan.adapters[i].name!r}: the delta at {key!r} cannot be merged into weights"
+                    )
+                change = delta.delta_weight().detach().to(acc.dtype)
+                del delta
+            if where is not None:  # keep this stack's ΔW for its other pieces (one stack per adapter)
+                for old in [k for k in plan.stacks if k[0] == i and k[1] != path]:
+                    del plan.stacks[old]
+                plan.stacks[(i, path)] = change
+                change = piece(change, *where)
             w = plan.weights[i]
             acc.add_(change if w == 1.0 else w * change)  # 1.0·ΔW is ΔW exactly
-            del change, delta
+            del change
     else:
         taus = {str(i): plan.adapters[i].delta(path, module).delta_weight() for i, path in found}
         weights = {str(i): plan.weights[i] for i, _ in found}

@@ -178,8 +178,8 @@ def combine(
             continue
         if not out.refactorable:
             raise UnsupportedModuleError(
-                f"{path!r} is a grouped conv in kernel mode: its ΔW is not one low-rank "
-                "product; use conv_mode='reshape' adapters"
+                f"{path!r}: its ΔW is not one low-rank product (a grouped kernel-mode conv, or LoRA per "
+                "expert on MoE weights); combine into kind='dense', or use conv_mode='reshape' conv adapters"
             )
         if how == "cat":
             parts = [layer.deltas[n].factors() for n in names]

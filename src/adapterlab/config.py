@@ -89,7 +89,7 @@ def _check_spec(field: str, spec: Any, allow_none: bool) -> None:
     )
 
 
-KEYWORDS = ("all-linear", "all-conv", "all")
+KEYWORDS = ("all-linear", "all-conv", "all", "all-experts")  # all-experts: stacked MoE weights (experts.py)
 
 
 @dataclass
@@ -194,6 +194,21 @@ class AdapterConfig:
     def settings(self) -> dict[str, Any]:
         """The hyper-parameters `adapterlab inspect` shows."""
         return {k: getattr(self, k) for k in self.summary_fields}
+
+    def file_tensors(
+        self, tensors: dict[str, Tensor], modules: dict[str, dict[str, Any]]
+    ) -> dict[str, Tensor]:
+        """The deltas' tensors (keys `<path>.<key>`) as the file stores them, given the fingerprint
+        `modules`; `native_tensors` undoes it on reading. Default: as they are."""
+        return tensors
+
+    @classmethod
+    def native_tensors(
+        cls, tensors: dict[str, Tensor], modules: dict[str, dict[str, Any]], where: str
+    ) -> dict[str, Tensor]:
+        """A file's tensors (keys relative to `base_model.model.`) keyed and shaped as the deltas'
+        state dicts. Default: as they are."""
+        return tensors
 
     def to_peft(self, paths: list[str], deltas: list[Delta]) -> dict[str, Any] | None:
         """PEFT's config fields for this adapter's deltas at `paths`, or None if PEFT cannot express it."""

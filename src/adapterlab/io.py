@@ -9,10 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .errors import AdapterFileError
+from .experts import ExpertWeights
 from .files.adapter_dir import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -29,7 +30,7 @@ from .files.adapter_dir import (
 from .files.atomic import write_dir_atomic, write_files_atomic
 from .files.fill import filler
 from .model import adapters, apply_plan, deltas, plan, unwrapped
-from .targeting import logical_modules
+from .targeting import logical_modules, matches
 
 __all__ = [
     "CONFIG_FILE",
@@ -88,14 +89,16 @@ def adapter_files(model: nn.Module, name: str) -> dict[str, bytes]:
     config = found[0][2].config
     paths = [path for path, _, _ in found]
     tensors = {
-        f"{PREFIX}{path}.{key}": t.detach().contiguous().cpu()
+        f"{path}.{key}": t.detach().contiguous().cpu()
         for path, _, delta in found
         for key, t in delta.state_dict().items()
     }
+    prints = fingerprint(model, paths)
+    tensors = {PREFIX + k: t for k, t in config.file_tensors(tensors, prints["modules"]).items()}
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return directory_files(
         tensors,
-        metadata_block(config, fingerprint(model, paths)),
+        metadata_block(config, prints),
         peft_config(config, paths, [d for _, _, d in found], name_or_path),
     )
 
@@ -115,6 +118,8 @@ def load(
         )
     require_fingerprint_match(inner, metadata["fingerprint"])
     where = repr(str(directory))
+    if not metadata["fingerprint"]:  # PEFT's: expert-weight factors (target_parameters) need the model's
+        tensors = _native_peft(inner, config, tensors, where)
     owned = split_by_module(
         tensors,
         {p for p, _ in logical_modules(inner)},
@@ -130,3 +135,16 @@ def load(
     )
     apply_plan(inner, name, steps, trainable=trainable)
     return model
+
+
+def _native_peft(model: nn.Module, config: AdapterConfig, tensors: dict[str, Tensor], where: str) -> dict:
+    """A PEFT file's tensors in our layout: expert weights its config names are found in the model."""
+    spec = config.targets if isinstance(config.targets, list) else []
+    experts = [
+        p for p, m in logical_modules(model) if isinstance(m, ExpertWeights) and matches(p, m, spec, None)
+    ]
+    if not experts:
+        return tensors
+    local = {k[len(PREFIX) :] if k.startswith(PREFIX) else k: t for k, t in tensors.items()}
+    native = type(config).native_tensors(local, fingerprint(model, experts)["modules"], where)
+    return {PREFIX + k: t for k, t in native.items()}

@@ -22,6 +22,7 @@ from torch import nn
 from . import quant
 from .config import AdapterConfig, config_for
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
+from .experts import ExpertWeights, attach, detach
 from .layer import AdapterLayer, Delta
 from .targeting import find_targets
 
@@ -129,10 +130,12 @@ def apply_plan(
 
         object.__setattr__(model, "save_pretrained", types.MethodType(save_pretrained, model))
     for path, module, delta in steps:
-        current = model.get_submodule(path)
+        parent_path, _, leaf = path.rpartition(".")
+        current = model.get_submodule(parent_path)._modules.get(leaf)  # None: an expert weight, unwrapped
         if not isinstance(current, AdapterLayer):
-            parent_path, _, leaf = path.rpartition(".")
             current = AdapterLayer(module)
+            if isinstance(module, ExpertWeights):
+                attach(model.get_submodule(parent_path), leaf)
             setattr(model.get_submodule(parent_path), leaf, current)
         delta.train(current.base_layer.training)
         current.deltas[name] = delta
@@ -305,6 +308,9 @@ def unmerge(model: nn.Module) -> None:
 
 def _unwrap(model: nn.Module, path: str, layer: AdapterLayer) -> None:
     parent_path, _, leaf = path.rpartition(".")
+    if isinstance(layer.base_layer, ExpertWeights):
+        detach(model.get_submodule(parent_path), leaf, layer.base_layer)
+        return
     setattr(model.get_submodule(parent_path), leaf, layer.base_layer)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import AdapterFileError, UnsupportedModuleError
+from .experts import KINDS
 
 _CONVS = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 
@@ -26,7 +27,7 @@ def _named(base: type[nn.Module], name: str) -> type[nn.Module]:
     return type(name, (base,), {"__module__": base.__module__, "__doc__": f"skeleton of a {name}"})
 
 
-def _empty_module(kind: str, shape: list[int], groups: int) -> nn.Module:
+def _empty_module(kind: str, shape: list[int], groups: int, index: int = 0) -> nn.Module:
     """A module of type `kind` with a weight of `shape`, built on the meta device (no memory)."""
     if kind == "Conv1D":
         from transformers.pytorch_utils import Conv1D  # weight (in, out); must be transformers' own class
@@ -43,6 +44,8 @@ def _empty_module(kind: str, shape: list[int], groups: int) -> nn.Module:
             bias=False,
             device="meta",
         )
+    if kind in KINDS and len(shape) == 3:  # a stacked MoE expert weight (experts.py)
+        return KINDS[kind](nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False), index)
     if kind.endswith("Linear") and len(shape) == 2:
         return _named(nn.Linear, kind)(shape[1], shape[0], bias=False, device="meta")
     if kind.endswith("RMSNorm") and len(shape) == 1:
@@ -51,7 +54,7 @@ def _empty_module(kind: str, shape: list[int], groups: int) -> nn.Module:
         return _named(nn.LayerNorm, kind)(shape, bias=False, device="meta")
     raise UnsupportedModuleError(
         f"cannot rebuild a {kind!r} module with weight shape {shape} without the model; the CLI rebuilds Linear, "
-        "transformers Conv1D, Conv1d/2d/3d, LayerNorm and RMSNorm modules. Use the Python API with the model"
+        "transformers Conv1D, Conv1d/2d/3d, LayerNorm and RMSNorm modules and stacked MoE expert weights. Use the Python API with the model"
     )
 
 
@@ -62,7 +65,7 @@ def skeleton(entry: dict[str, Any], weight: Tensor) -> nn.Module:
         raise AdapterFileError(
             f"a {entry['type']} of weight shape {shape} cannot take a weight of shape {list(weight.shape)}"
         )
-    module = _empty_module(entry["type"], shape, int(entry.get("groups", 1)))
+    module = _empty_module(entry["type"], shape, int(entry.get("groups", 1)), int(entry.get("index", 0)))
     module.weight = nn.Parameter(weight, requires_grad=False)
     return module
 

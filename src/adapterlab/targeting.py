@@ -1,7 +1,10 @@
 """Which modules a config hits. One matching rule, used by inject, load and exclude alike:
 
 - a list of names: a module matches a name when its dotted path equals it or ends with "." + name;
-- a string: a keyword ("all-linear", "all-conv", "all") or a regex that must match the whole path;
+- a string: a keyword ("all-linear", "all-conv", "all", "all-experts") or a regex that must match
+  the whole path;
+- a stacked MoE expert weight is listed at its parameter's path (`….mlp.experts.gate_up_proj`) as an
+  `experts.ExpertWeights` module, so it is matched like one;
 - `layers`: the first all-digit path component is the layer index.
 """
 
@@ -12,8 +15,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .config import AdapterConfig, TargetSpec
+from .config import KEYWORDS, AdapterConfig, TargetSpec
 from .errors import TargetError, UnsupportedModuleError, closest
+from .experts import ExpertWeights, expert_weights, explain_parameter
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -44,6 +48,7 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             else:
                 yield path, child
                 yield from walk(path, child)
+                yield from ((f"{path}.{n}", w) for n, w in expert_weights(child))  # experts.py
 
     yield "", model
     yield from walk("", model)
@@ -69,6 +74,8 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 def matches(path: str, module: nn.Module, spec: TargetSpec, head: nn.Module | None) -> bool:
     if isinstance(spec, str):
+        if spec == "all-experts":
+            return isinstance(module, ExpertWeights)
         if spec in ("all-linear", "all") and is_linear(module) and module is not head:
             return True
         if spec in ("all-conv", "all"):
@@ -96,6 +103,10 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
             continue
         found.append((path, module))
     unused = [n for n in config.targets if n not in used] if isinstance(config.targets, list) else []
+    for n in unused:
+        reason = explain_parameter(model, n)
+        if reason:
+            raise UnsupportedModuleError(f"{config.method}: target {n!r}: {reason}")
     if unused:
         raise TargetError(
             "target name(s) matched no module: "
@@ -103,7 +114,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         )
     if not found:
         hint = ""
-        if config.targets in ("all-linear", "all-conv", "all"):
+        if config.targets in KEYWORDS:
             hint = f"; the model has no module of that kind (modules: {closest('linear', seen)})"
         raise TargetError(
             f"targets={config.targets!r} (exclude={config.exclude!r}, layers={config.layers!r}) "

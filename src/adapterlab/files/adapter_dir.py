@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import quant
-from ..config import AdapterConfig, peft_config_class
+from ..config import AdapterConfig, config_class, peft_config_class
 from ..errors import AdapterFileError, AdapterlabError, FingerprintMismatchError
 from ..layer import Delta, base_weight
 from ..targeting import is_conv, logical_modules
@@ -54,6 +54,9 @@ def _module_info(module: nn.Module) -> dict[str, Any]:
     if quant.is_quantized(module):
         return {"type": "Linear", "shape": list(quant.logical_shape(module))}
     info: dict[str, Any] = {"type": type(module).__name__, "shape": list(base_weight(module).shape)}
+    extra = getattr(module, "fingerprint_fields", None)  # experts.py: a stacked expert weight's index
+    if callable(extra):
+        info.update(extra())
     if is_conv(module) and module.groups != 1:
         info["groups"] = module.groups
     return info
@@ -142,7 +145,13 @@ def _read_adapter(root: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         metadata = parse_json(text, f"the {WEIGHTS_FILE} header")
     else:
         metadata = _from_peft(_json_file(root / CONFIG_FILE), root)
-    return _check_metadata(metadata, root), tensors
+    metadata = _check_metadata(metadata, root)
+    modules = metadata["fingerprint"].get("modules")
+    if modules:  # tensors a method stores in another layout (LoRA on expert weights: PEFT's)
+        local = {k[len(PREFIX) :] if k.startswith(PREFIX) else k: t for k, t in tensors.items()}
+        native = config_class(metadata["method"]).native_tensors(local, modules, repr(str(root)))
+        tensors = {PREFIX + k: t for k, t in native.items()}
+    return metadata, tensors
 
 
 def _json_file(path: Path) -> Any:

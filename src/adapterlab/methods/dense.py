@@ -31,6 +31,7 @@ from torch.func import functional_call
 from .. import quant
 from ..config import AdapterConfig, register
 from ..errors import UnsupportedModuleError
+from ..experts import ExpertWeights
 from ..layer import Delta, base_weight
 from ..targeting import is_conv, is_hf_conv1d
 from .lora import adapter_dtype, conv_like
@@ -44,9 +45,24 @@ def is_rms_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") and isinstance(weight, Tensor) and weight.dim() == 1
 
 
+def is_router(module: nn.Module) -> bool:
+    """A transformers MoE router (`*TopKRouter`): a module whose 2-D `weight` (E, hidden) scores
+    the experts; a dense delta folds into that weight (the routing after it is not linear)."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__.lower().endswith("router")
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+    )
+
+
 def dense_kind(module: nn.Module) -> str | None:
     """The module's kind for `DenseDelta` ("linear", "hf_conv1d", "conv", "layer_norm", "rms_norm"),
     or None if it has no dense-delta form."""
+    if isinstance(module, ExpertWeights):
+        return "experts"  # a stacked MoE weight: ΔW is added to the weight the experts read
+    if is_router(module):
+        return "router"
     if isinstance(module, nn.Linear):
         return "linear"
     if is_hf_conv1d(module):
@@ -67,7 +83,7 @@ def dense_unsupported(module: nn.Module) -> str | None:
     if dense_kind(module) is None:
         return (
             "a dense delta wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.LayerNorm with a weight, "
-            "and RMSNorm layers"
+            "RMSNorm layers, MoE routers and stacked MoE expert weights"
         )
     return None
 
@@ -106,6 +122,13 @@ class DenseDelta(Delta):
     def contribution(self, x: Tensor) -> Tensor:
         """f(x; ΔW): the base module's op with ΔW as its only weight."""
         w = self.weight_delta
+        if self.kind == "experts":  # the "input" of a weight is ignored: its output is the weight
+            return w
+        if self.kind == "router":
+            raise UnsupportedModuleError(
+                f"{self.config.method}: a router's delta only folds into its weight (top-k routing is not "
+                "additive), so it cannot run per sample; route adapters that do not change routers"
+            )
         if self.kind == "linear":
             return F.linear(x.to(w.dtype), w)
         if self.kind == "hf_conv1d":

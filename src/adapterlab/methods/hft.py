@@ -25,11 +25,26 @@ _LLAMA: Categories = {
     "ffn": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
     "norm": ["input_layernorm", "post_attention_layernorm"],
 }
+
+
+def _moe(router: str) -> Categories:
+    """Mixture-of-experts layers: the stacked expert weights and the router are categories of their own."""
+    return {
+        "attention": _LLAMA["attention"],
+        "experts": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        "router": [f"mlp.{router}"],
+        "norm": _LLAMA["norm"],
+    }
+
+
 # module paths relative to one transformer layer, per `model.config.model_type`
 ARCHITECTURES: dict[str, Categories] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3_moe": _moe("gate"),  # with decoder_sparse_step=1 and no mlp_only_layers (every layer MoE)
+    "mixtral": _moe("gate"),
+    "gpt_oss": _moe("router"),
     # GPT-2 fuses q, k, v into c_attn: its attention category has 2 members, so 1 of 2 trains
     "gpt2": {
         "attention": ["attn.c_attn", "attn.c_proj"],

@@ -24,9 +24,11 @@ from torch import Tensor, nn
 from .. import quant
 from ..config import AdapterConfig, check_number, register
 from ..errors import AdapterFileError, ConfigError, HotswapError, UnsupportedModuleError
+from ..experts import ExpertWeights
 from ..kernels import lora_add
 from ..layer import Delta, base_weight
 from ..targeting import is_conv, is_hf_conv1d, is_linear
+from .lora_experts import ExpertLoRA, from_peft_tensors, peft_target_parameters, peft_targets, to_peft_tensors
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d  # what `is_conv` accepts
 
@@ -63,11 +65,13 @@ class LoRAConfig(AdapterConfig):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def supports(self, module: nn.Module) -> str | None:
-        if is_linear(module) or is_conv(module):
+        if is_linear(module) or is_conv(module) or isinstance(module, ExpertWeights):
             return None
-        return "LoRA wraps nn.Linear, transformers Conv1D and nn.Conv1d/2d/3d"
+        return "LoRA wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and stacked MoE expert weights"
 
     def make_delta(self, module: nn.Module) -> Delta:
+        if isinstance(module, ExpertWeights):
+            return ExpertLoRA(self, module)
         if is_linear(module):
             return LinearLoRA(self, module)
         conv = cast(Conv, module)  # not linear, so supports() saw a conv
@@ -89,7 +93,7 @@ class LoRAConfig(AdapterConfig):
         for path, delta in deltas.items():
             if not delta.refactorable:
                 raise HotswapError(
-                    f"{path!r}: a grouped kernel-layout conv LoRA keeps its rank split across groups, so it cannot "
+                    f"{path!r}: a grouped kernel-layout conv LoRA (or LoRA per MoE expert) keeps its rank split, so it cannot "
                     f"be zero-padded; hot-swap adapters of its rank r={self.r} only (skip prepare_hotswap)"
                 )
         scaling = next(iter(deltas.values())).scaling
@@ -142,6 +146,8 @@ class LoRAConfig(AdapterConfig):
                 f"the file; the adapter has {list(a.shape)} and {list(b.shape)} (another layer shape or "
                 "layout)"
             )
+        if not delta.refactorable:  # equal shapes (checked above): copied, B rescaled to our scaling
+            return [(a, new_a), (b, new_b.to(torch.float64) * (loaded.scaling / delta.scaling))]
         if new_rank > rank:
             raise HotswapError(
                 f"{where}: {path!r} has rank r={loaded.r} in the file, above the adapter's "
@@ -158,6 +164,7 @@ class LoRAConfig(AdapterConfig):
     def to_peft(self, paths: list[str], deltas: list[Delta]) -> dict[str, Any] | None:
         if not all(getattr(d, "peft_compatible", False) for d in deltas):
             return None
+        module_paths, params = peft_target_parameters(paths, deltas)
         return {
             "peft_type": "LORA",
             "task_type": None,
@@ -166,8 +173,11 @@ class LoRAConfig(AdapterConfig):
             "lora_dropout": self.dropout,
             "use_rslora": self.rslora,
             # a regex PEFT full-matches: exactly these modules (a list would also match dotted suffixes)
-            "target_modules": "^(?:" + "|".join(re.escape(p) for p in paths) + ")$",
-            "fan_in_fan_out": any(getattr(d, "transposed", False) for d in deltas),
+            "target_modules": "^(?:" + "|".join(re.escape(p) for p in module_paths) + ")$"
+            if module_paths
+            else [],
+            **({"target_parameters": params} if params else {}),
+            "fan_in_fan_out": any(isinstance(d, LinearLoRA) and d.transposed for d in deltas),
             "bias": "none",
             "init_lora_weights": True,
             "inference_mode": True,
@@ -182,6 +192,18 @@ class LoRAConfig(AdapterConfig):
         )
         return f"is a {why}, which PEFT cannot load"
 
+    def file_tensors(
+        self, tensors: dict[str, Tensor], modules: dict[str, dict[str, Any]]
+    ) -> dict[str, Tensor]:
+        """Expert-weight factors go to the file in PEFT's layout (lora_experts.py)."""
+        return to_peft_tensors(tensors, modules)
+
+    @classmethod
+    def native_tensors(
+        cls, tensors: dict[str, Tensor], modules: dict[str, dict[str, Any]], where: str
+    ) -> dict[str, Tensor]:
+        return from_peft_tensors(tensors, modules, where)
+
     @classmethod
     def from_peft(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
         used = [
@@ -194,6 +216,7 @@ class LoRAConfig(AdapterConfig):
         if used:
             raise AdapterFileError(f"{where} uses PEFT LoRA features adapterlab does not read: {used}")
         return {
+            **peft_targets(data, where),
             "method": "lora",
             "r": data.get("r"),
             "alpha": data.get("lora_alpha"),
@@ -206,6 +229,11 @@ class LoRAConfig(AdapterConfig):
         cls, data: dict[str, Any], tensors: dict[str, Tensor], where: str
     ) -> dict[str, dict[str, Any]]:
         """Linear (Conv1D with `fan_in_fan_out`) or ConvNd, with shapes read off lora_A / lora_B."""
+        if data.get("target_parameters"):
+            raise AdapterFileError(
+                f"{where} is a PEFT target_parameters (expert weights) LoRA, whose layout needs the model: "
+                "al.load it into the model and al.save it, then use that directory"
+            )
         factors: dict[str, dict[str, Tensor]] = {}
         for key, t in tensors.items():
             found = _PEFT_FACTOR.fullmatch(key)
@@ -238,7 +266,6 @@ PEFT_UNSUPPORTED: dict[str, Any] = {
     "rank_pattern": {},
     "alpha_pattern": {},
     "layer_replication": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
 }
 _PEFT_FACTOR = re.compile(r"(?P<path>.+)\.lora_(?P<which>[AB])\.weight")

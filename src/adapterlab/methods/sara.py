@@ -138,8 +138,9 @@ class SaRADelta(SparseDelta):
             self.values.data[self.frozen] = self.held[self.frozen]
 
     def eligible(self, min_dim: int) -> bool:
-        """Whether the nuclear-norm term applies: a 2-D weight with both sides longer than `min_dim`."""
-        return len(self.weight_shape) == 2 and min(self.weight_shape) > min_dim
+        """Whether the nuclear-norm term applies: a 2-D weight (or a stack of them: MoE experts, whose
+        norms add up) with both sides longer than `min_dim`."""
+        return len(self.weight_shape) in (2, 3) and min(self.weight_shape[-2:]) > min_dim
 
 
 def _sara_deltas(model: nn.Module, name: str) -> list[tuple[str, AdapterLayer, SaRADelta]]:
@@ -168,7 +169,7 @@ def nuclear_norm_loss(
     dw = delta.delta_weight()
     if not bool(dw.detach().any()):
         return dw.sum() * 0
-    return config.nuclear_weight * torch.linalg.matrix_norm(dw, ord="nuc")
+    return config.nuclear_weight * torch.linalg.matrix_norm(dw, ord="nuc").sum()
 
 
 @torch.no_grad()

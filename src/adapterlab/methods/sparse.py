@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .. import quant
 from ..config import AdapterConfig
 from ..errors import ConfigError, HotswapError, UnsupportedModuleError
+from ..experts import ExpertWeights
 from ..kernels import sparse_linear_add
 from ..kernels.reference import scatter_dense
 from ..layer import Delta, base_weight
@@ -44,9 +45,11 @@ def sparse_unsupported(module: nn.Module) -> str | None:
     """None if `SparseDelta` can wrap `module`, else why not (for `AdapterConfig.supports`)."""
     if quant.is_quantized(module):
         return quant.entrywise_refusal(module)
-    if is_linear(module) or is_conv(module):
+    if is_linear(module) or is_conv(module) or isinstance(module, ExpertWeights):
         return None
-    return "a sparse delta wraps nn.Linear, transformers Conv1D and nn.Conv1d/2d/3d"
+    return (
+        "a sparse delta wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and stacked MoE expert weights"
+    )
 
 
 def check_indices(indices: Tensor, numel: int, what: str = "indices") -> Tensor:
@@ -95,7 +98,8 @@ class SparseDelta(Delta):
         weight = base_weight(base)
         self.weight_shape = tuple(weight.shape)
         self.transposed = is_hf_conv1d(base)
-        self._conv = None if is_linear(base) else conv_like(base)
+        self._weight_space = isinstance(base, ExpertWeights)  # forward adds ΔW to the weight (experts.py)
+        self._conv = None if is_linear(base) or self._weight_space else conv_like(base)
         if indices is None:
             indices = torch.zeros(0, dtype=index_dtype(self.numel), device=weight.device)
         idx = check_indices(indices.to(weight.device), self.numel)
@@ -139,6 +143,8 @@ class SparseDelta(Delta):
         return self.indices
 
     def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
+        if self._weight_space:
+            return out + (self.delta_weight() * scale).to(out.dtype)
         if self._conv is not None:
             dw = self.delta_weight()
             return out + (self._conv(x.to(dw.dtype), dw) * scale).to(out.dtype)
