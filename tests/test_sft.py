@@ -246,7 +246,7 @@ def test_save_load_round_trip_with_a_dense_head(tmp_path):
 
 def _tamper(directory, key, value):
     with safe_open(directory / WEIGHTS_FILE, "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         meta = f.metadata()
     tensors[key] = value
     save_file(tensors, directory / WEIGHTS_FILE, metadata=meta)
