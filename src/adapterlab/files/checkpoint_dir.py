@@ -7,6 +7,7 @@ copy carries over (symlinks leading outside the directory are left out). docs/cl
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .safetensors import TensorInfo, parse_json, read_header
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # weight formats a merged checkpoint must not carry over: they would still hold the unmerged weights
+_SHARD_NAME = re.compile(r"[\w.-]*?-(\d+)-of-(\d+)\.safetensors")
 STALE_SUFFIXES = (".safetensors", ".msgpack", ".h5", ".onnx", ".gguf", *PICKLE_SUFFIXES)
 
 
@@ -131,6 +133,15 @@ def _indexed_shards(root: Path, weight_map: dict[str, str]) -> list[Path]:
             f"{str(root / INDEX_FILE)!r} names shard(s) {missing[:3]} that are not "
             "files of the directory; the checkpoint is incomplete"
         )
+    numbered = [_SHARD_NAME.fullmatch(n) for n in names]
+    if all(numbered):  # model-00001-of-00004.safetensors …: the index names every one of the 4
+        counts = {int(m.group(2)) for m in numbered if m}
+        found = {int(m.group(1)) for m in numbered if m}
+        if len(counts) == 1 and found != set(range(1, max(counts) + 1)):
+            raise AdapterFileError(
+                f"{str(root / INDEX_FILE)!r} names {len(found)} of the {max(counts)} shards its shard names "
+                "count; the index does not match its shards. Re-save the model"
+            )
     return [root / n for n in names]
 
 
