@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from .compose import HOWS, KINDS, CombineReport, check_options, combine
-from .errors import AdapterFileError, ConfigError, FingerprintMismatchError, closest
+from .errors import ConfigError, FingerprintMismatchError, closest
 from .files.adapter_dir import AdapterFile
-from .files.atomic import fsync_write, write_file_atomic
+from .files.atomic import write_dir_atomic
 from .files.fs import check_output, read_regular
-from .io import load, save
+from .io import adapter_files, load
 from .skeleton import skeleton_model
 
 FIELDS = ("adapters", "weights", "how", "kind", "density", "p", "seed", "rank", "trim_scope", "out", "base")
@@ -196,8 +196,9 @@ def run_combine(path: str | os.PathLike) -> tuple[dict[str, Any], CombineReport]
         rank=config["rank"],
     )
     config["rank"] = report.rank
-    out = save(model, config["out"], name=into)
-    _write_text(out / RESOLVED_FILE, _yaml(config))
+    # the adapter and combine.yaml in one atomic directory write: both new, or neither
+    files = {**adapter_files(model, into), RESOLVED_FILE: _yaml(config).encode()}
+    write_dir_atomic(Path(config["out"]), files)
     return config, report
 
 
@@ -206,10 +207,3 @@ def _yaml(config: dict[str, Any]) -> str:
 
     head = "# written by adapterlab combine: every option with its effective value\n"
     return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
-
-
-def _write_text(path: Path, text: str) -> None:
-    try:
-        write_file_atomic(path, lambda tmp: fsync_write(tmp, text.encode()))
-    except OSError as e:
-        raise AdapterFileError(f"cannot write {str(path)!r} ({e})") from None
