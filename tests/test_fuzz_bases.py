@@ -193,9 +193,26 @@ def run(args: list, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def reference_accepts(base: Path) -> None:
+    """The oracle for a base that merge or validate accepted: the safetensors library itself reads
+    every shard the index names (exact coverage, no overlap, string metadata), and the index puts
+    every tensor in the shard that holds it."""
+    import json
+
+    from safetensors import safe_open
+
+    weight_map = json.loads((base / INDEX).read_text())["weight_map"]
+    found = {}
+    for name in sorted(set(weight_map.values())):
+        with safe_open(base / name, "pt") as f:
+            found.update(dict.fromkeys(f.keys(), name))  # noqa: SIM118
+            assert all(isinstance(v, str) for v in (f.metadata() or {}).values())
+    assert found == weight_map, "the index does not match its shards"
+
+
 def merged_is_whole(out: Path, base: Path) -> None:
     """A successful merge wrote a checkpoint our strict reader accepts, with the base's tensors."""
-    from adapterlab.files.checkpoint_dir import open_checkpoint
+    from adapterlab.checkpoint import open_checkpoint
 
     assert set(open_checkpoint(out).tensors) == set(open_checkpoint(base).tensors)
     assert all(SECRET not in p.read_text(errors="ignore") for p in out.iterdir() if p.is_file())
@@ -239,6 +256,8 @@ def test_mutated_bases_end_in_success_or_one_line_error(seed, tmp_path, command,
         assert sorted(p.name for p in tmp_path.iterdir()) == (
             ["in", "merged"] if code == 0 and command == "merge" else ["in"]
         )
+        if code == 0:
+            reference_accepts(work / "base")
         if code == 0 and command == "merge":
             merged_is_whole(out, work / "base")
 

@@ -66,10 +66,16 @@ def not_safetensors(path: Path, why: str) -> AdapterFileError:
     return AdapterFileError(f"{str(path)!r} is not a readable safetensors file ({why}); re-save it")
 
 
-def parse_json(text: str | bytes, where: str) -> Any:
-    """JSON from an untrusted file, or an `AdapterFileError` naming `where`."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(text: str | bytes, where: str, constants: bool = True) -> Any:
+    """JSON from an untrusted file, or an `AdapterFileError` naming `where`. Without `constants`,
+    Python's NaN / Infinity / -Infinity extensions are refused too (as the safetensors library
+    refuses them in a header)."""
     try:
-        return json.loads(text)
+        return json.loads(text) if constants else json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # bad syntax or UTF-8, over-long integers, deep nesting
         raise AdapterFileError(f"{where} is not valid JSON ({str(e)[:200]!r}); re-save the adapter") from None
 
@@ -100,7 +106,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise not_safetensors(
             path, f"its header length field says {length} bytes; the file has {size} bytes in all"
         )
-    header = parse_json(text, f"the header of {str(path)!r}")
+    header = parse_json(text, f"the header of {str(path)!r}", constants=False)
     if not isinstance(header, dict):
         raise not_safetensors(path, f"its header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", {})
