@@ -275,3 +275,20 @@ def test_a_base_whose_tensors_trade_places_is_still_valid_and_merges_exactly(wor
     assert code == 0, err
     code, err, _ = cli(["validate", work / "lora_a", "--base", work / "base"], capsys)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("kind", SPECIAL_KINDS)
+def test_a_special_file_where_a_directory_belongs_says_what_it_is(work, kind, capsys):
+    """The adapter or base directory itself replaced by a special file (a real directory, the
+    control, is only refused for holding nothing)."""
+    thing = work.parent / "thing"
+    make_special(thing, kind)
+    for args in (
+        ["inspect", thing],
+        ["merge", "--base", thing, "--adapter", work / "lora_a", "--out", work / "o"],
+    ):
+        code, err, _ = cli(args, capsys)
+        line = one_line_error(code, err, "thing")
+        if kind not in ("dir", "null", "zero", "random"):
+            assert {"fifo": "FIFO", "socket": "socket", "loop": "symbolic links"}[kind] in line, line
+    assert not os.path.lexists(work / "o")

@@ -24,7 +24,7 @@ from ..targeting import is_conv, logical_modules
 from ..version import VERSION
 from .atomic import interrupted_hint, locked
 from .fill import fill_delta
-from .fs import is_regular, read_regular
+from .fs import is_regular, not_a_directory, read_regular
 from .safetensors import encode, naturals, parse_json, read_tensors
 
 FORMAT_VERSION = 1
@@ -126,7 +126,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
 
 def _read_adapter(root: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not root.is_dir():
-        raise AdapterFileError(f"adapter directory {str(root)!r} does not exist{interrupted_hint(root)}")
+        found = not_a_directory(root, "directory")
+        raise AdapterFileError(f"adapter directory {str(root)!r} {found}{interrupted_hint(root)}")
     weights = root / WEIGHTS_FILE
     for path, what in ((weights, "adapter weights file"), (root / CONFIG_FILE, "adapter config")):
         if os.path.lexists(path) and not is_regular(path):
@@ -201,7 +202,7 @@ def _check_config(data: Any, method: str, where: str) -> dict[str, Any]:
             f"{where}: config {data!r:.100} is not an object with method {method!r}; re-save the adapter"
         )
     try:
-        return AdapterConfig.from_dict(data, strict=True).to_dict()
+        return AdapterConfig.from_dict(data, strict=False).to_dict()
     except AdapterlabError as e:
         raise AdapterFileError(f"{where}: {e}") from None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import AdapterFileError
 from .adapter_dir import PICKLE_SUFFIXES
-from .fs import is_regular, read_regular
+from .fs import is_regular, not_a_directory, read_regular
 from .safetensors import TensorInfo, parse_json, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,12 +40,13 @@ class Checkpoint:
         the directory is copied as a file."""
         keep, skip = [], []
         own = {INDEX_FILE, *(shard.name for shard in self.shards)}
+        outside = set(self.outside_links())
         for entry in sorted(self.root.iterdir()):
             if (
                 is_regular(entry)
                 and not entry.name.endswith(STALE_SUFFIXES)
                 and not entry.name.endswith(".index.json")
-                and entry.name not in self.outside_links()
+                and entry.name not in outside
             ):
                 keep.append(entry)
             elif entry.name not in own:
@@ -68,7 +69,7 @@ def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     """The checkpoint in `directory` (headers only). Errors name what is missing and what to do."""
     root = Path(directory)
     if not root.is_dir():
-        raise AdapterFileError(f"base model directory {str(root)!r} does not exist")
+        raise AdapterFileError(f"base model directory {str(root)!r} {not_a_directory(root, 'directory')}")
     weight_map = _index(root) if os.path.lexists(root / INDEX_FILE) else None
     if weight_map is not None:
         shards = _indexed_shards(root, weight_map)

@@ -77,6 +77,17 @@ def storage_errors(path: str | os.PathLike, doing: str) -> Iterator[None]:
         raise storage_error(e, path, doing) from e
 
 
+def not_a_directory(path: str | os.PathLike, what: str) -> str:
+    """The end of a message for a `path` that should be a directory and is not: what it is."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist" if not os.path.lexists(path) else "is a dangling symlink"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    return f"is {'a regular file' if stat.S_ISREG(mode) else kind(mode)}, not a {what}"
+
+
 def open_regular(path: str | os.PathLike, what: str = "file") -> BinaryIO:
     """`path` opened for binary reading if it is a regular file (a symlink to one is fine), else an
     `AdapterFileError` saying what it is. Opened non-blocking and checked on the open descriptor,
