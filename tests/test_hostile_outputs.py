@@ -102,6 +102,25 @@ def test_merge_refuses_an_out_that_would_destroy_an_input(work, where, overwrite
     assert snapshot(work.parent) == before
 
 
+@pytest.mark.parametrize("cwd, out", [("", "."), ("lora_a", ".."), ("lora_a", "."), ("base", "../lora_a/..")])
+def test_relative_outs_are_compared_after_resolving(work, cwd, out, monkeypatch, capsys):
+    monkeypatch.chdir(work / cwd)
+    before = snapshot(work.parent)
+    code, err, _ = cli(merge_args(work, Path(out), "--overwrite"), capsys)
+    one_line_error(code, err)
+    assert snapshot(work.parent) == before
+
+
+def test_out_dot_in_an_empty_directory_is_written_there(work, tmp_path, monkeypatch, capsys):
+    """`--out .` names the working directory (not the empty name): the merge lands in it."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, err, _ = cli(merge_args(work, Path(".")), capsys)
+    assert code == 0, err
+    assert merged_equals_al_merge(here, work / "base", work / "lora_a") and hidden(tmp_path) == []
+
+
 @pytest.mark.parametrize("where", [w for w in OUTS if "base" not in w])
 def test_export_and_combine_refuse_an_out_that_would_destroy_an_input(work, where, capsys):
     out = out_path(work, where)

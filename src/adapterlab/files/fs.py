@@ -165,9 +165,12 @@ def is_sibling(entry: str, prefix: str) -> bool:
 
 def real_target(path: str | os.PathLike) -> Path:
     """Where a write to `path` goes: a symlink (to a directory or a file, also dangling) is
-    followed, so the link stays a link and its target is replaced; else `path` itself."""
+    followed, so the link stays a link and its target is replaced; `.` and `..` are resolved (so
+    the siblings get a name); else `path` itself."""
     path = Path(path)
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
+    if path.is_symlink() or path.name in ("", ".", ".."):  # ".", "..", "/x/..": name the directory
+        return Path(os.path.realpath(path))
+    return path
 
 
 def _identities(path: Path) -> set[tuple[int, int]]:
