@@ -151,6 +151,8 @@ def mutate(files: dict[str, bytes], m: tuple) -> None:
             key = sorted(weight_map)[hash(repr(value)) % len(weight_map)]
         except (KeyError, ValueError, TypeError, ZeroDivisionError, AttributeError):
             return
+        if not isinstance(weight_map, dict):
+            return  # an earlier mutation replaced it
         if op == "key":
             weight_map[str(value)] = weight_map.pop(key)
         elif op == "value":
