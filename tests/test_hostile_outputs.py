@@ -213,6 +213,19 @@ def test_links_in_an_existing_out_are_kept_as_links_never_read(work):
     assert os.readlink(target / "zero") == "/dev/zero" and not os.path.lexists(target / "pipe")
 
 
+def test_save_pretrained_replaces_a_link_among_its_files_and_never_writes_through_it(work):
+    """save_pretrained writes its files into a directory: a symlink there named like one of them
+    (adapter_config.json -> a file outside) is replaced by the file; the outside file is untouched."""
+    outside = work.parent / "precious.json"
+    outside.write_text("precious")
+    target = work.parent / "pretrained"
+    target.mkdir()
+    (target / "adapter_config.json").symlink_to(outside)
+    al.load(tiny_llama(layers=1), work / "lora_a").save_pretrained(target)
+    assert outside.read_text() == "precious" and not (target / "adapter_config.json").is_symlink()
+    assert read_adapter(target)[1].keys() == read_adapter(work / "lora_a")[1].keys()
+
+
 # -- 10. names and OS errors -----------------------------------------------------------------------
 NAMES = ["a" * 242, "b" * 250, "c" * 255, "é" * 127, "m[x]", "a*b", "q?", "m[x", "{a,b}"]
 

@@ -76,7 +76,7 @@ def _flock(fd: int, how: int) -> None:
 
 def _siblings(target: Path, kind: str) -> list[Path]:
     """The `.NAME.tmp-*` or `.NAME.old-*` entries beside `target`: an exact listing matched by
-    prefix and length (no glob, so `[`, `*` and `?` in NAME are plain characters)."""
+    prefix and random part (no glob, so `[`, `*` and `?` in NAME are plain characters)."""
     prefix = sibling_prefix(target.name, kind)
     if not target.parent.is_dir():
         return []
@@ -186,16 +186,22 @@ def write_files_atomic(directory: Path, files: dict[str, bytes]) -> None:
         with locked(directory.parent):
             for name, data in files.items():
                 write_file_atomic(
-                    directory / name, lambda tmp, data=data: fsync_write(tmp, data), sync_parent=False
+                    directory / name,
+                    lambda tmp, data=data: fsync_write(tmp, data),
+                    sync_parent=False,
+                    follow=False,
                 )
             fsync_path(directory)
 
 
-def write_file_atomic(target: Path, fill: Callable[[Path], None], sync_parent: bool = True) -> Path:
+def write_file_atomic(
+    target: Path, fill: Callable[[Path], None], sync_parent: bool = True, follow: bool = True
+) -> Path:
     """Create `target` by `fill(tmp)` on a temp file beside it (which `fill` fsyncs) and a rename.
-    A symlink at `target` is followed (its target is replaced, the link stays). OSErrors are
-    `StorageError`s; the old file stays as it was."""
-    given, target = target, real_target(target)
+    A symlink at `target` is followed (its target is replaced, the link stays) if `follow` — the
+    user named it as the output; files written inside a directory replace a link there instead,
+    never writing through it. OSErrors are `StorageError`s; the old file stays as it was."""
+    given, target = target, (real_target(target) if follow else target)
     tmp = target.parent / f"{sibling_prefix(target.name, 'tmp')}{uuid.uuid4().hex[:8]}"
     with storage_errors(given, "write"):
         try:
