@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -23,95 +24,15 @@ from torch import Tensor
 from .arithmetic import TENSOR_HOWS, check_density_p, combine_tensors
 from .errors import AdapterFileError, ConfigError, FingerprintMismatchError, MergeError, TargetError
 from .experts import legacy_pieces, piece, pieces_mismatch
-from .files.adapter_dir import PICKLE_SUFFIXES, AdapterFile
+from .files.adapter_dir import AdapterFile
 from .files.atomic import fsync_path, fsync_write, locked, repair, swap_in, temp_dir
-from .files.safetensors import FLOAT_DTYPES, SafetensorsWriter, TensorInfo, read_header, read_tensor
+from .files.checkpoint_dir import INDEX_FILE, SINGLE_FILE, Checkpoint, open_checkpoint
+from .files.fs import check_output, open_regular, real_target, storage_errors
+from .files.safetensors import FLOAT_DTYPES, SafetensorsWriter, read_tensor
 from .skeleton import skeleton, zeros
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 MERGE_HOWS = TENSOR_HOWS
-# weight formats a merged checkpoint must not carry over: they would still hold the unmerged weights
-STALE_SUFFIXES = (".safetensors", ".msgpack", ".h5", ".onnx", ".gguf", *PICKLE_SUFFIXES)
 COPY_CHUNK = 16 * 2**20
-
-
-# -- checkpoint directories -----------------------------------------------------------------------
-@dataclass
-class Checkpoint:
-    """A Hugging Face model directory: its shard files and every tensor's header entry."""
-
-    root: Path
-    shards: list[Path]
-    tensors: dict[str, TensorInfo]
-    metadata: dict[str, str]
-
-    def extra_files(self) -> tuple[list[Path], list[str]]:
-        """(top-level files a merged copy carries over: config, tokenizer, …; the names it leaves
-        out besides the checkpoint's own shards and index: other weight files and weight indexes,
-        subdirectories)."""
-        keep, skip = [], []
-        own = {INDEX_FILE, *(shard.name for shard in self.shards)}
-        for entry in sorted(self.root.iterdir()):
-            if (
-                entry.is_file()
-                and not entry.name.endswith(STALE_SUFFIXES)
-                and not entry.name.endswith(".index.json")
-            ):
-                keep.append(entry)
-            elif entry.name not in own:
-                skip.append(entry.name + ("/" if entry.is_dir() else ""))
-        return keep, skip
-
-
-def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
-    """The checkpoint in `directory` (headers only). Errors name what is missing and what to do."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise AdapterFileError(f"base model directory {str(root)!r} does not exist")
-    if (root / INDEX_FILE).is_file():
-        shards = _indexed_shards(root)
-    elif (root / SINGLE_FILE).is_file():
-        shards = [root / SINGLE_FILE]
-    else:
-        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise AdapterFileError(
-                f"{str(root)!r} holds only pickle weights {pickles[:3]}; adapterlab never unpickles "
-                "(it can run code). Re-save the model with save_pretrained(dir) (safetensors)"
-            )
-        raise AdapterFileError(
-            f"{str(root)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}; pass a Hugging Face "
-            "model directory saved with save_pretrained"
-        )
-    tensors: dict[str, TensorInfo] = {}
-    metadata: dict[str, str] = {}
-    for shard in shards:
-        found, meta = read_header(shard)
-        twice = sorted(set(found) & set(tensors))
-        if twice:
-            raise AdapterFileError(
-                f"{str(root)!r}: tensor {twice[0]!r} is in two shards; the checkpoint is inconsistent"
-            )
-        tensors.update(found)
-        metadata = metadata or meta
-    return Checkpoint(root, shards, tensors, metadata)
-
-
-def _indexed_shards(root: Path) -> list[Path]:
-    try:
-        index = json.loads((root / INDEX_FILE).read_text())
-        weight_map = index["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise AdapterFileError(f"{str(root / INDEX_FILE)!r} is not a valid index ({str(e)[:100]})") from None
-    missing = [n for n in names if not (root / n).is_file()]
-    if missing or any("/" in n or n.startswith(".") for n in names):
-        raise AdapterFileError(
-            f"{str(root / INDEX_FILE)!r} names shard(s) {(missing or names)[:3]} that are not "
-            "files of the directory; the checkpoint is incomplete"
-        )
-    return [root / n for n in names]
 
 
 # -- adapter module paths -> checkpoint keys ------------------------------------------------------
@@ -304,6 +225,15 @@ def plan_merge(
                 pieces[key] = (expert, part, count)
     _check_targets(checkpoint, files, targets, how)
     keep, skip = checkpoint.extra_files()
+    outside = checkpoint.outside_links()
+    if outside:
+        warnings.warn(
+            f"{str(checkpoint.root)!r}: left out symlink(s) {outside[:5]} that lead outside the model "
+            "directory; adapterlab never copies content from outside its inputs. Copy those files into "
+            "the merged model yourself if you trust them",
+            UserWarning,
+            stacklevel=2,
+        )
     return MergePlan(
         checkpoint,
         files,
@@ -427,35 +357,46 @@ def run_merge(
 ) -> Path:
     """Write the merged checkpoint to `out`: shards, then the carried-over files, then the index,
     in a temp dir beside `out` that is renamed into place at the end (a partial output never
-    appears at `out`)."""
+    appears at `out`). Before anything is touched, `out` is checked against the inputs (it may
+    not be, contain or lie inside the base or an adapter) and must be a directory or nothing; a
+    symlink at `out` is followed (its target is replaced, the link stays). OSErrors (no space,
+    read-only, …) are `StorageError`s, and the inputs and an existing `out` stay as they were."""
     if sys.byteorder != "little":
         raise MergeError("safetensors is little-endian; merging on a big-endian machine is not supported")
-    target = Path(out)
-    repair(target)
-    if target.resolve() == plan.base.root.resolve():
-        raise ConfigError(
-            f"--out {str(target)!r} is the base model directory; write the merged model elsewhere"
-        )
+    given = Path(out)
+    check_output(given, [plan.base.root, *(a.directory for a in plan.adapters)])
+    target = real_target(given)
     if target.exists() and not (target.is_dir() and (overwrite or not any(target.iterdir()))):
         raise AdapterFileError(
-            f"{str(target)!r} exists; choose a new directory or pass --overwrite to replace it"
+            f"{str(given)!r} exists; choose a new directory or pass --overwrite to replace it"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(target)
-    try:
-        _write_shards(plan, tmp, progress)
-        for path in plan.copied:
-            shutil.copy2(path, tmp / path.name)
-            fsync_path(tmp / path.name)
-        if len(plan.outputs) > 1:
-            _write_index(plan, tmp / INDEX_FILE)
-        fsync_path(tmp)
-        with locked(target.parent):
-            swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    with storage_errors(given, "write the merged model to"):
+        repair(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir(target)
+        try:
+            _write_shards(plan, tmp, progress)
+            for path in plan.copied:
+                _copy_file(path, tmp / path.name)
+            if len(plan.outputs) > 1:
+                _write_index(plan, tmp / INDEX_FILE)
+            fsync_path(tmp)
+            with locked(target.parent):
+                swap_in(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return given
+
+
+def _copy_file(source: Path, dest: Path) -> None:
+    """Copy the regular file `source` (opened as one: a file swapped for a FIFO is refused) to
+    `dest`, with its permissions and times, and fsync it."""
+    with open_regular(source, "base model file") as src, open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst, COPY_CHUNK)
+        dst.flush()
+        os.fsync(dst.fileno())
+    shutil.copystat(source, dest)
 
 
 def _write_shards(plan: MergePlan, folder: Path, progress: bool) -> None:
@@ -464,7 +405,9 @@ def _write_shards(plan: MergePlan, folder: Path, progress: bool) -> None:
     buffer = bytearray(COPY_CHUNK)
     metadata = {"format": plan.base.metadata.get("format", "pt")}
     with ExitStack() as inputs:
-        sources = {shard: inputs.enter_context(open(shard, "rb")) for shard in plan.base.shards}
+        sources = {
+            shard: inputs.enter_context(open_regular(shard, "checkpoint shard")) for shard in plan.base.shards
+        }
         for name, keys in zip(plan.shard_names(), plan.outputs, strict=True):
             infos = [(key, plan.base.tensors[key]) for key in keys]
             layout = [(key, info.dtype, info.shape) for key, info in infos]

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +79,13 @@ def parse_size(text: str) -> int:
 
 
 class _Group(click.Group):
-    """Turns an `AdapterlabError` into one stderr line and exit code 1 (unless --debug)."""
+    """Turns an `AdapterlabError` into one stderr line and exit code 1 (unless --debug); so too any
+    other OSError (the storage layer wraps its own as `StorageError`; this is the net under it)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except AdapterlabError as e:
+        except (AdapterlabError, OSError) as e:
             if ctx.params.get("debug"):
                 raise
             click.echo(f"adapterlab: error: {' '.join(str(e).split())}", err=True)
@@ -214,7 +216,11 @@ def merge(
         raise click.BadParameter(
             f"{len(weights)} weights for {len(adapters)} adapters", param_hint="--weights"
         )
-    plan = plan_merge(base, list(adapters), weights, how, shard_size, density=density, p=p, seed=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_merge(base, list(adapters), weights, how, shard_size, density=density, p=p, seed=seed)
+    for warning in caught:
+        click.echo(f"adapterlab: warning: {' '.join(str(warning.message).split())}", err=True)
     if dry_run:
         click.echo("\n".join(plan.describe()))
         click.echo(f"dry run: nothing written (would write {out})")

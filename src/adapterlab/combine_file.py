@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from .compose import HOWS, KINDS, CombineReport, check_options, combine
-from .errors import AdapterFileError, ConfigError, FingerprintMismatchError, closest
+from .errors import ConfigError, FingerprintMismatchError, closest
 from .files.adapter_dir import AdapterFile
-from .files.atomic import fsync_write, write_file_atomic
-from .io import load, save
+from .files.atomic import write_dir_atomic
+from .files.fs import check_output, read_regular
+from .io import adapter_files, load
 from .skeleton import skeleton_model
 
 FIELDS = ("adapters", "weights", "how", "kind", "density", "p", "seed", "rank", "trim_scope", "out", "base")
@@ -109,12 +110,11 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
     file = Path(path)
     where = str(file)
+    if not os.path.lexists(file):
+        raise ConfigError(f"config file {where!r} does not exist")
+    raw = read_regular(file, "config file")  # a regular file (not a FIFO or /dev/zero), bounded
     try:
-        data = yaml.safe_load(file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {where!r} does not exist") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {where!r} ({e})") from None
+        data = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -167,6 +167,8 @@ def run_combine(path: str | os.PathLike) -> tuple[dict[str, Any], CombineReport]
     from .checkpoint import locate_adapter, open_checkpoint
 
     config = read_config(path)
+    # OUT may hold the YAML file itself: re-running OUT/combine.yaml rewrites it with the same options
+    check_output(config["out"], [*config["adapters"].values(), *([config["base"]] if config["base"] else [])])
     files = {name: AdapterFile.open(d) for name, d in config["adapters"].items()}
     for adapter in files.values():
         adapter.require_deltas("combined")
@@ -194,8 +196,9 @@ def run_combine(path: str | os.PathLike) -> tuple[dict[str, Any], CombineReport]
         rank=config["rank"],
     )
     config["rank"] = report.rank
-    out = save(model, config["out"], name=into)
-    _write_text(out / RESOLVED_FILE, _yaml(config))
+    # the adapter and combine.yaml in one atomic directory write: both new, or neither
+    contents = {**adapter_files(model, into), RESOLVED_FILE: _yaml(config).encode()}
+    write_dir_atomic(Path(config["out"]), contents)
     return config, report
 
 
@@ -204,10 +207,3 @@ def _yaml(config: dict[str, Any]) -> str:
 
     head = "# written by adapterlab combine: every option with its effective value\n"
     return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
-
-
-def _write_text(path: Path, text: str) -> None:
-    try:
-        write_file_atomic(path, lambda tmp: fsync_write(tmp, text.encode()))
-    except OSError as e:
-        raise AdapterFileError(f"cannot write {str(path)!r} ({e})") from None

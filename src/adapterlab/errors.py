@@ -53,6 +53,12 @@ class AdapterFileError(AdapterlabError, OSError):
     """An adapter directory is missing, corrupted, unsafe (pickle), or from a newer format."""
 
 
+class StorageError(AdapterFileError):
+    """The file system refused a read or write (no space, read-only, permission, name too long,
+    busy, a special file where a regular one belongs): names the path and the errno. What was
+    there before is left as it was."""
+
+
 class FingerprintMismatchError(AdapterFileError):
     """An adapter file was made for a base model whose target modules differ from this one."""
 

@@ -11,38 +11,44 @@ from pathlib import Path
 from .errors import ConfigError
 from .files.adapter_dir import CONFIG_FILE, WEIGHTS_FILE, AdapterFile
 from .files.atomic import write_dir_atomic, write_file_atomic
+from .files.fs import check_output, read_regular, storage_errors
 from .files.safetensors import DTYPE_NAMES, SafetensorsWriter
 from .skeleton import skeleton, zeros
 
 
 def export_peft(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     """PEFT's LoRA layout (adapter_config.json as peft's LoraConfig + adapter_model.safetensors),
-    loadable with `peft.PeftModel.from_pretrained`; refuses adapters PEFT cannot express."""
+    loadable with `peft.PeftModel.from_pretrained`; refuses adapters PEFT cannot express, and an
+    `out` that is, contains or lies inside the adapter, or is not a directory."""
+    check_output(out, [directory])
     adapter = AdapterFile.open(directory)
     if adapter.peft_config is None:
         raise ConfigError(f"{adapter.name!r} {adapter.config.peft_refusal()}. Use --format dense for its ΔW")
     files = {
         CONFIG_FILE: (json.dumps(adapter.peft_config, indent=2, sort_keys=True) + "\n").encode(),
-        WEIGHTS_FILE: (adapter.directory / WEIGHTS_FILE).read_bytes(),
+        WEIGHTS_FILE: read_regular(adapter.directory / WEIGHTS_FILE, "adapter weights file", limit=None),
     }
     return write_dir_atomic(Path(out), files)
 
 
 def export_dense(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     """One safetensors file: per target module `<path>.weight` = its scaled ΔW in the base weight's
-    layout (merged weight = W + ΔW); the header metadata holds the adapter's block. Any method but LEVI."""
-    adapter = AdapterFile.open(directory)
-    adapter.require_deltas("exported as a dense ΔW")
+    layout (merged weight = W + ΔW); the header metadata holds the adapter's block. Any method but LEVI.
+    `out` must be a regular file or nothing (not a device node or a FIFO), outside the adapter."""
     target = Path(out)
     if target.is_dir():
         raise ConfigError(
             f"--out {str(target)!r} is a directory; --format dense writes one file, e.g. delta.safetensors"
         )
+    check_output(target, [directory], is_file=True)
+    adapter = AdapterFile.open(directory)
+    adapter.require_deltas("exported as a dense ΔW")
     dtype = adapter.dtype
     paths = list(adapter.modules)
     layout = [(f"{p}.weight", DTYPE_NAMES[dtype], adapter.modules[p]["shape"]) for p in paths]
     metadata = {"kind": "dense_delta", "source": str(adapter.directory), **adapter.metadata}
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with storage_errors(target, "write"):
+        target.parent.mkdir(parents=True, exist_ok=True)
 
     def fill(tmp: Path) -> None:
         with SafetensorsWriter(tmp, layout, {"format": "pt", "adapterlab": json.dumps(metadata)}) as writer:

@@ -24,6 +24,7 @@ from ..targeting import is_conv, logical_modules
 from ..version import VERSION
 from .atomic import interrupted_hint, locked
 from .fill import fill_delta
+from .fs import is_regular, not_a_directory, read_regular
 from .safetensors import encode, naturals, parse_json, read_tensors
 
 FORMAT_VERSION = 1
@@ -128,8 +129,12 @@ def read_adapter(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dic
 
 def _read_adapter(root: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not root.is_dir():
-        raise AdapterFileError(f"adapter directory {str(root)!r} does not exist{interrupted_hint(root)}")
+        found = not_a_directory(root, "directory")
+        raise AdapterFileError(f"adapter directory {str(root)!r} {found}{interrupted_hint(root)}")
     weights = root / WEIGHTS_FILE
+    for path, what in ((weights, "adapter weights file"), (root / CONFIG_FILE, "adapter config")):
+        if os.path.lexists(path) and not is_regular(path):
+            read_regular(path, what)  # raises, saying what it is (a FIFO, a directory, /dev/zero …)
     if not weights.is_file():
         pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
@@ -155,13 +160,9 @@ def _read_adapter(root: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 
 def _json_file(path: Path) -> Any:
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise AdapterFileError(f"{str(path)!r} is missing; an adapter directory needs {CONFIG_FILE}")
-    try:
-        text = path.read_bytes()
-    except OSError as e:
-        raise AdapterFileError(f"cannot read {str(path)!r} ({e})") from None
-    return parse_json(text, str(path))
+    return parse_json(read_regular(path, "adapter config"), str(path))
 
 
 def _is_int(value: Any) -> bool:
@@ -350,8 +351,10 @@ class AdapterFile:
 
 def _peft_json(root: Path) -> dict[str, Any] | None:
     """adapter_config.json when it is PEFT's config (not our block), else None."""
+    if not is_regular(root / CONFIG_FILE):
+        return None  # missing; anything else is refused by _json_file when it is read
     try:
-        data = json.loads((root / CONFIG_FILE).read_text())
-    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested too deep
+        data = json.loads(read_regular(root / CONFIG_FILE, "adapter config"))
+    except (AdapterlabError, OSError, ValueError, RecursionError):  # unreadable, not JSON, too deep
         return None
     return data if isinstance(data, dict) and peft_config_class(data.get("peft_type")) is not None else None

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import AdapterFileError
+from .fs import is_sibling, real_target, sibling_prefix, storage_errors
 
 
 def fsync_write(path: Path, data: bytes) -> None:
@@ -75,9 +76,12 @@ def _flock(fd: int, how: int) -> None:
 
 
 def _siblings(target: Path, kind: str) -> list[Path]:
-    """The `.NAME.tmp-*` or `.NAME.old-*` entries beside `target`."""
-    prefix = f".{target.name}.{kind}-"
-    return [p for p in target.parent.iterdir() if p.name.startswith(prefix)] if target.parent.is_dir() else []
+    """The `.NAME.tmp-*` or `.NAME.old-*` entries beside `target`: an exact listing matched by
+    prefix and random part (no glob, so `[`, `*` and `?` in NAME are plain characters)."""
+    prefix = sibling_prefix(target.name, kind)
+    if not target.parent.is_dir():
+        return []
+    return [p for p in target.parent.iterdir() if is_sibling(p.name, prefix)]
 
 
 def interrupted_hint(target: Path) -> str:
@@ -85,7 +89,8 @@ def interrupted_hint(target: Path) -> str:
     if not _siblings(target, "old"):
         return ""
     return (
-        f"; an interrupted save left the previous version in {target.parent}/.{target.name}.old-* "
+        f"; an interrupted save left the previous version in {target.parent}/"
+        f"{sibling_prefix(target.name, 'old')}* "
         "(the next al.save to this path puts it back, or rename it yourself)"
     )
 
@@ -107,7 +112,7 @@ def repair(target: Path, temps: bool = False) -> None:
 def temp_dir(target: Path, private: bool = False) -> Path:
     """A fresh `.NAME.tmp-*` directory beside `target`: owner-only if `private` (as adapter
     directories have always been written), else with the permissions of a plain mkdir."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=sibling_prefix(target.name, "tmp"), dir=target.parent))
     if not private:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; a model directory is not
     return tmp
@@ -118,7 +123,7 @@ def swap_in(tmp: Path, target: Path) -> None:
     `.NAME.old-*` first and removed after. Killed between the two renames, the old version is
     complete beside `target`, and the next write puts it back (`repair`)."""
     repair(target)
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    old = target.parent / f"{sibling_prefix(target.name, 'old')}{uuid.uuid4().hex[:8]}"
     if target.exists():
         os.rename(target, old)
     try:
@@ -132,30 +137,44 @@ def swap_in(tmp: Path, target: Path) -> None:
 
 
 def write_dir_atomic(target: Path, files: dict[str, bytes]) -> Path:
-    """Replace directory `target` with one holding `files` (other files already in `target` are
-    kept): filled beside it, fsync'd, swapped in. Concurrent writers (threads or processes) take
-    turns under an exclusive `flock` on the parent, so the result is one writer's complete
-    directory (the last one's)."""
+    """Replace directory `target` with one holding `files` (other entries already in `target` are
+    kept; symlinks among them are kept as symlinks): filled beside it, fsync'd, swapped in. A
+    symlink at `target` is followed: its target is replaced and the link stays. Concurrent writers
+    (threads or processes) take turns under an exclusive `flock` on the parent, so the result is
+    one writer's complete directory (the last one's). OSErrors are `StorageError`s."""
+    given, target = target, real_target(target)
     if target.exists() and not target.is_dir():
-        raise AdapterFileError(f"{str(target)!r} exists and is not a directory; choose a directory path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with locked(target.parent):
-        repair(target, temps=True)
-        tmp = temp_dir(target, private=True)
-        try:
-            for name, data in files.items():
-                fsync_write(tmp / name, data)
-            if target.exists():
-                for entry in target.iterdir():
-                    if entry.name not in files:
-                        copy = shutil.copytree if entry.is_dir() else shutil.copy2
-                        copy(entry, tmp / entry.name)
-            fsync_path(tmp)
-            swap_in(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
+        raise AdapterFileError(f"{str(given)!r} exists and is not a directory; choose a directory path")
+    with storage_errors(given, "write"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with locked(target.parent):
+            repair(target, temps=True)
+            tmp = temp_dir(target, private=True)
+            try:
+                for name, data in files.items():
+                    fsync_write(tmp / name, data)
+                if target.exists():
+                    _keep_others(target, tmp, set(files))
+                fsync_path(tmp)
+                swap_in(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return given
+
+
+def _keep_others(old: Path, new: Path, ours: set[str]) -> None:
+    """Copy the entries of `old` that are not `ours` into `new`; symlinks as symlinks (never
+    followed: a link to /dev/zero would otherwise be read forever), special files not at all."""
+    for entry in old.iterdir():
+        if entry.name in ours:
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        elif entry.is_file():
+            shutil.copy2(entry, new / entry.name)
 
 
 def write_files_atomic(directory: Path, files: dict[str, bytes]) -> None:
@@ -163,22 +182,35 @@ def write_files_atomic(directory: Path, files: dict[str, bytes]) -> None:
     rename, so a reader sees every file whole, old or new; the directory's other entries stay."""
     if directory.exists() and not directory.is_dir():
         raise AdapterFileError(f"{str(directory)!r} exists and is not a directory; choose a directory path")
-    directory.mkdir(parents=True, exist_ok=True)
-    with locked(directory.parent):
-        for name, data in files.items():
-            write_file_atomic(directory / name, functools.partial(fsync_write, data=data), sync_parent=False)
-        fsync_path(directory)
+    with storage_errors(directory, "write"):
+        directory.mkdir(parents=True, exist_ok=True)
+        with locked(directory.parent):
+            for name, data in files.items():
+                write_file_atomic(
+                    directory / name,
+                    functools.partial(fsync_write, data=data),
+                    sync_parent=False,
+                    follow=False,
+                )
+            fsync_path(directory)
 
 
-def write_file_atomic(target: Path, fill: Callable[[Path], None], sync_parent: bool = True) -> Path:
-    """Create `target` by `fill(tmp)` on a temp file beside it (which `fill` fsyncs) and a rename."""
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        fill(tmp)
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, target)
-        if sync_parent:
-            fsync_path(target.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+def write_file_atomic(
+    target: Path, fill: Callable[[Path], None], sync_parent: bool = True, follow: bool = True
+) -> Path:
+    """Create `target` by `fill(tmp)` on a temp file beside it (which `fill` fsyncs) and a rename.
+    A symlink at `target` is followed (its target is replaced, the link stays) if `follow` — the
+    user named it as the output; files written inside a directory replace a link there instead,
+    never writing through it. OSErrors are `StorageError`s; the old file stays as it was."""
+    given, target = target, (real_target(target) if follow else target)
+    tmp = target.parent / f"{sibling_prefix(target.name, 'tmp')}{uuid.uuid4().hex[:8]}"
+    with storage_errors(given, "write"):
+        try:
+            fill(tmp)
+            os.chmod(tmp, 0o666 & ~umask())
+            os.replace(tmp, target)
+            if sync_parent:
+                fsync_path(target.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return given

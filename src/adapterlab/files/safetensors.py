@@ -18,6 +18,7 @@ from safetensors.torch import save as _encode
 from torch import Tensor
 
 from ..errors import AdapterFileError
+from .fs import open_regular, storage_error
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 MAX_DIMS, MAX_ELEMENTS = 8, 2**48  # per tensor (zero-length dims counted as 1)
@@ -66,10 +67,16 @@ def not_safetensors(path: Path, why: str) -> AdapterFileError:
     return AdapterFileError(f"{str(path)!r} is not a readable safetensors file ({why}); re-save it")
 
 
-def parse_json(text: str | bytes, where: str) -> Any:
-    """JSON from an untrusted file, or an `AdapterFileError` naming `where`."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(text: str | bytes, where: str, constants: bool = True) -> Any:
+    """JSON from an untrusted file, or an `AdapterFileError` naming `where`. Without `constants`,
+    Python's NaN / Infinity / -Infinity extensions are refused too (as the safetensors library
+    refuses them in a header)."""
     try:
-        return json.loads(text)
+        return json.loads(text) if constants else json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # bad syntax or UTF-8, over-long integers, deep nesting
         raise AdapterFileError(f"{where} is not valid JSON ({str(e)[:200]!r}); re-save the adapter") from None
 
@@ -85,27 +92,47 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """The tensors a safetensors file declares (in data order) and its metadata, after checking
     every declared size against the file: a header length that fits, and for every tensor a known
     dtype, a shape, and a byte range inside the data section that holds exactly shape × dtype
-    bytes. So nothing a header declares is allocated before it is known to be in the file."""
-    try:
-        with open(path, "rb") as f:
+    bytes, the ranges together covering the data section exactly (no gap, no overlap: what the
+    safetensors library requires). So nothing a header declares is allocated before it is known
+    to be in the file. Only a regular file is opened (a FIFO or /dev/zero is an error)."""
+    with open_regular(path, "safetensors file") as f:
+        try:
             size = os.fstat(f.fileno()).st_size
             length = int.from_bytes(f.read(8), "little")
             fits = 8 + length <= size and length <= MAX_HEADER_BYTES
             text = f.read(length) if fits else b""
-    except OSError as e:
-        raise not_safetensors(path, str(e)) from None
+        except OSError as e:
+            raise storage_error(e, path, "read") from None
     if not fits:
         raise not_safetensors(
             path, f"its header length field says {length} bytes; the file has {size} bytes in all"
         )
-    header = parse_json(text, f"the header of {str(path)!r}")
+    header = parse_json(text, f"the header of {str(path)!r}", constants=False)
     if not isinstance(header, dict):
         raise not_safetensors(path, f"its header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise not_safetensors(path, "its __metadata__ is not an object of strings")
+        raise not_safetensors(path, f"its __metadata__ {metadata!r:.60} is not an object of strings")
     tensors = {name: _entry(path, name, entry, 8 + length, size) for name, entry in header.items()}
-    return dict(sorted(tensors.items(), key=lambda kv: kv[1].start)), metadata
+    ordered = dict(sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)))
+    _check_coverage(path, ordered, 8 + length, size)
+    return ordered, metadata
+
+
+def _check_coverage(path: Path, tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """The byte ranges, in order, tile the data section: each starts where the previous ended, the
+    first at its start, the last at the end of the file."""
+    at = data_start
+    for name, info in tensors.items():
+        if info.start != at:
+            what = "overlaps the one before it" if info.start < at else f"leaves bytes [{at - data_start}, "
+            what += "" if info.start < at else f"{info.start - data_start}) before it unused"
+            raise not_safetensors(path, f"tensor {name!r:.100}'s byte range {what}")
+        at = info.end
+    if at != size:
+        raise not_safetensors(
+            path, f"its tensors end at byte {at - data_start} of a {size - data_start}-byte data section"
+        )
 
 
 def _entry(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:

@@ -1,0 +1,160 @@
+"""Hugging Face checkpoint directories read as strictly as adapters: `model.safetensors`, or an
+index (its weight_map checked: tensor names to plain shard file names, matching the shards'
+headers) and its shards, every header through the one strict parser; and the extra files a merged
+copy carries over (symlinks leading outside the directory are left out). docs/cli.md#merge.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import AdapterFileError
+from .adapter_dir import PICKLE_SUFFIXES
+from .fs import is_regular, not_a_directory, read_regular
+from .safetensors import TensorInfo, parse_json, read_header
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# weight formats a merged checkpoint must not carry over: they would still hold the unmerged weights
+_SHARD_NAME = re.compile(r"[\w.-]*?-(\d+)-of-(\d+)\.safetensors")
+STALE_SUFFIXES = (".safetensors", ".msgpack", ".h5", ".onnx", ".gguf", *PICKLE_SUFFIXES)
+
+
+@dataclass
+class Checkpoint:
+    """A Hugging Face model directory: its shard files and every tensor's header entry."""
+
+    root: Path
+    shards: list[Path]
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    def extra_files(self) -> tuple[list[Path], list[str]]:
+        """(top-level files a merged copy carries over: config, tokenizer, …; the names it leaves
+        out besides the checkpoint's own shards and index: other weight files and weight indexes,
+        subdirectories, special files, and symlinks that lead outside the directory — their
+        content is never copied; `outside_links` names those). A symlink to a regular file inside
+        the directory is copied as a file."""
+        keep, skip = [], []
+        own = {INDEX_FILE, *(shard.name for shard in self.shards)}
+        outside = set(self.outside_links())
+        for entry in sorted(self.root.iterdir()):
+            if (
+                is_regular(entry)
+                and not entry.name.endswith(STALE_SUFFIXES)
+                and not entry.name.endswith(".index.json")
+                and entry.name not in outside
+            ):
+                keep.append(entry)
+            elif entry.name not in own:
+                skip.append(entry.name + ("/" if entry.is_dir() else ""))
+        return keep, skip
+
+    def outside_links(self) -> list[str]:
+        """Top-level symlinks whose target lies outside the checkpoint directory (or nowhere)."""
+        root = os.path.realpath(self.root)
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if entry.is_symlink()
+            and os.path.commonpath([root, os.path.realpath(entry)]) != root
+            and entry.name not in {INDEX_FILE, *(shard.name for shard in self.shards)}
+        )
+
+
+def open_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint:
+    """The checkpoint in `directory` (headers only). Errors name what is missing and what to do."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise AdapterFileError(f"base model directory {str(root)!r} {not_a_directory(root, 'directory')}")
+    weight_map = _index(root) if os.path.lexists(root / INDEX_FILE) else None
+    if weight_map is not None:
+        shards = _indexed_shards(root, weight_map)
+    elif os.path.lexists(root / SINGLE_FILE):
+        shards = [root / SINGLE_FILE]
+    else:
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterFileError(
+                f"{str(root)!r} holds only pickle weights {pickles[:3]}; adapterlab never unpickles "
+                "(it can run code). Re-save the model with save_pretrained(dir) (safetensors)"
+            )
+        raise AdapterFileError(
+            f"{str(root)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}; pass a Hugging Face "
+            "model directory saved with save_pretrained"
+        )
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for shard in shards:
+        found, meta = read_header(shard)
+        twice = sorted(set(found) & set(tensors))
+        if twice:
+            raise AdapterFileError(
+                f"{str(root)!r}: tensor {twice[0]!r} is in two shards; the checkpoint is inconsistent"
+            )
+        tensors.update(found)
+        metadata = metadata or meta
+    if weight_map is not None:
+        _check_weight_map(root, weight_map, tensors)
+    return Checkpoint(root, shards, tensors, metadata)
+
+
+def _index(root: Path) -> dict[str, str]:
+    """The index's weight_map: {tensor name: shard file name}, every name a string."""
+    path = root / INDEX_FILE
+    index = parse_json(read_regular(path, "shard index"), repr(str(path)))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (
+        isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())
+    ):
+        raise AdapterFileError(
+            f"{str(path)!r} is not a valid index: it needs a non-empty 'weight_map' object of "
+            f"tensor names to shard file names, got {weight_map!r:.80}; re-save the model"
+        )
+    return weight_map
+
+
+def _indexed_shards(root: Path, weight_map: dict[str, str]) -> list[Path]:
+    """The shard files the index names: plain file names in `root`."""
+    names = sorted(set(weight_map.values()))
+    bad = [
+        n for n in names if n in ("", ".", "..") or "/" in n or "\\" in n or "\0" in n or n.startswith(".")
+    ]
+    if bad:
+        raise AdapterFileError(
+            f"{str(root / INDEX_FILE)!r} names shard {bad[0]!r:.80}, which is not a plain file name in the "
+            "model directory; the index is corrupt"
+        )
+    missing = [n for n in names if not os.path.lexists(root / n)]
+    if missing:
+        raise AdapterFileError(
+            f"{str(root / INDEX_FILE)!r} names shard(s) {missing[:3]} that are not "
+            "files of the directory; the checkpoint is incomplete"
+        )
+    numbered = [_SHARD_NAME.fullmatch(n) for n in names]
+    if all(numbered):  # model-00001-of-00004.safetensors …: the index names every one of the 4
+        counts = {int(m.group(2)) for m in numbered if m}
+        found = {int(m.group(1)) for m in numbered if m}
+        if len(counts) == 1 and found != set(range(1, max(counts) + 1)):
+            raise AdapterFileError(
+                f"{str(root / INDEX_FILE)!r} names {len(found)} of the {max(counts)} shards its shard names "
+                "count; the index does not match its shards. Re-save the model"
+            )
+    return [root / n for n in names]
+
+
+def _check_weight_map(root: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]) -> None:
+    """The index says for every tensor the shard it is in, and names no tensor that is not there."""
+    wrong = [k for k, info in tensors.items() if weight_map.get(k) != info.file.name] + [
+        k for k in weight_map if k not in tensors
+    ]
+    if wrong:
+        key = wrong[0]
+        where = tensors[key].file.name if key in tensors else "no shard"
+        raise AdapterFileError(
+            f"{str(root / INDEX_FILE)!r} puts tensor {key!r:.100} in {weight_map.get(key)!r:.80} but it is in "
+            f"{where}; the index does not match its shards. Re-save the model"
+        )
