@@ -6,6 +6,7 @@ what `inspect` shows, side network or deltas, train-end hook). docs/architecture
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import re
 import warnings
@@ -32,21 +33,28 @@ def register(cls: C) -> C:
     return cls
 
 
+def registry() -> dict[str, type[AdapterConfig]]:
+    """{method name: config class}. Importing `adapterlab.methods` registers them; `import adapterlab`
+    is lazy (the CLI starts without torch), so the first lookup imports it."""
+    importlib.import_module("adapterlab.methods")
+    return _REGISTRY
+
+
 def peft_config_class(peft_type: Any) -> type[AdapterConfig] | None:
     """The config class that reads PEFT's `peft_type`, or None."""
     return next(
-        (cls for cls in _REGISTRY.values() if cls.peft_type is not None and cls.peft_type == peft_type), None
+        (cls for cls in registry().values() if cls.peft_type is not None and cls.peft_type == peft_type), None
     )
 
 
 def methods() -> list[str]:
     """Registered method names."""
-    return sorted(_REGISTRY)
+    return sorted(registry())
 
 
 def config_class(method: str) -> type[AdapterConfig]:
     try:
-        return _REGISTRY[method.lower()]
+        return registry()[method.lower()]
     except (KeyError, AttributeError):
         raise UnknownMethodError(f"unknown method {method!r}; choose one of {', '.join(methods())}") from None
 
