@@ -16,12 +16,12 @@ from typing import Any
 
 import click
 
-from .checkpoint import MERGE_HOWS, plan_merge, run_merge
 from .errors import AdapterFileError, AdapterlabError, ConfigError
-from .export import export_dense, export_peft
-from .files.adapter_dir import AdapterFile
-from .validate import validate
 from .version import VERSION
+
+# The commands import what they run when they run: `adapterlab --help` starts without torch.
+# arithmetic.TENSOR_HOWS, written out for the same reason (tests/test_cli.py checks they agree).
+MERGE_HOWS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 __all__ = ["cli", "inspect_adapter", "main", "parse_size"]
 
@@ -29,6 +29,8 @@ __all__ = ["cli", "inspect_adapter", "main", "parse_size"]
 def inspect_adapter(directory: str | os.PathLike) -> dict[str, Any]:
     """What `adapterlab inspect` reports: method, config and its settings (rank, density, …),
     targets (count and module types), parameter counts, size on disk, fingerprint."""
+    from .files.adapter_dir import AdapterFile
+
     adapter = AdapterFile.open(directory)
     metadata, tensors = adapter.metadata, adapter.tensors
     fingerprint = metadata["fingerprint"]
@@ -212,6 +214,8 @@ def merge(
       adapterlab merge --base models/llama --adapter runs/a --adapter runs/b \\
           --weights 1,0.5 --how ties --density 0.3 --out models/llama-ab --shard-size 1GB
     """
+    from .checkpoint import plan_merge, run_merge
+
     if weights is not None and len(weights) != len(adapters):
         raise click.BadParameter(
             f"{len(weights)} weights for {len(adapters)} adapters", param_hint="--weights"
@@ -253,6 +257,8 @@ def export(directory: str, fmt: str, out: str) -> None:
       adapterlab export runs/lora --format peft --out runs/lora-peft
       adapterlab export runs/sft --format dense --out runs/sft-delta.safetensors
     """
+    from .export import export_dense, export_peft
+
     written = export_peft(directory, out) if fmt == "peft" else export_dense(directory, out)
     click.echo(f"wrote {written}")
 
@@ -301,6 +307,8 @@ def validate_command(directory: str, base: str) -> None:
     Example:
       adapterlab validate runs/lora --base models/llama
     """
+    from .validate import validate
+
     checks = validate(directory, base)
     for check in checks:
         click.echo(f"{'ok' if check.ok else 'FAIL':>4}  {check.name:<11} {check.detail}")
