@@ -142,7 +142,7 @@ def read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     _, metadata = read_header(path)
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f}, metadata
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (safe_open: no __iter__)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise not_safetensors(path, str(e)) from None
 
