@@ -80,7 +80,7 @@ def read_weights(path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__), f.metadata() or {}
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (no __iter__)
 
 
 @pytest.fixture
