@@ -121,9 +121,15 @@ def _fit_check(adapter: AdapterFile, base: Checkpoint, keys: dict[str, str]) -> 
     for path, key in keys.items():
         info = base.tensors[key]
         try:
-            adapter.delta(path, skeleton(adapter.modules[path], zeros(info.shape, DTYPES[info.dtype])))
+            delta = adapter.delta(
+                path, skeleton(adapter.modules[path], zeros(info.shape, DTYPES[info.dtype]))
+            )
         except (AdapterFileError, TargetError) as e:
             return Check("tensors", False, str(e))
+        own = [t for t in delta.state_dict().values() if t.is_floating_point()]
+        finite = all(bool(torch.isfinite(t).all()) for t in own)  # NaN in a tensor: the finite check's
+        if finite and delta.mergeable and not bool(torch.isfinite(delta.delta_weight()).all()):
+            return Check("tensors", False, f"the ΔW of {path!r} overflows to Inf (a huge alpha or factors)")
     return Check("tensors", True, f"{len(adapter.tensors)} tensors fit their {len(keys)} modules")
 
 

@@ -28,6 +28,9 @@ from ..kernels import lora_add
 from ..layer import Delta
 from ..targeting import is_conv, is_hf_conv1d, is_linear
 
+MAX_RANK = 2**20  # above any layer's width: a larger rank is a typo, or a file asking for terabytes
+MAX_SCALING = 2.0**64  # |alpha / r|; far beyond any trained adapter, and float32 can still hold ΔW
+
 
 @register
 @dataclass
@@ -45,8 +48,13 @@ class LoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_number(self, "r", low=1, integer=True, hint="use a rank such as 8 or 16")
+        check_number(self, "r", low=1, high=MAX_RANK, integer=True, hint="use a rank such as 8 or 16")
         check_number(self, "alpha", low=0, low_open=True, hint="alpha = 2*r is a common choice")
+        if not self.scaling <= MAX_SCALING:
+            raise ConfigError(
+                f"{self.method}: alpha={self.alpha!r} with r={self.r} scales ΔW by {self.scaling:.3g}, above "
+                f"{MAX_SCALING:.3g}; ΔW would overflow. alpha = 2*r is a common choice"
+            )
         check_number(self, "dropout", low=0, high=0.999)
         if not isinstance(self.rslora, bool):
             raise ConfigError(f"{self.method}: rslora={self.rslora!r} must be True or False")
