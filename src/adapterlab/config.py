@@ -226,6 +226,15 @@ class AdapterConfig:
             "re-save the adapter"
         )
 
+    @classmethod
+    def peft_base_entry(
+        cls, entry: dict[str, Any], base_shape: list[int], conv1d: bool | None
+    ) -> dict[str, Any]:
+        """A PEFT directory's fingerprint entry (guessed by `peft_modules`, without the model) fixed
+        by the base weight's shape, as loading into the model would decide it: `conv1d` says whether
+        the checkpoint's architecture stores linear weights (in, out) (None: unknown). Default: as is."""
+        return entry
+
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}

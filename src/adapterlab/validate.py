@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Checkpoint, locate, location_errors, open_checkpoint
+from .checkpoint import Checkpoint, fit_base, location_errors, open_checkpoint
 from .errors import AdapterFileError, TargetError
 from .files.adapter_dir import FORMAT_VERSION, AdapterFile, modules_sha256
 from .files.safetensors import DTYPES, FLOAT_DTYPES
+from .sharing import tied_heads
 from .skeleton import skeleton, zeros
 
 
@@ -53,9 +54,9 @@ def validate(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> lis
         ]
     base = open_checkpoint(base_dir)
     checks.append(_integrity_check(adapter))
-    found = locate(adapter.modules, base.tensors)
+    found = fit_base(adapter, base)
     problems = location_errors(adapter, base, found)
-    located = not found.missing and not found.ambiguous
+    located = not found.missing and not found.ambiguous and not tied_heads(adapter.modules, base.root)
     checks.append(
         Check(
             "modules",

@@ -353,6 +353,16 @@ class AdapterFile:
                 f"deltas: it cannot be {doing}. Use it with al.{self.method}.load(backbone, directory)"
             )
 
+    def fit_base(self, shapes: dict[str, list[int]], conv1d: bool | None) -> None:
+        """A PEFT directory (no fingerprint): each module's type fixed by the base weight's shape
+        `shapes[path]` (the config class's `peft_base_entry`), as `al.load` into that model would."""
+        if self.peft_config is None or self.metadata["fingerprint"].get("modules"):
+            return
+        cls = type(self.config)
+        for path, shape in shapes.items():
+            if path in self.modules:
+                self.modules[path] = cls.peft_base_entry(self.modules[path], list(shape), conv1d)
+
     def delta(self, path: str, module: nn.Module) -> Delta:
         """The delta of module `path`, built on `module` (a skeleton) and filled from the file."""
         return fill_delta(self.config, module, self._owned.get(path, {}), f"{self.name!r}: module {path!r}")

@@ -205,6 +205,23 @@ class LoRAConfig(AdapterConfig):
         }
 
     @classmethod
+    def peft_base_entry(
+        cls, entry: dict[str, Any], base_shape: list[int], conv1d: bool | None
+    ) -> dict[str, Any]:
+        """Linear or Conv1D as `al.load` decides it, by the module, whatever the file's `fan_in_fan_out`
+        (PEFT resets the flag alike): the weight's layout if not square, else `conv1d`, else the guess."""
+        if entry["type"] not in ("Linear", "Conv1D") or len(base_shape) != 2:
+            return entry
+        n_out, n_in = entry["shape"] if entry["type"] == "Linear" else entry["shape"][::-1]
+        linear, conv, base = [n_out, n_in], [n_in, n_out], list(base_shape)
+        if base not in (linear, conv):
+            return entry
+        kind = "Linear" if base == linear else "Conv1D"
+        if base == linear == conv:
+            kind = entry["type"] if conv1d is None else ("Conv1D" if conv1d else "Linear")
+        return {"type": kind, "shape": linear if kind == "Linear" else conv}
+
+    @classmethod
     def peft_modules(
         cls, data: dict[str, Any], tensors: dict[str, Tensor], where: str
     ) -> dict[str, dict[str, Any]]:
