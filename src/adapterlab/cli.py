@@ -160,7 +160,7 @@ def inspect(directory: str, as_json: bool) -> None:
         say(json.dumps(info, sort_keys=True))
         return
     for key, value in info.items():
-        say(f"{key:>16}: {value}")
+        say(f"{key:>16}: {printable(value)}")
 
 
 def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
