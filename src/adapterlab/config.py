@@ -242,7 +242,7 @@ class AdapterConfig:
     @staticmethod
     def from_dict(data: dict[str, Any], strict: bool = True) -> AdapterConfig:
         """Inverse of `to_dict`. Every field is checked by the config's `validate` (types, ranges);
-        bad values raise `ConfigError`. Unknown keys raise `ConfigError` too, unless `strict=True`
+        bad values raise `ConfigError`. Unknown keys raise `ConfigError` too, unless `strict=False`
         (configs read from files): then they are dropped with a warning naming them."""
         if not isinstance(data, dict) or not isinstance(data.get("method"), str):
             raise ConfigError(

@@ -95,8 +95,9 @@ def load(path: str | os.PathLike, what: str = "config file") -> Any:
     file = Path(path)
     where = excerpt(str(file))
     text = read_text(file, what)
-    loader = _loader_class()(text)
+    loader = None
     try:
+        loader = _loader_class()(text)  # the reader checks the characters here already
         return loader.get_single_data()
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
@@ -108,4 +109,5 @@ def load(path: str | os.PathLike, what: str = "config file") -> Any:
     except (ValueError, TypeError, OverflowError, RecursionError) as e:  # int('9'*5000), bad dates
         raise ConfigError(f"{where} holds a value YAML cannot convert ({excerpt(str(e), 120)})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

@@ -208,7 +208,7 @@ def _check_config(data: Any, method: str, where: str) -> dict[str, Any]:
             f"{where}: config {excerpt(data)} is not an object with method {method!r}; re-save the adapter"
         )
     try:
-        return AdapterConfig.from_dict(data, strict=True).to_dict()
+        return AdapterConfig.from_dict(data, strict=False).to_dict()
     except AdapterlabError as e:
         raise AdapterFileError(f"{where}: {e}") from None
 
