@@ -471,3 +471,24 @@ def test_cli_merge_of_a_peft_lora_with_fan_in_fan_out_equals_al_merge(inputs, tm
         torch.testing.assert_close(merged[f"{path}.weight"], layer.base_layer.weight, atol=1e-6, rtol=1e-6)
     code, out, _ = run(["validate", tmp_path / "peft", "--base", inputs / "base"], capsys)
     assert code == 0, out
+
+
+# -- class 7: YAML files that are not files --------------------------------------------------------
+@pytest.mark.parametrize("kind", ["fifo", "directory", "dev-zero"])
+def test_a_combine_config_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, capsys, kind):
+    config = tmp_path / "c.yaml"
+    if kind == "fifo":
+        os.mkfifo(config)
+    elif kind == "directory":
+        config.mkdir()
+    else:
+        config.symlink_to("/dev/zero")
+    one_line_error(run(["combine", config], capsys), "config")
+
+
+def test_scalar_aliases_are_allowed_within_the_limit(inputs, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"x: &w 0.5\nadapters: {{a: {inputs / 'lora'}}}\nweights: {{a: *w}}\nout: {tmp_path / 'o'}\n"
+    )
+    one_line_error(run(["combine", config], capsys), "unknown key 'x'")  # the alias itself parsed fine

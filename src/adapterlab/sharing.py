@@ -18,15 +18,17 @@ from .errors import MergeError, TargetError
 from .layer import AdapterLayer
 
 
-def _walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _walk(prefix: str, module: nn.Module, above: frozenset = frozenset()) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) for every registration under `module`, duplicates included (a wrapper's own
-    internals hidden: an `AdapterLayer` shows as itself, its base layer's children below it)."""
+    internals hidden: an `AdapterLayer` shows as itself, its base layer's children below it). A
+    module registered inside itself is not followed again."""
+    above = above | {id(module)}
     for name, child in vars(module)["_modules"].items():  # every name, even a repeated object
-        if child is None:
+        if child is None or id(child) in above:
             continue
         path = f"{prefix}.{name}" if prefix else name
         yield path, child
-        yield from _walk(path, child.base_layer if isinstance(child, AdapterLayer) else child)
+        yield from _walk(path, child.base_layer if isinstance(child, AdapterLayer) else child, above)
 
 
 def module_paths(model: nn.Module) -> dict[int, list[str]]:

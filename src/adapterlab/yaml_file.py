@@ -29,18 +29,20 @@ def read_text(path: Path, what: str) -> str:
         raise ConfigError(f"{what} {where} does not exist") from None
     except (OSError, ValueError) as e:  # permissions, a directory on some systems, NUL in the name
         raise ConfigError(f"cannot read {what} {where} ({printable(e)})") from None
-    with os.fdopen(fd, "rb") as file:
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise ConfigError(f"{what} {where} is not a regular file; pass a YAML file")
-            if info.st_size > MAX_BYTES:
-                raise ConfigError(
-                    f"{what} {where} is {info.st_size} bytes; a config file may hold at most {MAX_BYTES}"
-                )
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{what} {where} is not a regular file; pass a YAML file")
+        if info.st_size > MAX_BYTES:
+            raise ConfigError(
+                f"{what} {where} is {info.st_size} bytes; a config file may hold at most {MAX_BYTES}"
+            )
+        with os.fdopen(os.dup(fd), "rb") as file:
             data = file.read(MAX_BYTES + 1)
-        except OSError as e:
-            raise ConfigError(f"cannot read {what} {where} ({printable(e)})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {where} ({printable(e)})") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_BYTES:
         raise ConfigError(f"{what} {where} grew past {MAX_BYTES} bytes while being read")
     try:
