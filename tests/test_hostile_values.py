@@ -492,3 +492,24 @@ def test_scalar_aliases_are_allowed_within_the_limit(inputs, tmp_path, capsys):
         f"x: &w 0.5\nadapters: {{a: {inputs / 'lora'}}}\nweights: {{a: *w}}\nout: {tmp_path / 'o'}\n"
     )
     one_line_error(run(["combine", config], capsys), "unknown key 'x'")  # the alias itself parsed fine
+
+
+@pytest.mark.parametrize("name", ["LEVI", "Levi", "levi "])
+def test_a_levi_file_with_a_method_name_in_another_case_is_refused_everywhere(inputs, tmp_path, capsys, name):
+    from test_levi import tiny_bert
+
+    from adapterlab.methods.levi import LEVI
+
+    levi = LEVI(tiny_bert(), num_classes=2, layers=[1], side_dim=8)
+    bad = edit_block(al.levi.save(levi, tmp_path / "levi"), set_method(name))
+    for args in (
+        ["inspect", bad],
+        ["export", bad, "--format", "dense", "--out", tmp_path / "d.safetensors"],
+        ["merge", "--base", inputs / "base", "--adapter", bad, "--out", tmp_path / "m"],
+    ):
+        one_line_error(run(args, capsys))
+    code, out, _ = run(["validate", bad, "--base", inputs / "base"], capsys)
+    assert code == 1 and "FAIL  format" in out, out
+    for call in (lambda: al.load(tiny_llama(), bad), lambda: al.levi.load(tiny_bert(), bad)):
+        with pytest.raises(al.AdapterFileError, match="method"):
+            call()
