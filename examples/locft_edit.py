@@ -212,7 +212,7 @@ def edit_requests(
     Locality: the person's own job prompt, and one unedited person's city prompt."""
     rng = random.Random(seed + 1)
     reqs = []
-    for person, other in zip(edited, kept, strict=True):
+    for person, other in zip(edited, kept, strict=False):  # one kept person per edit; the rest stay unpaired
         new = rng.choice([c for c in CITIES if c != facts[person][0]])
         reqs.append(
             {

@@ -127,7 +127,8 @@ MUTATIONS = st.one_of(
     st.tuples(st.just("merge_key"), st.just(0)),
     st.tuples(st.just("tag"), st.sampled_from(["!!python/object/apply:os.system ['true']", "!!binary AAA=",
                                                "!!set {a, b}", "!!timestamp 2001-13-45", "!!int 0x", "!!float x",
-                                               "!!str", "!custom 1", "!!omap [a: 1]", "2001-12-14"])),
+                                               "!!str", "!custom 1", "!!omap [a: 1]", "2001-12-14",
+                                               "!!timestamp", "!!int", "!!bool maybe", "!!null x"])),
     st.tuples(st.just("huge_int"), st.integers(10, 20_000)),
     st.tuples(st.just("flip"), st.integers(0, 10**6), st.binary(min_size=1, max_size=4)),
     st.tuples(st.just("truncate"), st.integers(0, 10**6)),
@@ -167,7 +168,7 @@ def mutate(text: str, m: tuple) -> bytes:
     if kind == "replace_value":
         try:
             doc = yaml.safe_load(text)
-        except yaml.YAMLError:
+        except Exception:  # PyYAML on a mutated text: YAMLError, ValueError, AttributeError, …
             doc = None
         doc = doc if isinstance(doc, dict) else yaml.safe_load(VALID)
         doc[m[1]] = m[2]

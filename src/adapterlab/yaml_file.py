@@ -108,7 +108,7 @@ def load(path: str | os.PathLike, what: str = "config file") -> Any:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where} is not valid YAML: {printable(problem)[:120]}{at}") from None
-    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # int('9'*5000), bad dates
+    except Exception as e:  # PyYAML's converters on odd input: int('9'*5000), bad dates, empty !!timestamp
         raise ConfigError(f"{where} holds a value YAML cannot convert ({excerpt(str(e), 120)})") from None
     finally:
         if loader is not None:

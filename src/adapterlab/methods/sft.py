@@ -303,7 +303,7 @@ def _full_phase(
     θ₀ and every parameter's requires_grad restored (also on error)."""
     trained = list(weights.values()) + head_weights
     start = [w.detach().clone() for w in trained]
-    theta0 = dict(zip(weights, start, strict=True))
+    theta0 = dict(zip(weights, start[: len(weights)], strict=True))  # start also holds the heads
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         model.requires_grad_(False)
