@@ -286,8 +286,18 @@ def test_generated_combine_configs_end_in_success_or_one_line_error(sandbox, str
         (b"adapters: {a: a}\nout: out\n# " + b"x" * (2**20 + 10), "bytes"),
         (b"adapters: {a: a}\nout: out\nseed: " + b"9" * 5000 + b"\n", "YAML"),
         (b'adapters: {a: a}\nout: out\nhow: "\\x1b[2J\\u202e' + b"y" * 100_000 + b'"\n', "how"),
+        (b"adapters: {a: a}\nout: out\nrank: !!timestamp", "YAML"),
     ],
-    ids=["bomb-9", "bomb-10", "deep-flow", "deep-mapping", "too-big", "huge-int", "escape-in-value"],
+    ids=[
+        "bomb-9",
+        "bomb-10",
+        "deep-flow",
+        "deep-mapping",
+        "too-big",
+        "huge-int",
+        "escape-in-value",
+        "empty-tag",
+    ],
 )
 def test_yaml_bombs_and_deep_nesting_are_short_one_line_errors(sandbox, capsys, data, fragment):
     assert check_one(sandbox, data, capsys) == "error"
