@@ -7,6 +7,7 @@ message quotes at most a short excerpt of the file. Used by `adapterlab combine 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,20 @@ def read_text(path: Path, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} {where} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+_QUOTED_OR_COMMENT = re.compile(r"'[^'\n]*'|\"(?:[^\"\\\n]|\\.)*\"|#[^\n]*")
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of [ ] and { } outside quotes and comments, counted in one pass before
+    PyYAML sees the text: its scanner reads a run of openers ahead of the parser (costly
+    per level), so a deep flow is refused first."""
+    depth = deepest = 0
+    for match in re.finditer(r"[\[\]{}]", _QUOTED_OR_COMMENT.sub("", text)):
+        depth = depth + 1 if match.group() in "[{" else max(0, depth - 1)
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _loader_class() -> type:
@@ -97,6 +112,10 @@ def load(path: str | os.PathLike, what: str = "config file") -> Any:
     file = Path(path)
     where = excerpt(str(file))
     text = read_text(file, what)
+    if _flow_depth(text) > MAX_DEPTH:
+        raise ConfigError(
+            f"{where}: nesting deeper than {MAX_DEPTH} levels; a config is a flat mapping of options"
+        )
     loader = None
     try:
         loader = _loader_class()(text)  # the reader checks the characters here already
