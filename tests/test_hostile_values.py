@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ConvNet, randomize_lora, tiny_llama
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import adapterlab as al
@@ -513,3 +516,40 @@ def test_a_levi_file_with_a_method_name_in_another_case_is_refused_everywhere(in
     for call in (lambda: al.load(tiny_llama(), bad), lambda: al.levi.load(tiny_bert(), bad)):
         with pytest.raises(al.AdapterFileError, match="method"):
             call()
+
+
+class Chain(nn.Module):
+    """One Linear registered at `places` paths (p0.lin, p1.lin, …), applied once per place."""
+
+    def __init__(self, places: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        shared = nn.Linear(5, 5)
+        self.parts = nn.ModuleList(nn.ModuleDict({"lin": shared}) for _ in range(places))
+
+    def forward(self, x):
+        for part in self.parts:
+            x = torch.tanh(part["lin"](x))
+        return x
+
+
+@given(places=st.integers(2, 4), chosen=st.sets(st.integers(0, 3), min_size=1))
+def test_a_reused_module_is_adapted_everywhere_or_refused_naming_the_rest(places, chosen):
+    chosen = sorted(i for i in chosen if i < places) or [0]
+    model = Chain(places)
+    targets = [f"parts.{i}.lin" for i in chosen]
+    if len(chosen) < places:
+        missing = next(f"parts.{i}.lin" for i in range(places) if i not in chosen)
+        with pytest.raises(al.TargetError, match=re.escape(repr(missing))):
+            al.inject(model, "lora", r=2, targets=targets)
+        assert all(type(part["lin"]) is nn.Linear for part in model.parts)
+        return
+    al.inject(model, "lora", r=2, targets=targets)
+    randomize_lora(model, std=0.3)
+    assert len({id(part["lin"]) for part in model.parts}) == 1
+    x = torch.randn(2, 5)
+    expected = model(x)
+    al.merge(model)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    al.unload(model)
+    assert len({id(part["lin"]) for part in model.parts}) == 1 and type(model.parts[0]["lin"]) is nn.Linear
