@@ -291,6 +291,7 @@ def test_generated_combine_configs_end_in_success_or_one_line_error(sandbox, str
         (b"adapters: {a: a}\nout: out\nseed: " + b"9" * 5000 + b"\n", "YAML"),
         (b'adapters: {a: a}\nout: out\nhow: "\\x1b[2J\\u202e' + b"y" * 100_000 + b'"\n', "how"),
         (b"adapters: {a: a}\nout: out\nrank: !!timestamp", "YAML"),
+        (b"adapters: {a: a}\nout: out\ndensity: 1" + b"0" * 400 + b"\n", "density"),
     ],
     ids=[
         "bomb-9",

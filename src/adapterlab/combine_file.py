@@ -38,7 +38,10 @@ _NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an int too large for a float is not: it would overflow later)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return abs(value) < 2**1023 if isinstance(value, int) else math.isfinite(value)
 
 
 def _path(where: str, field: str, value: Any, root: Path) -> str:
