@@ -302,6 +302,7 @@ def test_generated_combine_configs_end_in_success_or_one_line_error(sandbox, str
         "huge-int",
         "escape-in-value",
         "empty-tag",
+        "huge-density",
     ],
 )
 def test_yaml_bombs_and_deep_nesting_are_short_one_line_errors(sandbox, capsys, data, fragment):
