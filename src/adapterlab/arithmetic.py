@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .text import excerpt
 
 TENSOR_HOWS = (
     "linear",
@@ -62,10 +63,10 @@ def dare(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
 def check_density_p(density: float, p: float) -> None:
     if not (isinstance(density, (int, float)) and 0 < density <= 1):
         raise ConfigError(
-            f"density={density!r} must be in (0, 1]; e.g. 0.2 keeps the top 20% of each task vector"
+            f"density={excerpt(density)} must be in (0, 1]; e.g. 0.2 keeps the top 20% of each task vector"
         )
     if not (isinstance(p, (int, float)) and 0 <= p < 1):
-        raise ConfigError(f"p={p!r} is the DARE drop probability; it must be in [0, 1), e.g. 0.9")
+        raise ConfigError(f"p={excerpt(p)} is the DARE drop probability; it must be in [0, 1), e.g. 0.9")
 
 
 def global_threshold(taus: list[Tensor], density: float) -> float:

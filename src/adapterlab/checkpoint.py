@@ -29,6 +29,7 @@ from .files.atomic import fsync_path, fsync_write, locked, repair, swap_in, temp
 from .files.checkpoint_dir import INDEX_FILE, SINGLE_FILE, Checkpoint, open_checkpoint
 from .files.fs import check_output, open_regular, real_target, storage_errors
 from .files.safetensors import FLOAT_DTYPES, SafetensorsWriter, read_tensor
+from .sharing import linear_transposed, tied_heads
 from .skeleton import skeleton, zeros
 
 MERGE_HOWS = TENSOR_HOWS
@@ -83,11 +84,28 @@ def locate(paths: Iterable[str], keys: Iterable[str]) -> Location:
     return out
 
 
+def fit_base(adapter: AdapterFile, base: Checkpoint) -> Location:
+    """`locate` the adapter's modules; a PEFT directory's Linear / Conv1D types are decided by the
+    checkpoint's weights and architecture, as `al.load` would decide them (`fan_in_fan_out`)."""
+    found = locate(adapter.modules, base.tensors)
+    shapes = {p: base.tensors[k].shape for p, k in found.keys.items()}
+    adapter.fit_base(shapes, linear_transposed(base.root))
+    return found
+
+
 def location_errors(adapter: AdapterFile, base: Checkpoint, found: Location) -> list[str]:
-    """One line per problem: missing or ambiguous modules, shapes that differ."""
+    """One line per problem: tied output heads, missing or ambiguous modules, shapes that differ."""
+    tied = tied_heads(adapter.modules, base.root)
     problems = [
+        f"{p!r} is tied to the input embedding in this checkpoint (config.json tie_word_embeddings): "
+        "merging into it would change the embedding too, and loading re-ties it. Keep the adapter "
+        "unmerged (al.load), or untie the model and save it with tie_word_embeddings=False first"
+        for p in tied[:3]
+    ]
+    problems += [
         f"{p!r} has no weight in the checkpoint (looked for {p + '.weight'!r} and keys ending in it)"
         for p in found.missing[:3]
+        if p not in tied
     ]
     problems += [f"{p!r} matches several weights {keys[:3]}" for p, keys in list(found.ambiguous.items())[:3]]
     problems += [
@@ -105,7 +123,7 @@ def location_errors(adapter: AdapterFile, base: Checkpoint, found: Location) -> 
 
 def locate_adapter(adapter: AdapterFile, base: Checkpoint) -> dict[str, str]:
     """{module path: checkpoint key} for every module of `adapter`, or an error saying why not."""
-    found = locate(adapter.modules, base.tensors)
+    found = fit_base(adapter, base)
     if found.ambiguous and not found.missing:
         path, keys = next(iter(found.ambiguous.items()))
         raise TargetError(
@@ -114,6 +132,8 @@ def locate_adapter(adapter: AdapterFile, base: Checkpoint) -> dict[str, str]:
             "model class the checkpoint was saved from)"
         )
     problems = location_errors(adapter, base, found)
+    if tied_heads(adapter.modules, base.root):
+        raise MergeError(f"{adapter.name!r}: {problems[0]}")
     if problems:
         raise FingerprintMismatchError(
             f"{adapter.name!r} was made for another model than {str(base.root)!r}: "

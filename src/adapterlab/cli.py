@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from .errors import AdapterFileError, AdapterlabError, ConfigError
+from .text import excerpt, printable
 from .version import VERSION
 
 # The commands import what they run when they run: `adapterlab --help` starts without torch.
@@ -87,11 +88,34 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except (AdapterlabError, OSError) as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"adapterlab: error: {' '.join(str(e).split())}", err=True)
+            say(f"adapterlab: error: {' '.join(str(e).split())}", err=True)
             ctx.exit(1)
+        except MemoryError:
+            if ctx.params.get("debug"):
+                raise
+            say("adapterlab: error: out of memory; the input asks for more than this machine has", err=True)
+            ctx.exit(1)
+        except Exception as e:  # the last resort: a bad file must never show a traceback
+            if ctx.params.get("debug"):
+                raise
+            say(
+                f"adapterlab: error: unexpected {type(e).__name__}: {printable(' '.join(str(e).split())[:200])}. This is a bug "
+                "in adapterlab; rerun with --debug for the traceback and report it",
+                err=True,
+            )
+            ctx.exit(1)
+
+
+def say(text: Any, err: bool = False) -> None:
+    """Print `text` line by line, every line escaped (`text.printable`): file-controlled strings
+    never reach the terminal raw."""
+    for line in str(text).split("\n"):
+        click.echo(printable(line), err=err)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -137,10 +161,10 @@ def inspect(directory: str, as_json: bool) -> None:
     """
     info = inspect_adapter(directory)
     if as_json:
-        click.echo(json.dumps(info, sort_keys=True))
+        say(json.dumps(info, sort_keys=True))
         return
     for key, value in info.items():
-        click.echo(f"{key:>16}: {value}")
+        say(f"{key:>16}: {printable(value)}")
 
 
 def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
@@ -226,11 +250,11 @@ def merge(
     for warning in caught:
         click.echo(f"adapterlab: warning: {' '.join(str(warning.message).split())}", err=True)
     if dry_run:
-        click.echo("\n".join(plan.describe()))
-        click.echo(f"dry run: nothing written (would write {out})")
+        say("\n".join(plan.describe()))
+        say(f"dry run: nothing written (would write {out})")
         return
     target = run_merge(plan, out, overwrite=overwrite)
-    click.echo(
+    say(
         f"merged {len(plan.targets)} weights from {len(adapters)} adapter(s) into {target} "
         f"({len(plan.outputs)} shard(s))"
     )
@@ -260,7 +284,7 @@ def export(directory: str, fmt: str, out: str) -> None:
     from .export import export_dense, export_peft
 
     written = export_peft(directory, out) if fmt == "peft" else export_dense(directory, out)
-    click.echo(f"wrote {written}")
+    say(f"wrote {written}")
 
 
 @cli.command()
@@ -286,7 +310,7 @@ def combine(config: str) -> None:
     resolved, report = run_combine(config)
     extra = f", rank {report.rank}" if report.rank else ""
     lost = f"; discarded {100 * report.discarded_fraction:.2f}% of the energy" if report.discarded else ""
-    click.echo(
+    say(
         f"combined {len(resolved['adapters'])} adapters ({report.how}, kind {report.kind}{extra}) "
         f"into {resolved['out']}{lost}"
     )
@@ -311,11 +335,11 @@ def validate_command(directory: str, base: str) -> None:
 
     checks = validate(directory, base)
     for check in checks:
-        click.echo(f"{'ok' if check.ok else 'FAIL':>4}  {check.name:<11} {check.detail}")
+        say(f"{'ok' if check.ok else 'FAIL':>4}  {check.name:<11} {' '.join(check.detail.split())}")
     failed = [c.name for c in checks if not c.ok]
     if failed:
         raise AdapterFileError(
-            f"{directory!r} failed {len(failed)} of {len(checks)} checks against {base!r}: "
+            f"{excerpt(directory)} failed {len(failed)} of {len(checks)} checks against {base!r}: "
             f"{', '.join(failed)}"
         )
 

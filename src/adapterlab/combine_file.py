@@ -13,13 +13,15 @@ from typing import Any
 
 import torch
 
+from . import yaml_file
 from .compose import HOWS, KINDS, CombineReport, check_options, combine
 from .errors import ConfigError, FingerprintMismatchError, closest
 from .files.adapter_dir import AdapterFile
 from .files.atomic import write_dir_atomic
-from .files.fs import check_output, read_regular
+from .files.fs import check_output
 from .io import adapter_files, load
-from .skeleton import skeleton_model
+from .skeleton import require_memory, skeleton_model
+from .text import excerpt, printable
 
 FIELDS = ("adapters", "weights", "how", "kind", "density", "p", "seed", "rank", "trim_scope", "out", "base")
 DEFAULTS: dict[str, Any] = {
@@ -37,24 +39,34 @@ _NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an int too large for a float is not: it would overflow later)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return abs(value) < 2**1023 if isinstance(value, int) else math.isfinite(value)
 
 
 def _path(where: str, field: str, value: Any, root: Path) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: {field}={value!r} must be a path (a string)")
-    return str((root / value).resolve())
+        raise ConfigError(f"{where}: {field}={excerpt(value)} must be a path (a string)")
+    try:
+        return str((root / value).resolve())
+    except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, names too long, symlink loops
+        raise ConfigError(
+            f"{where}: {field}={excerpt(value)} is not a usable path ({printable(e)})"
+        ) from None
 
 
 def _adapters(where: str, value: Any, root: Path) -> dict[str, str]:
     if not isinstance(value, dict) or not value:
         raise ConfigError(
-            f"{where}: adapters={value!r} must be a mapping of names to adapter directories, "
+            f"{where}: adapters={excerpt(value)} must be a mapping of names to adapter directories, "
             "e.g. {{math: runs/math, code: runs/code}}"
         )
     bad = [n for n in value if not (isinstance(n, str) and _NAME.fullmatch(n))]
     if bad:
-        raise ConfigError(f"{where}: adapter name {bad[0]!r} is invalid; use letters, digits, '_' or '-'")
+        raise ConfigError(
+            f"{where}: adapter name {excerpt(bad[0])} is invalid; use letters, digits, '_' or '-'"
+        )
     return {name: _path(where, f"adapters.{name}", d, root) for name, d in value.items()}
 
 
@@ -67,11 +79,11 @@ def _weights(where: str, value: Any, names: list[str]) -> dict[str, float]:
         value = dict(zip(names, value, strict=True))
     if not isinstance(value, dict):
         raise ConfigError(
-            f"{where}: weights={value!r} must be a mapping {{name: weight}} or a list of numbers"
+            f"{where}: weights={excerpt(value)} must be a mapping {{name: weight}} or a list of numbers"
         )
     unknown = [n for n in value if n not in names]
     if unknown:
-        raise ConfigError(f"{where}: weights names unknown adapter {unknown[0]!r}; adapters: {names}")
+        raise ConfigError(f"{where}: weights names unknown adapter {excerpt(unknown[0])}; adapters: {names}")
     missing = [n for n in names if n not in value]
     if missing:
         raise ConfigError(
@@ -79,7 +91,7 @@ def _weights(where: str, value: Any, names: list[str]) -> dict[str, float]:
         )
     bad = {n: w for n, w in value.items() if not _number(w)}
     if bad:
-        raise ConfigError(f"{where}: weights {bad} must be finite numbers")
+        raise ConfigError(f"{where}: weights {excerpt(bad)} must be finite numbers")
     return {n: float(value[n]) for n in names}
 
 
@@ -88,14 +100,15 @@ def _scalars(where: str, data: dict[str, Any]) -> dict[str, Any]:
     out = {k: data.get(k, DEFAULTS[k]) for k in ("how", "kind", "density", "p", "seed", "rank", "trim_scope")}
     for key, choices in (("how", HOWS), ("kind", KINDS), ("trim_scope", ("tensor", "global"))):
         if out[key] not in choices:
-            raise ConfigError(f"{where}: {key}={out[key]!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{where}: {key}={excerpt(out[key])} is not one of {', '.join(choices)}")
     for key in ("density", "p"):
         if not _number(out[key]):
-            raise ConfigError(f"{where}: {key}={out[key]!r} must be a number")
-    if not (isinstance(out["seed"], int) and not isinstance(out["seed"], bool) and out["seed"] >= 0):
-        raise ConfigError(f"{where}: seed={out['seed']!r} must be an integer >= 0")
+            raise ConfigError(f"{where}: {key}={excerpt(out[key])} must be a number")
+    seed = out["seed"]
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        raise ConfigError(f"{where}: seed={excerpt(seed)} must be an integer in [0, 2**63)")
     if out["rank"] is not None and not (isinstance(out["rank"], int) and not isinstance(out["rank"], bool)):
-        raise ConfigError(f"{where}: rank={out['rank']!r} must be a positive integer or null")
+        raise ConfigError(f"{where}: rank={excerpt(out['rank'])} must be a positive integer or null")
     try:
         check_options(out["how"], out["kind"], out["density"], out["p"], out["trim_scope"], out["rank"])
     except ConfigError as e:
@@ -106,20 +119,9 @@ def _scalars(where: str, data: dict[str, Any]) -> dict[str, Any]:
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The YAML file's options, checked field by field, with defaults filled in and paths made
     absolute (relative to the file). Unknown keys are errors."""
-    import yaml
-
     file = Path(path)
-    where = str(file)
-    if not os.path.lexists(file):
-        raise ConfigError(f"config file {where!r} does not exist")
-    raw = read_regular(file, "config file")  # a regular file (not a FIFO or /dev/zero), bounded
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where} is not valid YAML: {problem}{at}") from None
+    where = excerpt(str(file))
+    data = yaml_file.load(file)
     if not isinstance(data, dict):
         raise ConfigError(
             f"{where} must hold a YAML mapping of options ({', '.join(FIELDS)}), not a {type(data).__name__}"
@@ -127,8 +129,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     unknown = [k for k in data if k not in FIELDS]
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} (did you mean {closest(str(unknown[0]), FIELDS)}?); "
-            f"valid keys: {', '.join(FIELDS)}"
+            f"{where}: unknown key {excerpt(unknown[0])} (did you mean "
+            f"{closest(str(unknown[0])[:100], FIELDS)}?); valid keys: {', '.join(FIELDS)}"
         )
     for key in ("adapters", "out"):
         if key not in data:
@@ -156,8 +158,9 @@ def _union(files: dict[str, AdapterFile]) -> dict[str, dict[str, Any]]:
             owner.setdefault(path, name)
             if seen["shape"] != entry["shape"] or seen["type"] != entry["type"]:
                 raise FingerprintMismatchError(
-                    f"adapters {owner[path]!r} and {name!r} were made for different models: {path!r} is a "
-                    f"{seen['type']} {seen['shape']} in one and a {entry['type']} {entry['shape']} in the other"
+                    f"adapters {owner[path]!r} and {name!r} were made for different models: {excerpt(path)} is a "
+                    f"{excerpt(seen['type'])} {seen['shape']} in one and a {excerpt(entry['type'])} "
+                    f"{entry['shape']} in the other"
                 )
     return modules
 
@@ -177,7 +180,14 @@ def run_combine(path: str | os.PathLike) -> tuple[dict[str, Any], CombineReport]
         for adapter in files.values():
             locate_adapter(adapter, base)
     dtype = torch.float64 if any(a.dtype == torch.float64 for a in files.values()) else torch.float32
-    model = skeleton_model(_union(files), dtype)
+    modules = _union(files)
+    shapes = [m["shape"] for m in modules.values()]
+    if (
+        shapes and config["kind"] != "dense"
+    ):  # a dense result holds every ΔW at once; the others one at a time
+        shapes = [max(shapes, key=math.prod)]
+    require_memory(shapes, dtype, f"combining {len(files)} adapters", copies=3)
+    model = skeleton_model(modules, dtype)
     for name, d in config["adapters"].items():
         load(model, d, name=name)
     into = "combined"

@@ -15,11 +15,13 @@ from torch import Tensor, nn
 from .arithmetic import TENSOR_HOWS, check_density_p, combine_tensors, global_threshold
 from .config import AdapterConfig
 from .errors import AdapterNameError, ConfigError, UnsupportedModuleError
+from .files.fill import on_meta
 from .layer import AdapterLayer
 from .methods.dense import DenseConfig
-from .methods.lora import LoRAConfig, LowRankDelta
+from .methods.lora import MAX_RANK, LoRAConfig, LowRankDelta
 from .methods.sft import SFTConfig
 from .model import adapter_layers, adapters, apply_plan, plan
+from .text import excerpt
 
 HOWS = (*TENSOR_HOWS, "cat", "svd")
 KINDS = ("lora", "sparse", "dense")
@@ -50,8 +52,25 @@ def check_options(how: str, kind: str, density: float, p: float, trim_scope: str
         raise ConfigError(
             f"trim={trim_scope!r}; use 'tensor' (top-k per weight) or 'global' (top-k per adapter)"
         )
-    if rank is not None and not (isinstance(rank, int) and rank >= 1):
-        raise ConfigError(f"rank={rank!r} must be a positive integer")
+    if rank is not None and not (
+        isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= MAX_RANK
+    ):
+        raise ConfigError(f"rank={excerpt(rank)} must be a positive integer <= {MAX_RANK}")
+
+
+def _check_rank(model: nn.Module, config: AdapterConfig, into: str, paths: list[str]) -> None:
+    """The output LoRA's inner dimension at most min(rows, cols) of every ΔW: checked on meta-device
+    twins of the modules, before any factor is allocated."""
+    dry = plan(model, config, into, paths=paths, build=lambda _, module: config.make_delta(on_meta(module)))
+    for path, _, delta in dry:
+        inner, rows = delta.lora_A.weight.shape[0], delta.lora_B.weight.shape[0]
+        cols = delta.lora_A.weight[0].numel()
+        if inner > min(rows, cols):
+            rank = getattr(config, "r", inner)  # a LoRA config: its rank
+            raise ConfigError(
+                f"rank={rank} gives inner dimension {inner} at {path!r}, larger than "
+                f"min{(rows, cols)}; use rank <= {max(1, min(rows, cols) * rank // inner)}"
+            )
 
 
 def _global_thresholds(
@@ -126,6 +145,8 @@ def combine(
     error the model is unchanged.
     """
     check_options(how, kind, density, p, trim_scope, rank)
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        raise ConfigError(f"seed={excerpt(seed)} must be an integer in [0, 2**63)")
     if not isinstance(weights, dict) or not weights:
         raise ConfigError(f"weights={weights!r} must be a non-empty {{adapter name: weight}} dict")
     known = adapters(model)
@@ -149,6 +170,8 @@ def combine(
     paths = [path for path, _ in layers]
     config = _output_config(kind, how, rank, paths, [known[n] for n in names])
     rank = getattr(config, "r", None)
+    if kind == "lora" and how != "cat":
+        _check_rank(model, config, into, paths)
     steps = plan(model, config, into, paths=paths)
     thresholds = (
         _global_thresholds(layers, names, density)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from torch import Tensor, nn
 
 from .errors import AdapterFileError, ConfigError, HotswapError, UnknownMethodError
+from .text import excerpt
 
 if TYPE_CHECKING:
     from .layer import Delta
@@ -56,7 +57,9 @@ def config_class(method: str) -> type[AdapterConfig]:
     try:
         return registry()[method.lower()]
     except (KeyError, AttributeError):
-        raise UnknownMethodError(f"unknown method {method!r}; choose one of {', '.join(methods())}") from None
+        raise UnknownMethodError(
+            f"unknown method {excerpt(method)}; choose one of {', '.join(methods())}"
+        ) from None
 
 
 def config_for(method: str | AdapterConfig, **kwargs: Any) -> AdapterConfig:
@@ -87,12 +90,14 @@ def _check_spec(field: str, spec: Any, allow_none: bool) -> None:
             try:
                 re.compile(spec)
             except (re.error, RecursionError, OverflowError) as e:  # deep nesting, huge repeat counts
-                raise ConfigError(f"{field}={spec!r:.200} is not a valid regular expression ({e})") from None
+                raise ConfigError(
+                    f"{field}={excerpt(spec)} is not a valid regular expression ({excerpt(str(e))})"
+                ) from None
         return
     if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, str) and s for s in spec):
         return
     raise ConfigError(
-        f"{field}={spec!r} is not a target spec; use a non-empty list of module names, a regex string, "
+        f"{field}={excerpt(spec)} is not a target spec; use a non-empty list of module names, a regex string, "
         f"or one of {', '.join(repr(k) for k in KEYWORDS)}"
     )
 
@@ -139,7 +144,9 @@ class AdapterConfig:
                 and self.layers
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
             ):
-                raise ConfigError(f"layers={self.layers!r} must be a non-empty list of layer indices >= 0")
+                raise ConfigError(
+                    f"layers={excerpt(self.layers)} must be a non-empty list of layer indices >= 0"
+                )
             self.layers = list(self.layers)
 
     # -- what a method must provide -------------------------------------------------------------
@@ -242,6 +249,15 @@ class AdapterConfig:
             "re-save the adapter"
         )
 
+    @classmethod
+    def peft_base_entry(
+        cls, entry: dict[str, Any], base_shape: list[int], conv1d: bool | None
+    ) -> dict[str, Any]:
+        """A PEFT directory's fingerprint entry (guessed by `peft_modules`, without the model) fixed
+        by the base weight's shape, as loading into the model would decide it: `conv1d` says whether
+        the checkpoint's architecture stores linear weights (in, out) (None: unknown). Default: as is."""
+        return entry
+
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -260,7 +276,7 @@ class AdapterConfig:
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)}, key=str)
         if unknown and not strict:
             warnings.warn(
-                f"ignoring unknown key(s) {unknown} in a {cls.method!r} config "
+                f"ignoring unknown key(s) {excerpt(unknown)} in a {cls.method!r} config "
                 "(written by a newer adapterlab?)",
                 UserWarning,
                 stacklevel=2,
@@ -269,7 +285,9 @@ class AdapterConfig:
         try:
             return config_for(cls.method, **fields)
         except TypeError as e:  # a value of the wrong type deep inside a dataclass
-            raise ConfigError(f"bad config for method {data['method']!r}: {e}") from None
+            raise ConfigError(
+                f"bad config for method {excerpt(data['method'])}: {excerpt(str(e), 200)}"
+            ) from None
 
 
 def check_number(
@@ -288,6 +306,8 @@ def check_number(
     ok = (
         isinstance(value, kind)
         and not isinstance(value, bool)
+        # ints too: a float field must convert to a finite float, an integer one fit in int64
+        and (abs(value) < 2**63 if integer or high < 2**63 else abs(value) < 2**1023)
         and (isinstance(value, int) or math.isfinite(value))
     )
     if ok:  # (NaN and ±inf fail above: from a file they would poison every weight they touch)
@@ -296,6 +316,6 @@ def check_number(
         bracket = "(" if low_open else "["
         rng = f"{bracket}{low}, {high}]" if high != float("inf") else f"{'>' if low_open else '>='} {low}"
         raise ConfigError(
-            f"{cfg.method}: {name}={value!r} is out of range; it must be {'an integer' if integer else 'a number'} "
+            f"{cfg.method}: {name}={excerpt(value)} is out of range; it must be {'an integer' if integer else 'a number'} "
             f"{rng}{'. ' + hint if hint else ''}"
         )

@@ -5,15 +5,19 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
-from .errors import ConfigError
+import torch
+
+from .errors import AdapterFileError, ConfigError
 from .files.adapter_dir import CONFIG_FILE, WEIGHTS_FILE, AdapterFile
 from .files.atomic import write_dir_atomic, write_file_atomic
 from .files.fs import check_output, read_regular, storage_errors
 from .files.safetensors import DTYPE_NAMES, SafetensorsWriter
-from .skeleton import skeleton, zeros
+from .skeleton import require_memory, skeleton, zeros
+from .text import excerpt
 
 
 def export_peft(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -47,6 +51,8 @@ def export_dense(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     paths = list(adapter.modules)
     layout = [(f"{p}.weight", DTYPE_NAMES[dtype], adapter.modules[p]["shape"]) for p in paths]
     metadata = {"kind": "dense_delta", "source": str(adapter.directory), **adapter.metadata}
+    largest = max((adapter.modules[p]["shape"] for p in paths), key=math.prod, default=[0])
+    require_memory([largest], dtype, f"exporting {adapter.name!r} as dense ΔW")
     with storage_errors(target, "write"):
         target.parent.mkdir(parents=True, exist_ok=True)
 
@@ -54,7 +60,14 @@ def export_dense(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
         with SafetensorsWriter(tmp, layout, {"format": "pt", "adapterlab": json.dumps(metadata)}) as writer:
             for path, (key, _, shape) in zip(paths, layout, strict=True):
                 module = skeleton(adapter.modules[path], zeros(shape, dtype))
-                writer.write(key, adapter.delta(path, module).delta_weight().detach().to(dtype))
+                dw = adapter.delta(path, module).delta_weight().detach().to(dtype)
+                if not bool(torch.isfinite(dw).all()):
+                    raise AdapterFileError(
+                        f"{adapter.name!r}: the ΔW of module {excerpt(path)} holds NaN/Inf (huge alpha or "
+                        "factors?); nothing was written. Check it with adapterlab validate"
+                    )
+                writer.write(key, dw)
+                del dw
             writer.close()
 
     return write_file_atomic(target, fill)

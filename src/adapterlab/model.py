@@ -24,6 +24,7 @@ from .config import AdapterConfig, config_for
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
 from .experts import ExpertWeights, attach, detach
 from .layer import AdapterLayer, Delta
+from .sharing import install, require_unshared, shared_targets
 from .targeting import find_targets
 
 Plan = list[tuple[str, nn.Module, Delta]]
@@ -112,6 +113,7 @@ def plan(
         targets = find_targets(model, config)
     if any(path == "" for path, _ in targets):
         raise TargetError("the model itself is a target; wrap it in a container, e.g. nn.Sequential(module)")
+    targets = shared_targets(model, targets, exact=paths is not None)  # a reused module: all its places
     return [
         (path, module, build(path, module) if build else config.make_delta(module))
         for path, module in targets
@@ -134,9 +136,11 @@ def apply_plan(
         current = model.get_submodule(parent_path)._modules.get(leaf)  # None: an expert weight, unwrapped
         if not isinstance(current, AdapterLayer):
             current = AdapterLayer(module)
-            if isinstance(module, ExpertWeights):
+            if isinstance(module, ExpertWeights):  # a parameter's place: one path only
                 attach(model.get_submodule(parent_path), leaf)
-            setattr(model.get_submodule(parent_path), leaf, current)
+                setattr(model.get_submodule(parent_path), leaf, current)
+            else:
+                install(model, path, current)  # at every path the module is registered at
         delta.train(current.base_layer.training)
         current.deltas[name] = delta
         if activate:
@@ -272,6 +276,7 @@ def _merge_active(model: nn.Module, names: list[str] | None, safe: bool) -> dict
         refusal = quant.merge_refusal(layer.base_layer)
         if refusal:
             raise MergeError(f"{path!r}: {refusal}; nothing was merged")
+    require_unshared(model, [(path, layer) for path, layer, _ in layers])  # tied weights: refused
     if safe:
         for path, layer, weights in layers:
             if not torch.isfinite(layer.merged_weight(weights)).all():
@@ -311,7 +316,7 @@ def _unwrap(model: nn.Module, path: str, layer: AdapterLayer) -> None:
     if isinstance(layer.base_layer, ExpertWeights):
         detach(model.get_submodule(parent_path), leaf, layer.base_layer)
         return
-    setattr(model.get_submodule(parent_path), leaf, layer.base_layer)
+    install(model, path, layer.base_layer)
 
 
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:

@@ -6,6 +6,8 @@ base model. Used by the CLI's merge, export, validate and combine.
 from __future__ import annotations
 
 import functools
+import math
+import os
 from typing import Any
 
 import torch
@@ -13,6 +15,9 @@ from torch import Tensor, nn
 
 from .errors import AdapterFileError, UnsupportedModuleError
 from .experts import KINDS
+from .layer import base_weight
+from .targeting import module_path_ok
+from .text import excerpt
 
 _CONVS = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 
@@ -28,8 +33,25 @@ def _named(base: type[nn.Module], name: str) -> type[nn.Module]:
 
 
 def _empty_module(kind: str, shape: list[int], groups: int, index: int = 0) -> nn.Module:
-    """A module of type `kind` with a weight of `shape`, built on the meta device (no memory)."""
-    if kind == "Conv1D":
+    """A module of type `kind` with a weight of `shape`, built on the meta device (no memory).
+    A shape its type cannot have (from a hand-edited fingerprint) is an `AdapterFileError`."""
+    try:
+        module = _build_module(kind, shape, groups, index)
+    except (ValueError, TypeError, IndexError, RuntimeError, OverflowError) as e:
+        module = None
+        why = f" ({excerpt(str(e), 120)})"
+    else:
+        why = ""
+    if module is None or list(base_weight(module).shape) != list(shape):
+        raise AdapterFileError(
+            f"the fingerprint's {excerpt(kind, 50)} with weight shape {excerpt(shape)} and groups={groups} "
+            f"is not a module of that type{why}; re-save the adapter"
+        )
+    return module
+
+
+def _build_module(kind: str, shape: list[int], groups: int, index: int) -> nn.Module:
+    if kind == "Conv1D" and len(shape) == 2:
         from transformers.pytorch_utils import Conv1D  # weight (in, out); must be transformers' own class
 
         with torch.device("meta"):
@@ -53,8 +75,9 @@ def _empty_module(kind: str, shape: list[int], groups: int, index: int = 0) -> n
     if kind.endswith("LayerNorm") and len(shape) == 1:
         return _named(nn.LayerNorm, kind)(shape, bias=False, device="meta")
     raise UnsupportedModuleError(
-        f"cannot rebuild a {kind!r} module with weight shape {shape} without the model; the CLI rebuilds Linear, "
-        "transformers Conv1D, Conv1d/2d/3d, LayerNorm and RMSNorm modules and stacked MoE expert weights. Use the Python API with the model"
+        f"cannot rebuild a {excerpt(kind, 50)} module with weight shape {excerpt(shape)} without the model; "
+        "the CLI rebuilds Linear, transformers Conv1D, Conv1d/2d/3d, LayerNorm and RMSNorm modules and "
+        "stacked MoE expert weights. Use the Python API with the model"
     )
 
 
@@ -81,14 +104,74 @@ def _natural(path: str) -> list[Any]:
 
 
 def skeleton_model(modules: dict[str, dict[str, Any]], dtype: torch.dtype) -> nn.Module:
-    """A container holding a zero-weight skeleton at every path of `modules` (in natural order)."""
+    """A container holding a zero-weight skeleton at every path of `modules` (in natural order).
+    A path with an empty part, or through something that is not a container (a module's weight,
+    an attribute such as `training`), is an `AdapterFileError`."""
     root = nn.Module()
     for path in sorted(modules, key=_natural):
+        if not module_path_ok(path):
+            raise AdapterFileError(f"the fingerprint's module path {excerpt(path)} is not a module path")
         parent = root
         *parents, leaf = path.split(".")
         for name in parents:
-            if not hasattr(parent, name):
-                parent.add_module(name, nn.Module())
+            children = dict(parent.named_children())
+            if name not in children:
+                _add(parent, name, nn.Module(), path)
             parent = getattr(parent, name)
-        parent.add_module(leaf, skeleton(modules[path], zeros(modules[path]["shape"], dtype)))
+        _add(parent, leaf, skeleton(modules[path], zeros(modules[path]["shape"], dtype)), path)
     return root
+
+
+def _add(parent: nn.Module, name: str, child: nn.Module, path: str) -> None:
+    if name in dict(parent.named_children()) or hasattr(parent, name):
+        raise AdapterFileError(
+            f"the fingerprint's module path {excerpt(path)} runs through {name!r}, which is taken "
+            "(another module, or an attribute of one); re-save the adapter"
+        )
+    try:
+        parent.add_module(name, child)
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterFileError(
+            f"the fingerprint's module path {excerpt(path)} cannot be built ({excerpt(str(e))})"
+        ) from None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process could still allocate (MemAvailable, capped by RLIMIT_AS's
+    room), or None where the system does not say."""
+    found = None
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    found = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        try:
+            found = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            found = None
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            found = limit if found is None else min(found, limit)
+    except (ImportError, OSError, ValueError):
+        pass
+    return found
+
+
+def require_memory(shapes: list[list[int]], dtype: torch.dtype, doing: str, copies: int = 2) -> None:
+    """Refuse (`AdapterFileError`) before allocating when dense tensors of `shapes` (sizes from a
+    file's fingerprint), `copies` times over, would not fit in the memory this machine has free:
+    a small file must not make the CLI allocate gigabytes. Sizes are Python ints (no overflow)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need = sum(math.prod(int(d) for d in shape) for shape in shapes) * itemsize * copies
+    free = available_memory()
+    if free is not None and need > free:
+        raise AdapterFileError(
+            f"{doing} needs about {need / 1e9:.3g} GB for the dense ΔW of modules the adapter declares "
+            f"(largest shape {excerpt(max(shapes, key=lambda s: math.prod(s)))}), more than the "
+            f"{free / 1e9:.3g} GB free; check the adapter's fingerprint, or run on a larger machine"
+        )

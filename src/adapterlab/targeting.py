@@ -54,6 +54,18 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from walk("", model)
 
 
+def module_path_ok(path: object) -> bool:
+    """A dotted module path as `named_modules` writes it: non-empty parts without whitespace, at
+    most 1,000 characters (file-controlled paths are checked with this before use)."""
+    return (
+        isinstance(path, str)
+        and 0 < len(path) <= 1000
+        and all(
+            part and part.isprintable() and not any(c.isspace() for c in part) for part in path.split(".")
+        )
+    )
+
+
 def layer_index(path: str) -> int | None:
     for part in path.split("."):
         if part.isdigit():

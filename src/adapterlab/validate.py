@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Checkpoint, locate, location_errors, open_checkpoint
+from .checkpoint import Checkpoint, fit_base, location_errors, open_checkpoint
 from .errors import AdapterFileError, TargetError
 from .files.adapter_dir import FORMAT_VERSION, AdapterFile, modules_sha256
 from .files.safetensors import DTYPES, FLOAT_DTYPES
+from .sharing import tied_heads
 from .skeleton import skeleton, zeros
 
 
@@ -53,9 +54,9 @@ def validate(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> lis
         ]
     base = open_checkpoint(base_dir)
     checks.append(_integrity_check(adapter))
-    found = locate(adapter.modules, base.tensors)
+    found = fit_base(adapter, base)
     problems = location_errors(adapter, base, found)
-    located = not found.missing and not found.ambiguous
+    located = not found.missing and not found.ambiguous and not tied_heads(adapter.modules, base.root)
     checks.append(
         Check(
             "modules",
@@ -121,9 +122,15 @@ def _fit_check(adapter: AdapterFile, base: Checkpoint, keys: dict[str, str]) -> 
     for path, key in keys.items():
         info = base.tensors[key]
         try:
-            adapter.delta(path, skeleton(adapter.modules[path], zeros(info.shape, DTYPES[info.dtype])))
+            delta = adapter.delta(
+                path, skeleton(adapter.modules[path], zeros(info.shape, DTYPES[info.dtype]))
+            )
         except (AdapterFileError, TargetError) as e:
             return Check("tensors", False, str(e))
+        own = [t for t in delta.state_dict().values() if t.is_floating_point()]
+        finite = all(bool(torch.isfinite(t).all()) for t in own)  # NaN in a tensor: the finite check's
+        if finite and delta.mergeable and not bool(torch.isfinite(delta.delta_weight()).all()):
+            return Check("tensors", False, f"the ΔW of {path!r} overflows to Inf (a huge alpha or factors)")
     return Check("tensors", True, f"{len(adapter.tensors)} tensors fit their {len(keys)} modules")
 
 

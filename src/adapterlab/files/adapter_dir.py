@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -17,15 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import quant
-from ..config import AdapterConfig, config_class, peft_config_class
+from ..config import AdapterConfig, config_class, methods, peft_config_class
 from ..errors import AdapterFileError, AdapterlabError, FingerprintMismatchError
 from ..layer import Delta, base_weight
-from ..targeting import is_conv, logical_modules
+from ..targeting import is_conv, logical_modules, module_path_ok
+from ..text import excerpt
 from ..version import VERSION
 from .atomic import interrupted_hint, locked
 from .fill import fill_delta
 from .fs import is_regular, not_a_directory, read_regular
-from .safetensors import encode, naturals, parse_json, read_tensors
+from .safetensors import MAX_DIMS, MAX_ELEMENTS, encode, naturals, parse_json, read_tensors
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
@@ -184,7 +186,7 @@ def _check_metadata(metadata: Any, root: Path) -> dict[str, Any]:
     version, library = metadata["format_version"], metadata.get("library_version", "?")
     if version > FORMAT_VERSION:
         raise AdapterFileError(
-            f"{str(root)!r} has format version {version} (written by adapterlab {library!s:.40}); "
+            f"{str(root)!r} has format version {version} (written by adapterlab {excerpt(library, 40)}); "
             f"this adapterlab {VERSION} reads up to {FORMAT_VERSION}. Upgrade adapterlab"
         )
     unknown = sorted(set(metadata) - METADATA_KEYS)
@@ -193,8 +195,13 @@ def _check_metadata(metadata: Any, root: Path) -> dict[str, Any]:
     method = metadata.get("method")
     if not isinstance(method, str) or not isinstance(library, str):
         raise AdapterFileError(
-            f"{where} needs 'method' and 'library_version' strings, got {method!r:.50} and "
-            f"{library!r:.50}; re-save the adapter"
+            f"{where} needs 'method' and 'library_version' strings, got {excerpt(method, 50)} and "
+            f"{excerpt(library, 50)}; re-save the adapter"
+        )
+    if method not in methods():  # exactly: "LEVI" must not pass as "levi" anywhere
+        raise AdapterFileError(
+            f"{where}: method {excerpt(method, 50)} is not one of {', '.join(methods())} (names are exact, "
+            "lower case); re-save the adapter"
         )
     return {
         "format_version": version,
@@ -208,12 +215,30 @@ def _check_metadata(metadata: Any, root: Path) -> dict[str, Any]:
 def _check_config(data: Any, method: str, where: str) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("method") != method:
         raise AdapterFileError(
-            f"{where}: config {data!r:.100} is not an object with method {method!r}; re-save the adapter"
+            f"{where}: config {excerpt(data)} is not an object with method {method!r}; re-save the adapter"
         )
     try:
         return AdapterConfig.from_dict(data, strict=False).to_dict()
     except AdapterlabError as e:
         raise AdapterFileError(f"{where}: {e}") from None
+
+
+def _entry_ok(entry: Any) -> bool:
+    """A fingerprint entry {type, shape[, groups]}: a short type name, 1..8 positive dims whose
+    product is bounded (counted in Python ints), and the layout its type needs (a Linear or Conv1D
+    has 2 dims, a ConvNd n+2 whose output channels its groups divide)."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("type"), str) and naturals(entry.get("shape"))):
+        return False
+    kind, shape, groups = entry["type"], entry["shape"], entry.get("groups", 1)
+    if not (0 < len(kind) <= 100 and 1 <= len(shape) <= MAX_DIMS and all(shape)):
+        return False
+    if not (_is_int(groups) and groups >= 1 and math.prod(shape) <= MAX_ELEMENTS):
+        return False
+    if kind in ("Conv1d", "Conv2d", "Conv3d"):
+        return len(shape) == int(kind[4]) + 2 and shape[0] % groups == 0
+    if kind == "Conv1D" or kind.endswith("Linear"):
+        return len(shape) == 2 and groups == 1
+    return True
 
 
 def _parse_fingerprint(fingerprint: Any, where: str) -> dict[str, Any]:
@@ -225,20 +250,15 @@ def _parse_fingerprint(fingerprint: Any, where: str) -> dict[str, Any]:
     layers = fingerprint.get("layers", {}) if isinstance(fingerprint, dict) else None
     ok = (
         isinstance(modules, dict)
-        and all(
-            isinstance(m, dict)
-            and isinstance(m.get("type"), str)
-            and naturals(m.get("shape"))
-            and _is_int(m.get("groups", 1))
-            and m.get("groups", 1) >= 1
-            for m in modules.values()
-        )
+        and all(module_path_ok(p) and _entry_ok(m) for p, m in modules.items())
         and isinstance(layers, dict)
         and all(isinstance(t, str) for t in layers.values())
         and isinstance(fingerprint.get("sha256", ""), str)
     )
     if not ok:
-        raise AdapterFileError(f"{where}: fingerprint {fingerprint!r:.100} is malformed; re-save the adapter")
+        raise AdapterFileError(
+            f"{where}: fingerprint {excerpt(fingerprint)} is malformed; re-save the adapter"
+        )
     return dict(fingerprint)
 
 
@@ -252,13 +272,13 @@ def _from_peft(data: Any, root: Path) -> dict[str, Any]:
     if cls is None:
         kind = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
         raise AdapterFileError(
-            f"{str(root)!r}: cannot read a {kind!r:.50} adapter; adapterlab reads its own "
+            f"{str(root)!r}: cannot read a {excerpt(kind, 50)} adapter; adapterlab reads its own "
             "directories and PEFT LoRA directories"
         )
     config = cls.from_peft(data, repr(str(root)))
     return {
         "format_version": FORMAT_VERSION,
-        "library_version": f"peft {data.get('peft_version', '?')!s:.40}",
+        "library_version": f"peft {str(data.get('peft_version', '?'))[:40]}",
         "method": config["method"],
         "config": config,
         "fingerprint": {},
@@ -343,6 +363,16 @@ class AdapterFile:
                 f"{self.name!r} holds a {self.config.method.upper()} side network, not weight "
                 f"deltas: it cannot be {doing}. Use it with al.{self.method}.load(backbone, directory)"
             )
+
+    def fit_base(self, shapes: dict[str, list[int]], conv1d: bool | None) -> None:
+        """A PEFT directory (no fingerprint): each module's type fixed by the base weight's shape
+        `shapes[path]` (the config class's `peft_base_entry`), as `al.load` into that model would."""
+        if self.peft_config is None or self.metadata["fingerprint"].get("modules"):
+            return
+        cls = type(self.config)
+        for path, shape in shapes.items():
+            if path in self.modules:
+                self.modules[path] = cls.peft_base_entry(self.modules[path], list(shape), conv1d)
 
     def delta(self, path: str, module: nn.Module) -> Delta:
         """The delta of module `path`, built on `module` (a skeleton) and filled from the file."""

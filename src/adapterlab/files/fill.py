@@ -71,12 +71,17 @@ def fill_delta(config: AdapterConfig, module: nn.Module, tensors: dict[str, Tens
         raise AdapterFileError(f"{where} does not fit: {e}") from None
     except (NotImplementedError, RuntimeError):
         dry = None  # a build that reads weight values (SaRA's mask, a norm's probe): sized by the module
+    except (TypeError, ValueError, IndexError, OverflowError) as e:
+        raise AdapterFileError(f"{where} cannot be built{hint}: {' '.join(str(e).split())[:200]}") from None
     if dry is not None:
         check_state(dry.state_dict(), tensors, where, hint)
     try:
         delta = _build(config, module, tensors)
     except AdapterlabError as e:
         raise AdapterFileError(f"{where} does not fit: {e}") from None
+    except (RuntimeError, TypeError, ValueError, IndexError, OverflowError, MemoryError) as e:
+        # sizes torch cannot hold (an overflowing shape, an allocation that fails): never raw
+        raise AdapterFileError(f"{where} cannot be built{hint}: {' '.join(str(e).split())[:200]}") from None
     check_state(delta.state_dict(), tensors, where, hint)
     copy_state(delta.state_dict(), tensors)
     return delta

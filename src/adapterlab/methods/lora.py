@@ -32,6 +32,9 @@ from .lora_experts import ExpertLoRA, from_peft_tensors, peft_target_parameters,
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d  # what `is_conv` accepts
 
+MAX_RANK = 2**20  # above any layer's width: a larger rank is a typo, or a file asking for terabytes
+MAX_SCALING = 2.0**64  # |alpha / r|; far beyond any trained adapter, and float32 can still hold ΔW
+
 
 @register
 @dataclass
@@ -49,8 +52,13 @@ class LoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_number(self, "r", low=1, integer=True, hint="use a rank such as 8 or 16")
+        check_number(self, "r", low=1, high=MAX_RANK, integer=True, hint="use a rank such as 8 or 16")
         check_number(self, "alpha", low=0, low_open=True, hint="alpha = 2*r is a common choice")
+        if not self.scaling <= MAX_SCALING:
+            raise ConfigError(
+                f"{self.method}: alpha={self.alpha!r} with r={self.r} scales ΔW by {self.scaling:.3g}, above "
+                f"{MAX_SCALING:.3g}; ΔW would overflow. alpha = 2*r is a common choice"
+            )
         check_number(self, "dropout", low=0, high=0.999)
         if not isinstance(self.rslora, bool):
             raise ConfigError(f"{self.method}: rslora={self.rslora!r} must be True or False")
@@ -223,6 +231,23 @@ class LoRAConfig(AdapterConfig):
             "dropout": data.get("lora_dropout", 0.0),
             "rslora": data.get("use_rslora", False),
         }
+
+    @classmethod
+    def peft_base_entry(
+        cls, entry: dict[str, Any], base_shape: list[int], conv1d: bool | None
+    ) -> dict[str, Any]:
+        """Linear or Conv1D as `al.load` decides it, by the module, whatever the file's `fan_in_fan_out`
+        (PEFT resets the flag alike): the weight's layout if not square, else `conv1d`, else the guess."""
+        if entry["type"] not in ("Linear", "Conv1D") or len(base_shape) != 2:
+            return entry
+        n_out, n_in = entry["shape"] if entry["type"] == "Linear" else entry["shape"][::-1]
+        linear, conv, base = [n_out, n_in], [n_in, n_out], list(base_shape)
+        if base not in (linear, conv):
+            return entry
+        kind = "Linear" if base == linear else "Conv1D"
+        if base == linear == conv:
+            kind = entry["type"] if conv1d is None else ("Conv1D" if conv1d else "Linear")
+        return {"type": kind, "shape": linear if kind == "Linear" else conv}
 
     @classmethod
     def peft_modules(
