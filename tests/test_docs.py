@@ -21,3 +21,18 @@ def test_every_export_is_in_the_api_reference():
         and not any(r.startswith(f"{name}.") for r in rendered)
     ]
     assert not missing, f"exported but not in docs/api.md: {missing}"
+
+
+def test_lazy_exports_are_the_objects_of_their_modules():
+    """`import adapterlab` is lazy: whatever order names are first used in, each is the object its
+    module defines (al.hotswap the function, though importing it creates the submodule hotswap)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import adapterlab as al, inspect\n"
+        "al.prepare_hotswap\n"
+        "print(all(not inspect.ismodule(getattr(al, n)) for n in al._LAZY), callable(al.hotswap))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip().splitlines()[-1] == "True True", run.stdout + run.stderr[-2000:]

@@ -74,7 +74,10 @@ def __getattr__(name: str) -> Any:
         value: Any = importlib.import_module(_SUBMODULES[name], __name__)
     elif name in _LAZY:
         importlib.import_module(".methods", __name__)  # registers every method
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        module = importlib.import_module(_LAZY[name], __name__)
+        # all of the module's names at once: importing `.hotswap` made `hotswap` the submodule
+        globals().update({n: getattr(module, n) for n in _NAMES[_LAZY[name]]})
+        return globals()[name]
     else:
         raise AttributeError(f"module 'adapterlab' has no attribute {name!r}")
     globals()[name] = value
