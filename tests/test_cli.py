@@ -25,9 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import adapterlab as al
-from adapterlab.checkpoint import Checkpoint, _split, locate
+from adapterlab.checkpoint import _split
 from adapterlab.cli import main, parse_size
+from adapterlab.files.checkpoint_dir import Checkpoint
 from adapterlab.files.safetensors import DTYPES, SafetensorsWriter, TensorInfo, read_header, read_tensor
+from adapterlab.locate import locate
 
 CLI = Path(sys.executable).parent / "adapterlab"
 

@@ -214,7 +214,7 @@ def reference_accepts(base: Path) -> None:
 
 def merged_is_whole(out: Path, base: Path) -> None:
     """A successful merge wrote a checkpoint our strict reader accepts, with the base's tensors."""
-    from adapterlab.checkpoint import open_checkpoint
+    from adapterlab.files.checkpoint_dir import open_checkpoint
 
     assert set(open_checkpoint(out).tensors) == set(open_checkpoint(base).tensors)
     assert all(SECRET not in p.read_text(errors="ignore") for p in out.iterdir() if p.is_file())

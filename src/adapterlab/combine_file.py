@@ -167,7 +167,8 @@ def _union(files: dict[str, AdapterFile]) -> dict[str, dict[str, Any]]:
 
 def run_combine(path: str | os.PathLike) -> tuple[dict[str, Any], CombineReport]:
     """Combine the adapters the YAML file at `path` names; returns the resolved config and al.combine's report."""
-    from .checkpoint import locate_adapter, open_checkpoint
+    from .files.checkpoint_dir import open_checkpoint
+    from .locate import locate_adapter
 
     config = read_config(path)
     # OUT may hold the YAML file itself: re-running OUT/combine.yaml rewrites it with the same options

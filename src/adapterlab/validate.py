@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Checkpoint, fit_base, location_errors, open_checkpoint
 from .errors import AdapterFileError, TargetError
 from .files.adapter_dir import FORMAT_VERSION, AdapterFile, modules_sha256
+from .files.checkpoint_dir import Checkpoint, open_checkpoint
 from .files.safetensors import DTYPES, FLOAT_DTYPES
+from .locate import fit_base, location_errors
 from .sharing import tied_heads
 from .skeleton import skeleton, zeros
 
