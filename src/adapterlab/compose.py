@@ -182,44 +182,29 @@ def combine(
     report = CombineReport(into, how, kind, rank)
     total = 0.0
     for (path, layer), (_, _, out) in zip(layers, steps, strict=True):
-        if kind != "lora":
-            combined = combine_tensors(
-                _taus(layer, weights),
-                weights,
-                how,
-                density=density,
-                p=p,
-                generator=gen,
-                thresholds=thresholds,
-            )  # both setters cast
-            if kind == "dense":
-                out.weight_delta.data.copy_(combined)
-            else:
-                flat = combined.flatten()
-                support = flat.nonzero().flatten()
-                out.set_support(support, flat[support])
-            continue
-        if not out.refactorable:
+        if kind == "lora" and not out.refactorable:
             raise UnsupportedModuleError(
                 f"{path!r}: its ΔW is not one low-rank product (a grouped kernel-mode conv, or LoRA per "
                 "expert on MoE weights); combine into kind='dense', or use conv_mode='reshape' conv adapters"
             )
-        if how == "cat":
+        if how == "cat":  # kind="lora" (checked): the factors side by side, exact
             parts = [layer.deltas[n].factors() for n in names]
             b = torch.cat([w * bm for w, (bm, _) in zip(weights.values(), parts, strict=True)], dim=1)
             out.set_factors(b, torch.cat([am for _, am in parts], dim=0))
             continue
-        matrix = out.matrix(
-            combine_tensors(
-                _taus(layer, weights),
-                weights,
-                how,
-                density=density,
-                p=p,
-                generator=gen,
-                thresholds=thresholds,
-            )
+        taus = _taus(layer, weights)
+        combined = combine_tensors(
+            taus, weights, how, density=density, p=p, generator=gen, thresholds=thresholds
         )
+        if kind == "dense":  # both setters cast
+            out.weight_delta.data.copy_(combined)
+            continue
+        if kind != "lora":
+            flat = combined.flatten()
+            support = flat.nonzero().flatten()
+            out.set_support(support, flat[support])
+            continue
+        matrix = out.matrix(combined)
         inner = out.lora_A.weight.shape[0]
         if inner > min(matrix.shape):
             raise ConfigError(
