@@ -23,14 +23,14 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
-def tiny_llama(seed: int = 0, layers: int = 2):
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -14,6 +14,7 @@ from torch.func import functional_call
 from . import quant
 from .errors import MergeError, RoutingError
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer views
 EXACT_DTYPES = (torch.float32, torch.float64)  # W + d - d returns W to well under 1e-6
 
 
@@ -90,13 +91,14 @@ class AdapterLayer(nn.Module):
         self.merged: dict[str, float] = {}  # adapter name -> weight it was merged with
         self.disabled = False
         self.routes: tuple[int, list[tuple[str, Tensor]]] | None = None  # (batch size, [(name, rows)])
-        self._original: Tensor | None = None  # pre-merge weight, kept only for inexact dtypes
         self._packed: tuple[Any, ...] | None = (
             None  # quantized bases: the pre-merge packed weight (quant.stash)
         )
         self.merge_error: float | None = None  # quantized bases: max rounding error of the last merge
         self._merge_change = 0.0  # ... and the largest entry of the Σ w·ΔW it merged
-        # exact dtypes: per merge call, its weights and the (support, entries) its exact deltas saved
+        # per merge call: its weights and the (flat positions, entries) saved to undo it exactly
+        # (fp32/fp64: the supports of deltas that restore exactly; fp16/bf16: the entries that
+        # subtracting Σ w·ΔW does not round back to, or the whole weight if that is fewer bytes)
         self._merges: list[tuple[dict[str, float], list[tuple[Tensor | None, Tensor]]]] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -208,17 +210,27 @@ class AdapterLayer(nn.Module):
             return
         base = base_weight(self.base_layer)
         new = self.merged_weight(weights)
-        if base.dtype not in EXACT_DTYPES and self._original is None:
-            self._original = base.detach().clone()
-        if self._original is None:
-            flat, saved = base.detach().reshape(-1), []
+        flat, saved = base.detach().reshape(-1), []
+        if base.dtype in EXACT_DTYPES:
             for name in weights:
                 if self.deltas[name].restores_exactly:
                     where = self.deltas[name].support()
                     saved.append((where, flat.clone() if where is None else flat[where.long()]))
-            self._merges.append((dict(weights), saved))
+        else:
+            saved.append(_rounding_record(flat, new.reshape(-1), self._delta_sum(weights).reshape(-1)))
+        self._merges.append((dict(weights), saved))
         base.copy_(new)
         self.merged.update(weights)
+
+    def _delta_sum(self, weights: dict[str, float]) -> Tensor:
+        """Σ w·ΔW in fp32 (fp64 for fp64 weights): what unmerge subtracts from an fp16/bf16 weight."""
+        base = base_weight(self.base_layer)
+        acc = torch.zeros(
+            base.shape, dtype=torch.promote_types(base.dtype, torch.float32), device=base.device
+        )
+        for name, w in weights.items():
+            acc += w * self.deltas[name].delta_weight().detach().to(acc.dtype)
+        return acc
 
     def _merge_quantized(self, weights: dict[str, float]) -> None:
         """Dequantize, add Σ w·ΔW in fp32, requantize into new storage; the first merge keeps the
@@ -239,9 +251,17 @@ class AdapterLayer(nn.Module):
         if self._packed is not None:
             quant.restore(self.base_layer, self._packed)
             self._packed = self.merge_error = None
-        elif self._original is not None:
-            base.copy_(self._original)
-            self._original = None
+        elif base.dtype not in EXACT_DTYPES:  # undo merge calls last-first: subtract, round, patch
+            current = base.detach().reshape(-1)
+            for weights, saved in reversed(self._merges):
+                back = (current.to(torch.float32) - self._delta_sum(weights).reshape(-1)).to(base.dtype)
+                for where, entries in saved:
+                    if where is None:
+                        back = entries
+                    else:
+                        back[where.long()] = entries
+                current = back
+            base.copy_(current.view(base.shape))
         else:  # undo merge calls last-first: subtract ΔW, or write back the entries saved for it
             acc = base.detach().clone(memory_format=torch.contiguous_format)
             flat = acc.view(-1)
@@ -257,3 +277,20 @@ class AdapterLayer(nn.Module):
             base.copy_(acc)
         self._merges.clear()
         self.merged.clear()
+
+
+def _rounding_record(before: Tensor, merged: Tensor, change: Tensor) -> tuple[Tensor | None, Tensor]:
+    """What undoing `before` → `merged` (= before + `change`, rounded to fp16/bf16) needs besides
+    subtracting `change` and rounding: the flat positions where that does not give `before` back,
+    with `before`'s entries there (usually a few percent: only ties and binade crossings), or, when
+    that would take more bytes than the weight itself, (None, a copy of `before`)."""
+    back = (merged.to(torch.float32) - change).to(before.dtype)
+    bits = _BITS[before.element_size()]  # compare bit patterns: -0.0 vs 0.0 and NaNs count too
+    wrong = (back.view(bits) != before.view(bits)).nonzero().reshape(-1)
+    index = wrong.to(torch.int32) if before.numel() < 2**31 else wrong
+    if (
+        wrong.numel() * (index.element_size() + before.element_size())
+        >= before.numel() * before.element_size()
+    ):
+        return None, before.clone()
+    return index, before[wrong].clone()
