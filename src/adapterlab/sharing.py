@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .errors import MergeError, TargetError
+from .errors import AdapterFileError, MergeError, TargetError
+from .files.fs import read_regular
 from .layer import AdapterLayer
 
 
@@ -125,13 +126,10 @@ OUTPUT_HEADS = ("lm_head", "embed_out", "output")  # leaf names of heads tie_wor
 def checkpoint_config(root: Path) -> dict[str, Any] | None:
     """The checkpoint directory's config.json (read bounded, never blocking), or None when it is
     absent or unreadable."""
-    from .errors import ConfigError
-    from .yaml_file import read_text
-
     path = root / "config.json"
     try:
-        config = json.loads(read_text(path, "config.json")) if path.exists() else None
-    except (ConfigError, ValueError, RecursionError, OSError):
+        config = json.loads(read_regular(path, "config.json", limit=2**20)) if path.exists() else None
+    except (AdapterFileError, ValueError, RecursionError, OSError):  # UnicodeDecodeError is a ValueError
         return None
     return config if isinstance(config, dict) else None
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import AdapterFileError, ConfigError
+from .files.fs import read_regular
 from .text import excerpt, printable
 
 MAX_BYTES = 2**20
@@ -22,33 +22,15 @@ MAX_ALIASES = 100
 
 def read_text(path: Path, what: str) -> str:
     """The text of `path`, a regular file of at most `MAX_BYTES` bytes (UTF-8), else `ConfigError`.
-    A FIFO or device is refused before anything is read (opened non-blocking)."""
-    where = excerpt(str(path))
+    A FIFO or device is refused before anything is read (`files.fs.read_regular`)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {where} does not exist") from None
-    except (OSError, ValueError) as e:  # permissions, a directory on some systems, NUL in the name
-        raise ConfigError(f"cannot read {what} {where} ({printable(e)})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{what} {where} is not a regular file; pass a YAML file")
-        if info.st_size > MAX_BYTES:
-            raise ConfigError(
-                f"{what} {where} is {info.st_size} bytes; a config file may hold at most {MAX_BYTES}"
-            )
-        with os.fdopen(os.dup(fd), "rb") as file:
-            data = file.read(MAX_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} {where} ({printable(e)})") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_BYTES:
-        raise ConfigError(f"{what} {where} grew past {MAX_BYTES} bytes while being read")
+        data = read_regular(path, what, limit=MAX_BYTES)
+    except AdapterFileError as e:  # not there, not a regular file, too long, unreadable
+        raise ConfigError(str(e)) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
+        where = excerpt(str(path))
         raise ConfigError(f"{what} {where} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
