@@ -90,6 +90,9 @@ def require_unshared(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -
     """Raise `MergeError` before anything is merged if the base weight of one of `layers` is
     also a weight of another module (tied, e.g. `lm_head` and the input embedding)."""
     owners: dict[object, list[str]] = {}
+    paths_of: dict[int, list[str]] = {}  # every named_modules path of a module (base layers too)
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths_of.setdefault(id(module), []).append(path)
     for path, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             continue
@@ -102,7 +105,7 @@ def require_unshared(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -
         if not isinstance(weight, Tensor):
             continue
         mine = {n for n, p in layer.base_layer.named_parameters(recurse=False) if p is weight}
-        own_names = {f"{q}.{n}" for q in _paths_of(model, layer.base_layer) for n in mine}
+        own_names = {f"{q}.{n}" for q in paths_of.get(id(layer.base_layer), []) for n in mine}
         others = [o for key in (("id", id(weight)), _alias(weight)) if key for o in owners.get(key, [])]
         others = sorted({o for o in others if o not in own_names})
         if others:
@@ -112,11 +115,6 @@ def require_unshared(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -
                 f"unmerged, or untie first: model.get_submodule({path!r}).weight = "
                 "nn.Parameter(<that weight>.detach().clone()) (and save with tie_word_embeddings=False)"
             )
-
-
-def _paths_of(model: nn.Module, module: nn.Module) -> list[str]:
-    """Every named_modules path of `module` (an AdapterLayer's base layer: `<path>.base_layer`)."""
-    return [p for p, m in model.named_modules(remove_duplicate=False) if m is module]
 
 
 # -- checkpoints on disk (the CLI's merge and validate) -----------------------------------------
