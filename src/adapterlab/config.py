@@ -269,7 +269,7 @@ class AdapterConfig:
         (configs read from files): then they are dropped with a warning naming them."""
         if not isinstance(data, dict) or not isinstance(data.get("method"), str):
             raise ConfigError(
-                f"an adapter config must be a JSON object with a 'method' string, got {data!r:.200}"
+                f"an adapter config must be a JSON object with a 'method' string, got {excerpt(data, 200)}"
             )
         cls = config_class(data["method"])
         fields = {k: v for k, v in data.items() if k != "method"}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterFileError
+from ..text import excerpt
 from .adapter_dir import PICKLE_SUFFIXES
 from .fs import is_regular, not_a_directory, read_regular
 from .safetensors import TensorInfo, parse_json, read_header
@@ -112,7 +113,7 @@ def _index(root: Path) -> dict[str, str]:
     ):
         raise AdapterFileError(
             f"{str(path)!r} is not a valid index: it needs a non-empty 'weight_map' object of "
-            f"tensor names to shard file names, got {weight_map!r:.80}; re-save the model"
+            f"tensor names to shard file names, got {excerpt(weight_map, 80)}; re-save the model"
         )
     return weight_map
 
@@ -125,7 +126,7 @@ def _indexed_shards(root: Path, weight_map: dict[str, str]) -> list[Path]:
     ]
     if bad:
         raise AdapterFileError(
-            f"{str(root / INDEX_FILE)!r} names shard {bad[0]!r:.80}, which is not a plain file name in the "
+            f"{str(root / INDEX_FILE)!r} names shard {excerpt(bad[0], 80)}, which is not a plain file name in the "
             "model directory; the index is corrupt"
         )
     missing = [n for n in names if not os.path.lexists(root / n)]
@@ -155,6 +156,6 @@ def _check_weight_map(root: Path, weight_map: dict[str, str], tensors: dict[str,
         key = wrong[0]
         where = tensors[key].file.name if key in tensors else "no shard"
         raise AdapterFileError(
-            f"{str(root / INDEX_FILE)!r} puts tensor {key!r:.100} in {weight_map.get(key)!r:.80} but it is in "
+            f"{str(root / INDEX_FILE)!r} puts tensor {excerpt(key, 100)} in {excerpt(weight_map.get(key), 80)} but it is in "
             f"{where}; the index does not match its shards. Re-save the model"
         )

@@ -18,6 +18,7 @@ from safetensors.torch import save as _encode
 from torch import Tensor
 
 from ..errors import AdapterFileError
+from ..text import excerpt
 from .fs import open_regular, storage_error
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
@@ -112,7 +113,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise not_safetensors(path, f"its header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", {})
     if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise not_safetensors(path, f"its __metadata__ {metadata!r:.60} is not an object of strings")
+        raise not_safetensors(path, f"its __metadata__ {excerpt(metadata, 60)} is not an object of strings")
     tensors = {name: _entry(path, name, entry, 8 + length, size) for name, entry in header.items()}
     ordered = dict(sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)))
     _check_coverage(path, ordered, 8 + length, size)
@@ -127,7 +128,7 @@ def _check_coverage(path: Path, tensors: dict[str, TensorInfo], data_start: int,
         if info.start != at:
             what = "overlaps the one before it" if info.start < at else f"leaves bytes [{at - data_start}, "
             what += "" if info.start < at else f"{info.start - data_start}) before it unused"
-            raise not_safetensors(path, f"tensor {name!r:.100}'s byte range {what}")
+            raise not_safetensors(path, f"tensor {excerpt(name, 100)}'s byte range {what}")
         at = info.end
     if at != size:
         raise not_safetensors(
@@ -149,17 +150,19 @@ def _entry(path: Path, name: str, entry: Any, data_start: int, size: int) -> Ten
     ):
         raise not_safetensors(
             path,
-            f"tensor {name!r:.100} has the entry {entry!r:.100}; expected "
+            f"tensor {excerpt(name, 100)} has the entry {excerpt(entry, 100)}; expected "
             f"dtype (one of {', '.join(DTYPES)}), shape and data_offsets",
         )
     if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
-        raise not_safetensors(path, f"tensor {name!r:.100} declares shape {shape!r:.100}, too large")
+        raise not_safetensors(
+            path, f"tensor {excerpt(name, 100)} declares shape {excerpt(shape, 100)}, too large"
+        )
     begin, end = offsets
     data_bytes = size - data_start
     if not begin <= end <= data_bytes or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
         raise not_safetensors(
             path,
-            f"tensor {name!r:.100} declares {dtype} {shape} at bytes [{begin}, {end}) "
+            f"tensor {excerpt(name, 100)} declares {dtype} {shape} at bytes [{begin}, {end}) "
             f"of a {data_bytes}-byte data section",
         )
     return TensorInfo(dtype, shape, data_start + begin, data_start + end, path)

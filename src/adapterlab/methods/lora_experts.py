@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..errors import AdapterFileError, UnsupportedModuleError
 from ..experts import ExpertWeights
 from ..layer import Delta
+from ..text import excerpt
 
 _NATIVE = re.compile(r"(?P<param>.+)\.lora_(?P<which>[AB])\.weight")
 _PEFT = re.compile(r"(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.lora_(?P<which>[AB])\.weight")
@@ -146,5 +147,5 @@ def peft_targets(data: dict[str, Any], where: str) -> dict[str, Any]:
     (loading uses them to find the expert weights in the model), else {}."""
     params, modules = data.get("target_parameters") or [], data.get("target_modules") or []
     if params and not (isinstance(params, list) and all(isinstance(p, str) and p for p in params)):
-        raise AdapterFileError(f"{where}: target_parameters={params!r:.100} is not a list of names")
+        raise AdapterFileError(f"{where}: target_parameters={excerpt(params, 100)} is not a list of names")
     return {"targets": [*(modules if isinstance(modules, list) else []), *params]} if params else {}

@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import AdapterFileError
+from ..text import excerpt
 from .lora_experts import peft_targets
 
 PEFT_UNSUPPORTED: dict[str, Any] = {
@@ -32,7 +33,7 @@ def lora_fields(data: dict[str, Any], where: str) -> dict[str, Any]:
         if data.get(k, default) not in (default, None, {}, [], False)
     ]
     if data.get("bias", "none") != "none":
-        used.append(f"bias={data['bias']!r:.50}")
+        used.append(f"bias={excerpt(data['bias'], 50)}")
     if used:
         raise AdapterFileError(f"{where} uses PEFT LoRA features adapterlab does not read: {used}")
     return {
