@@ -32,7 +32,8 @@ def test_lazy_exports_are_the_objects_of_their_modules():
     probe = (
         "import adapterlab as al, inspect\n"
         "al.prepare_hotswap\n"
-        "print(all(not inspect.ismodule(getattr(al, n)) for n in al._LAZY), callable(al.hotswap))\n"
+        "print(all(not inspect.ismodule(getattr(al, n)) for n in al._LAZY), callable(al.hotswap),"
+        " all(hasattr(al, n) for n in al.__all__))\n"
     )
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-    assert run.stdout.strip().splitlines()[-1] == "True True", run.stdout + run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "True True True", run.stdout + run.stderr[-2000:]
