@@ -10,7 +10,8 @@ On CPU with the gloo backend, for a tiny Llama with adapters injected before wra
   (`trainer-lora`); with `--callback`, with `adapterlab.integrations.AdapterCallback`: LoRA, SaRA
   (re-selection after step 1) and LT-SFT by schedule (phase switch after step 0)
   (`trainer-callback-METHOD`), each saving a checkpoint under SCRATCH/RUN/ at the last step;
-- with `--fsdp`, FSDP2 `fully_shard` with LoRA and the SFT adapter (`fsdp-lora`, `fsdp-sft`).
+- with `--fsdp`, FSDP2 `fully_shard` with LoRA, the SFT adapter and SaRA with its nuclear-norm
+  term (`fsdp-lora`, `fsdp-sft`, `fsdp-sara`), saved by `al.save` on the sharded model (every rank).
 Every run starts from the same weights and trains on the same global batches (each rank takes its
 half); rank 0 also repeats each run in one process on the whole global batch.
 
@@ -262,35 +263,40 @@ def trainer_run(rec: Recorder, scratch: Path, run: str, method: str, callback: t
 
 
 def fsdp_runs(rec: Recorder, out: Path) -> None:
-    """FSDP2 `fully_shard` per decoder layer and at the root, for LoRA and the SFT adapter. `al.save`
-    cannot read sharded (DTensor) parameters, so the adapter is saved the documented way: gather a
-    full state dict to rank 0, copy its delta tensors into an unsharded copy of the model, save that."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-    )
+    """FSDP2 `fully_shard` per decoder layer and at the root, for LoRA, the SFT adapter and SaRA with
+    its nuclear-norm term (a DTensor shard of the values, gathered for the term). Every rank calls
+    `al.save` on the sharded model (it gathers the adapter's tensors, a collective); rank 0 writes.
+    Rank 1 records what its `al.save` did (`fsdp_save`)."""
     from torch.distributed.fsdp import fully_shard
 
     batches = global_batches()
-    for method in ("lora", "sft"):
+    for method in METHODS:
         run = f"fsdp-{method}"
         model = build(method)
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        train(model, model, local(batches, rec.rank, rec.world))
+        train(model, model, local(batches, rec.rank, rec.world), nuclear=method == "sara")
         rec.gather(run, adapter_tensors(model))
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        plain = build(method)  # same supports and shapes; its adapter tensors are overwritten
+        target = out / run
+        dist.barrier()
+        existed = target.exists()
+        returned = al.save(model, target)  # every rank: the gather is a collective
+        dist.barrier()
+        facts = [None] * rec.world
+        dist.all_gather_object(facts, {"returned": str(returned), "existed_before": existed})
         if rec.rank == 0:
-            result = plain.load_state_dict({k: v for k, v in full.items() if ".deltas." in k}, strict=False)
-            rec.report.setdefault("fsdp_load", {})[run] = {
-                "unexpected": result.unexpected_keys,
-                "missing_deltas": [k for k in result.missing_keys if ".deltas." in k],
+            st = (target / "adapter_model.safetensors").stat()
+            rec.report["saves"][run] = {
+                "dir": target.name,
+                "existed_before": existed,
+                "ino": st.st_ino,
+                "mtime_ns": st.st_mtime_ns,
             }
-        save_on_rank0(rec, run, plain, out / run)
-        if rec.rank == 0:
-            rec.single_run(run, method, list(batches))
+            rec.report.setdefault("fsdp_save", {})[run] = {"target": str(target), "ranks": facts}
+            loaded = al.load(tiny_llama(), target)
+            rec.tensors.update({f"{run}/loaded/{k}": v for k, v in adapter_tensors(loaded).items()})
+            rec.single_run(run, method, list(batches), nuclear=method == "sara")
         dist.barrier()
 
 

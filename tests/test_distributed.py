@@ -1,6 +1,6 @@
 """Adapters under torch.distributed, on CPU with gloo and 2 processes: plain DDP (LoRA, an SFT sparse
 adapter, SaRA with its nuclear-norm term), `transformers.Trainer` (plain, and with `AdapterCallback`)
-and FSDP2 `fully_shard` (LoRA, SFT). One torchrun launch of `distributed_worker.py` runs all of it,
+and FSDP2 `fully_shard` (LoRA, SFT, SaRA with its nuclear-norm term; `al.save` on the sharded model). One torchrun launch of `distributed_worker.py` runs all of it,
 since starting torchrun and importing transformers in two processes costs most of the time; the
 tests below check what rank 0 recorded (see the worker's docstring for the layout)."""
 
@@ -38,7 +38,7 @@ def callback_imports() -> bool:
 
 CALLBACK = callback_imports()
 CALLBACK_RUNS = ["trainer-callback-lora", "trainer-callback-sara", "trainer-callback-sft"] if CALLBACK else []
-SAVED_RUNS = ["ddp-lora", "ddp-sft", "ddp-sara", "fsdp-lora", "fsdp-sft"]
+SAVED_RUNS = ["ddp-lora", "ddp-sft", "ddp-sara", "fsdp-lora", "fsdp-sft", "fsdp-sara"]
 RUNS = SAVED_RUNS + ["trainer-lora"] + CALLBACK_RUNS
 needs_callback = pytest.mark.skipif(
     not CALLBACK, reason="adapterlab.integrations.AdapterCallback does not import"
@@ -157,10 +157,21 @@ def test_only_rank0_wrote_files(launch):
     assert written == expected
 
 
-def test_fsdp_full_state_dict_fills_every_delta_tensor(launch):
-    """The full state dict gathered from the FSDP2 model has exactly the unsharded model's delta keys."""
-    empty = {"unexpected": [], "missing_deltas": []}
-    assert launch.report["fsdp_load"] == {"fsdp-lora": empty, "fsdp-sft": empty}
+def test_al_save_on_a_fully_sharded_model_is_called_by_every_rank_and_written_by_rank0(launch):
+    """Every rank called `al.save` on the FSDP2 model (it gathers, a collective; a rank that skipped
+    it would have hung the launch) and got the directory back; the files are rank 0's alone (checked
+    by test_only_rank0_wrote_files) and hold the gathered adapter (test_saved_adapter_loads_back)."""
+    saves = launch.report["fsdp_save"]
+    assert sorted(saves) == ["fsdp-lora", "fsdp-sara", "fsdp-sft"]
+    for info in saves.values():
+        assert [r["returned"] for r in info["ranks"]] == [info["target"]] * 2
+        assert not any(r["existed_before"] for r in info["ranks"])
+
+
+def test_sara_nuclear_norm_term_takes_part_under_fsdp(launch):
+    """fsdp-sara matches the single process trained with the term (test_matches_one_process…),
+    which differs from training without it."""
+    assert max_diff(launch.run("fsdp-sara", "single"), launch.run("ddp-sara", "no-nuclear")) >= MOVED
 
 
 @pytest.mark.parametrize("run", ["trainer-lora"] + CALLBACK_RUNS)

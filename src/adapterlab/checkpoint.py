@@ -28,7 +28,7 @@ from .files.atomic import fsync_path, fsync_write, locked, repair, swap_in, temp
 from .files.checkpoint_dir import INDEX_FILE, SINGLE_FILE, Checkpoint, open_checkpoint
 from .files.fs import check_output, open_regular, real_target, storage_errors
 from .files.safetensors import FLOAT_DTYPES, SafetensorsWriter, read_tensor
-from .locate import locate, locate_adapter
+from .locate import locate_adapter, located
 from .skeleton import skeleton, zeros
 
 MERGE_HOWS = TENSOR_HOWS
@@ -127,7 +127,7 @@ def plan_merge(
         adapter.require_deltas("merged")
         for path, key in locate_adapter(adapter, checkpoint).items():
             targets.setdefault(key, []).append((i, path))
-        for path, parts in locate(adapter.modules, checkpoint.tensors).pieces.items():
+        for path, parts in located(adapter.modules, checkpoint).pieces.items():
             if how != "linear":
                 raise MergeError(
                     f"{path!r} is saved per expert in {str(checkpoint.root)!r}; how={how!r} combines whole "

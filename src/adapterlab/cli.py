@@ -270,7 +270,13 @@ def merge(
     help="peft: PEFT's LoRA directory; dense: one safetensors file of ΔW per module.",
 )
 @click.option("--out", required=True, metavar="OUT", help="Directory (peft) or .safetensors file (dense).")
-def export(directory: str, fmt: str, out: str) -> None:
+@click.option(
+    "--base",
+    metavar="MODEL_DIR",
+    type=click.Path(),
+    help="dense: name each ΔW by the key of this checkpoint it adds to (as merge maps it).",
+)
+def export(directory: str, fmt: str, out: str, base: str | None) -> None:
     """Export an adapter as a PEFT LoRA directory or as dense ΔW per module.
 
     peft loads with peft.PeftModel.from_pretrained (LoRA only). dense holds `<module>.weight` =
@@ -280,10 +286,13 @@ def export(directory: str, fmt: str, out: str) -> None:
     Example:
       adapterlab export runs/lora --format peft --out runs/lora-peft
       adapterlab export runs/sft --format dense --out runs/sft-delta.safetensors
+      adapterlab export runs/vit-lora --format dense --base models/vit --out runs/vit-delta.safetensors
     """
     from .export import export_dense, export_peft
 
-    written = export_peft(directory, out) if fmt == "peft" else export_dense(directory, out)
+    if fmt == "peft" and base is not None:
+        raise ConfigError("--base names the ΔW of --format dense; PEFT's format keys modules by path")
+    written = export_peft(directory, out) if fmt == "peft" else export_dense(directory, out, base)
     say(f"wrote {written}")
 
 

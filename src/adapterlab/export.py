@@ -35,21 +35,26 @@ def export_peft(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     return write_dir_atomic(Path(out), files)
 
 
-def export_dense(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_dense(
+    directory: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None
+) -> Path:
     """One safetensors file: per target module `<path>.weight` = its scaled ΔW in the base weight's
     layout (merged weight = W + ΔW); the header metadata holds the adapter's block. Any method but LEVI.
+    With `base` (a checkpoint directory), each ΔW is named by the checkpoint key it adds to, as
+    `adapterlab merge` maps it (docs/cli.md#checkpoint-keys-and-module-paths).
     `out` must be a regular file or nothing (not a device node or a FIFO), outside the adapter."""
     target = Path(out)
     if target.is_dir():
         raise ConfigError(
             f"--out {str(target)!r} is a directory; --format dense writes one file, e.g. delta.safetensors"
         )
-    check_output(target, [directory], is_file=True)
+    check_output(target, [directory, *([base] if base is not None else [])], is_file=True)
     adapter = AdapterFile.open(directory)
     adapter.require_deltas("exported as a dense ΔW")
     dtype = adapter.dtype
     paths = list(adapter.modules)
-    layout = [(f"{p}.weight", DTYPE_NAMES[dtype], adapter.modules[p]["shape"]) for p in paths]
+    names = {p: f"{p}.weight" for p in paths} if base is None else _checkpoint_keys(adapter, base)
+    layout = [(names[p], DTYPE_NAMES[dtype], adapter.modules[p]["shape"]) for p in paths]
     metadata = {"kind": "dense_delta", "source": str(adapter.directory), **adapter.metadata}
     largest = max((adapter.modules[p]["shape"] for p in paths), key=math.prod, default=[0])
     require_memory([largest], dtype, f"exporting {adapter.name!r} as dense ΔW")
@@ -71,3 +76,18 @@ def export_dense(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
             writer.close()
 
     return write_file_atomic(target, fill)
+
+
+def _checkpoint_keys(adapter: AdapterFile, base: str | os.PathLike) -> dict[str, str]:
+    """{module path: the key of `base` its ΔW adds to}; an error when one has no key of its own."""
+    from .files.checkpoint_dir import open_checkpoint
+    from .locate import locate_adapter
+
+    keys = locate_adapter(adapter, open_checkpoint(base))
+    apart = [p for p in adapter.modules if p not in keys]
+    if apart:
+        raise ConfigError(
+            f"{excerpt(apart[0])} is saved per expert in {str(base)!r}, not as one weight; export "
+            "without --base (its ΔW is then keyed by module path)"
+        )
+    return keys

@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .config import AdapterConfig
+from .dtensors import is_dtensor, whole, writer_rank
 from .errors import AdapterFileError
 from .experts import ExpertWeights
 from .files.adapter_dir import (
@@ -47,8 +48,17 @@ __all__ = [
 
 def save(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter `name` to `directory` (created or replaced atomically, one save at a time
-    per parent directory); return the path. A DDP / DataParallel wrapper is looked through."""
-    return write_dir_atomic(Path(directory), adapter_files(unwrapped(model), name))
+    per parent directory); return the path. A DDP / DataParallel wrapper is looked through.
+
+    On a model sharded by FSDP2 (`fully_shard`; DTensor adapter tensors) every rank must call
+    `save`: the adapter's tensors are gathered (a collective), then rank 0 writes and the other
+    ranks return without writing (and without waiting for the write). docs/distributed.md#fsdp2."""
+    inner = unwrapped(model)
+    sharded = any(is_dtensor(t) for _, _, d in deltas(inner, name) for t in d.state_dict().values())
+    files = adapter_files(inner, name)
+    if sharded and not writer_rank():
+        return Path(directory)
+    return write_dir_atomic(Path(directory), files)
 
 
 def save_pretrained(
@@ -71,10 +81,10 @@ def save_pretrained(
             inner, save_directory, is_main_process=is_main_process, **ignored
         )
         return
+    root = Path(save_directory)  # gathered on every rank first: under FSDP2 that is a collective
+    written = [(root if name == "default" else root / name, adapter_files(inner, name)) for name in names]
     if not is_main_process:
         return
-    root = Path(save_directory)
-    written = [(root if name == "default" else root / name, adapter_files(inner, name)) for name in names]
     for directory, files in written:
         write_files_atomic(directory, files)
 
@@ -88,8 +98,8 @@ def adapter_files(model: nn.Module, name: str) -> dict[str, bytes]:
         )
     config = found[0][2].config
     paths = [path for path, _, _ in found]
-    tensors = {
-        f"{path}.{key}": t.detach().contiguous().cpu()
+    tensors = {  # DTensor shards (FSDP2) gathered whole: every rank, same order (deltas' order)
+        f"{path}.{key}": whole(t).detach().contiguous().cpu()
         for path, _, delta in found
         for key, t in delta.state_dict().items()
     }

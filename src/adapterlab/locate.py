@@ -1,6 +1,7 @@
 """Adapter module paths mapped to a Hugging Face checkpoint's keys: exact, by dotted suffix, or
-(MoE expert weights) by the per-expert keys transformers writes; with the problems `validate` and
-`merge` report (missing, ambiguous, tied to the embedding, shapes that differ)."""
+(MoE expert weights) by the per-expert keys transformers writes, all through the names
+transformers loads the keys as (keymap.py); with the problems `validate` and `merge` report
+(missing, ambiguous, tied to the embedding, built by a conversion, shapes that differ)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .errors import FingerprintMismatchError, MergeError, TargetError
 from .experts import legacy_pieces, pieces_mismatch
 from .files.adapter_dir import AdapterFile
 from .files.checkpoint_dir import Checkpoint
+from .keymap import KeyMap, key_map
 from .sharing import linear_transposed, tied_heads
 
 
@@ -23,25 +25,28 @@ class Location:
     ambiguous: dict[str, list[str]] = field(default_factory=dict)  # module path -> candidate keys
     # a stacked MoE expert weight saved per expert: path -> [(key, expert, part, parts)] (experts.py)
     pieces: dict[str, list[tuple[str, int, int, int]]] = field(default_factory=dict)
+    # a weight transformers builds by a conversion, not a rename (keymap.py): path -> what builds it
+    converted: dict[str, str] = field(default_factory=dict)
 
 
-def locate(paths: Iterable[str], keys: Iterable[str]) -> Location:
-    """`<path>.weight` if the checkpoint has it, else the one key of which it is a dotted suffix
-    (or that is a dotted suffix of it): a leading prefix added or dropped, as between a base model
-    class and its task-head class."""
+def locate(paths: Iterable[str], keys: Iterable[str], names: KeyMap | None = None) -> Location:
+    """`<path>.weight` if the checkpoint loads a weight by that name, else the one weight of which
+    it is a dotted suffix (or that is a dotted suffix of it): a leading prefix added or dropped, as
+    between a base model class and its task-head class. `names` maps the names the model loads to
+    the checkpoint's keys (keymap.py: transformers' load-time renaming); the identity by default.
+    A weight that transformers builds by a conversion rather than a rename is `converted`."""
     keys = set(keys)
+    names = KeyMap.identity(keys) if names is None else names
     by_leaf: dict[str, list[str]] = {}
-    for key in keys:
-        if key.endswith(".weight"):
-            by_leaf.setdefault(key[: -len(".weight")].rsplit(".", 1)[-1], []).append(key)
+    for name in (*names.names, *names.converted, *names.clashes):
+        if name.endswith(".weight"):
+            by_leaf.setdefault(name[: -len(".weight")].rsplit(".", 1)[-1], []).append(name)
     out = Location()
     for path in paths:
         want = f"{path}.weight"
-        if want in keys:
-            out.keys[path] = want
-            continue
-        if path in keys:  # a stacked MoE expert weight is a parameter of its own (experts.py)
-            out.keys[path] = path
+        exact = want if want in names.names else path if path in names.names else None
+        if exact is not None:  # a stacked MoE expert weight is a parameter of its own (experts.py)
+            out.keys[path] = names.names[exact]
             continue
         pieces = legacy_pieces(path, keys)
         if pieces:
@@ -50,21 +55,30 @@ def locate(paths: Iterable[str], keys: Iterable[str]) -> Location:
         found = sorted(
             k
             for k in by_leaf.get(path.rsplit(".", 1)[-1], [])
-            if k.endswith("." + want) or want.endswith("." + k)
+            if k == want or k.endswith("." + want) or want.endswith("." + k)
         )
-        if len(found) == 1:
-            out.keys[path] = found[0]
+        if path in names.converted:
+            found = [path]
+        if len(found) == 1 and found[0] in names.names:
+            out.keys[path] = names.names[found[0]]
+        elif len(found) == 1 and found[0] in names.converted:
+            out.converted[path] = f"{found[0]!r} is built by {names.converted[found[0]]}"
         elif found:
-            out.ambiguous[path] = found
+            out.ambiguous[path] = [c for k in found for c in names.clashes.get(k, [names.names.get(k, k)])]
         else:
             out.missing.append(path)
     return out
 
 
+def located(paths: Iterable[str], base: Checkpoint) -> Location:
+    """`locate` against a checkpoint directory, with the names transformers loads its keys as."""
+    return locate(paths, base.tensors, key_map(base.root, base.tensors))
+
+
 def fit_base(adapter: AdapterFile, base: Checkpoint) -> Location:
     """`locate` the adapter's modules; a PEFT directory's Linear / Conv1D types are decided by the
     checkpoint's weights and architecture, as `al.load` would decide them (`fan_in_fan_out`)."""
-    found = locate(adapter.modules, base.tensors)
+    found = located(adapter.modules, base)
     shapes = {p: base.tensors[k].shape for p, k in found.keys.items()}
     adapter.fit_base(shapes, linear_transposed(base.root))
     return found
@@ -85,6 +99,7 @@ def location_errors(adapter: AdapterFile, base: Checkpoint, found: Location) -> 
         if p not in tied
     ]
     problems += [f"{p!r} matches several weights {keys[:3]}" for p, keys in list(found.ambiguous.items())[:3]]
+    problems += [conversion_problem(p, how) for p, how in list(found.converted.items())[:3]]
     problems += [
         pieces_mismatch(p, adapter.modules[p]["shape"], ps, base.tensors) for p, ps in found.pieces.items()
     ]
@@ -98,6 +113,16 @@ def location_errors(adapter: AdapterFile, base: Checkpoint, found: Location) -> 
     return problems
 
 
+def conversion_problem(path: str, how: str) -> str:
+    """Why module `path`, whose weight transformers builds from the checkpoint by a conversion, is
+    neither merged nor checked."""
+    return (
+        f"{path!r} has no weight of its own in the checkpoint: transformers' from_pretrained builds it by a "
+        f"conversion, not a rename ({how}), which adapterlab does not invert. Merge in Python instead: "
+        "from_pretrained, al.load, al.merge, save_pretrained (transformers writes the conversion back)"
+    )
+
+
 def locate_adapter(adapter: AdapterFile, base: Checkpoint) -> dict[str, str]:
     """{module path: checkpoint key} for every module of `adapter`, or an error saying why not."""
     found = fit_base(adapter, base)
@@ -108,6 +133,9 @@ def locate_adapter(adapter: AdapterFile, base: Checkpoint) -> dict[str, str]:
             "the adapter's module paths must name the checkpoint's modules (save the adapter from the "
             "model class the checkpoint was saved from)"
         )
+    if found.converted:
+        path, how = next(iter(found.converted.items()))
+        raise MergeError(f"{adapter.name!r}: {conversion_problem(path, how)}")
     problems = location_errors(adapter, base, found)
     if tied_heads(adapter.modules, base.root):
         raise MergeError(f"{adapter.name!r}: {problems[0]}")

@@ -57,7 +57,12 @@ def validate(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> lis
     checks.append(_integrity_check(adapter))
     found = fit_base(adapter, base)
     problems = location_errors(adapter, base, found)
-    located = not found.missing and not found.ambiguous and not tied_heads(adapter.modules, base.root)
+    located = (
+        not found.missing
+        and not found.ambiguous
+        and not found.converted
+        and not tied_heads(adapter.modules, base.root)
+    )
     checks.append(
         Check(
             "modules",

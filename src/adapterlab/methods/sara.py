@@ -11,7 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_number, register
+from ..dtensors import whole
 from ..errors import AdapterNameError, ConfigError, MergeError, UnsupportedModuleError
+from ..kernels.reference import scatter_dense
 from ..layer import AdapterLayer, Delta, base_weight
 from ..model import adapters, deltas
 from .sparse import SparseDelta, check_swapped_indices, sparse_unsupported
@@ -166,7 +168,9 @@ def nuclear_norm_loss(
     if not eligible or config.nuclear_weight == 0:
         return anchor.sum() * 0
     delta = eligible[int(torch.randint(len(eligible), (1,), generator=generator))]
-    dw = delta.delta_weight()
+    # under FSDP2 the values are a DTensor shard (the indices, a buffer, are whole): gather them, a
+    # collective every rank joins (each draws the same weight); the gradient flows back to the shard
+    dw = scatter_dense(delta.weight_shape, whole(delta.values), delta.indices)
     if not bool(dw.detach().any()):
         return dw.sum() * 0
     return config.nuclear_weight * torch.linalg.matrix_norm(dw, ord="nuc").sum()
