@@ -21,7 +21,7 @@ from adapterlab.errors import MergeError
 from adapterlab.files.adapter_dir import AdapterFile
 from adapterlab.files.checkpoint_dir import open_checkpoint
 from adapterlab.keymap import KeyMap, key_map
-from adapterlab.locate import locate, locate_adapter
+from adapterlab.locate import locate, locate_adapter, located
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.conversion_mapping")  # transformers 5: load-time renaming
@@ -138,6 +138,13 @@ def test_an_adapter_from_the_head_class_maps_through_the_renaming_and_a_prefix(t
     assert found.keys == {
         "vit.layers.0.attention.q_proj": "encoder.layer.0.attention.attention.query.weight",
         "vit.layers.0.mlp.fc2": "encoder.layer.0.output.dense.weight",
+    }
+    # an adapter that names the keys as they are on disk (trained where transformers did not rename)
+    old_names = ["vit.encoder.layer.0.attention.attention.query", "encoder.layer.0.output.dense"]
+    assert located([*old_names, "vit.layers.0.attention.k_proj"], base).keys == {
+        old_names[0]: "encoder.layer.0.attention.attention.query.weight",
+        old_names[1]: "encoder.layer.0.output.dense.weight",
+        "vit.layers.0.attention.k_proj": "encoder.layer.0.attention.attention.key.weight",
     }
 
 

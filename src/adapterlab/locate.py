@@ -71,8 +71,17 @@ def locate(paths: Iterable[str], keys: Iterable[str], names: KeyMap | None = Non
 
 
 def located(paths: Iterable[str], base: Checkpoint) -> Location:
-    """`locate` against a checkpoint directory, with the names transformers loads its keys as."""
-    return locate(paths, base.tensors, key_map(base.root, base.tensors))
+    """`locate` against a checkpoint directory, with the names transformers loads its keys as; a
+    path not found by those is looked up among the keys as they are (an adapter trained where
+    transformers did not rename them, e.g. with transformers 4)."""
+    found = locate(paths, base.tensors, key_map(base.root, base.tensors))
+    if found.missing:
+        again = locate(found.missing, base.tensors)
+        found.keys.update(again.keys)
+        found.pieces.update(again.pieces)
+        found.ambiguous.update(again.ambiguous)
+        found.missing = again.missing
+    return found
 
 
 def fit_base(adapter: AdapterFile, base: Checkpoint) -> Location:
