@@ -114,7 +114,7 @@ def _conversions(config: dict[str, Any], n_keys: int) -> tuple[Any, ...] | None:
                 else transformers.AutoModel.from_config(built)
             )
         mapping = get_model_conversion_mapping(model)
-    except (_TooLarge, Exception):  # transformers could not build it: from_pretrained could not load it
+    except Exception:  # _TooLarge, or transformers could not build it (so from_pretrained could not load it)
         return None
     finally:
         hook.remove()
