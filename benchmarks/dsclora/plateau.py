@@ -6,11 +6,11 @@ compact SR network (the paper: "improves PSNR and SSIM over SPAN while maintaini
 efficiency"), and does the spatial-affinity term add to that?
 
 Setup (CPU, fp32, 1 intra-op thread, no download; x2 SR; data, PSNR and network from data.py and
-model.py, as in run.py):
+model.py, as in run.py; held-out images centre-cropped to ≤ 192 px):
 - Pre-training: SPAN, 16 channels, 4 SPABs, L1(SR, HR), Adam 2e-3 with a cosine schedule to zero,
   6,000 steps of 8 HR crops of 32×32 — the held-out PSNR during it is recorded (`pretrain_curve`)
   to show the plateau. This network is the teacher and the base of every student (seed 0).
-- Variants, each `tune_steps` steps from the plateau network (Adam `lr_tune`, cosine), seeds 0, 1, 2
+- Variants, each 300 steps (`tune_steps`) from the plateau network (Adam 5e-4, cosine), seeds 0, 1, 2
   (a seed fixes the adapter initialisation and the batch order, shared by all variants, so
   differences between variants are paired by seed):
   `continued`       all weights, L1(SR, HR): plain continued training (the control for "more training");
