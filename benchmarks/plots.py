@@ -1,7 +1,7 @@
 """Draw docs/img/*.png from the measured results in benchmarks/results/*.json (no re-running).
 
     pip install matplotlib      # (benchmarks/requirements.txt)
-    python benchmarks/plots.py  # writes docs/img/{lora_cpu,merge_cli,sparse_memory,hft_forgetting,locft_editing}.png
+    python benchmarks/plots.py  # writes docs/img/{lora_cpu,merge_cli,sparse_memory,hft_forgetting,locft_editing,dsclora_plateau}.png
 
 A plot is skipped (with a line saying so) when its results file is missing.
 """
@@ -122,6 +122,33 @@ def locft_editing(d: dict) -> None:
     finish(fig, "locft_editing")
 
 
+def dsclora_plateau(d: dict) -> None:
+    base = d["fixed_psnr"]["plateau_base"]["mean"]
+    names = list(d["psnr"])
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.6), gridspec_kw={"width_ratios": [1.1, 1.3, 1.3]})
+    steps, psnr = zip(*d["pretrain_curve"], strict=True)
+    a.plot(steps, psnr, "o-", ms=3)
+    a.axhline(d["fixed_psnr"]["bicubic"]["mean"], color="gray", ls="--", lw=0.8, label="bicubic")
+    a.set_xlabel("pre-training step")
+    a.set_ylabel("held-out PSNR-Y (dB)")
+    a.set_title(f"teacher = base: SPAN {d['setup']['channels']} ch ({base:.3f} dB)", fontsize=9)
+    a.legend(fontsize=7)
+    shown = [n for n in names if n != "dsclora_wrong_teacher"]
+    for ax, keys, title in (
+        (b, shown, "gain over the plateau base, per seed"),
+        (c, names, "incl. the control (wrong affinity teacher)"),
+    ):
+        for i, n in enumerate(keys):
+            vals = [v - base for v in d["psnr"][n]["per_seed"]]
+            ax.scatter([i] * len(vals), vals, s=14, color="C0", zorder=3)
+            ax.bar(i, sum(vals) / len(vals), color="#bbccee", width=0.6)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(keys)), keys, rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("PSNR-Y − plateau base (dB)")
+        ax.set_title(f"{title}; {len(d['setup']['seeds'])} seeds", fontsize=9)
+    finish(fig, "dsclora_plateau")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name, draw in (
@@ -130,6 +157,7 @@ def main() -> None:
         ("sparse_memory", sparse_memory),
         ("hft_forgetting", hft_forgetting),
         ("locft_editing", locft_editing),
+        ("dsclora_plateau", dsclora_plateau),
     ):
         d = results(name)
         if d is not None:
