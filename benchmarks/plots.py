@@ -92,18 +92,23 @@ def sparse_memory(d: dict) -> None:
     finish(fig, "sparse_memory")
 
 
-def _retention_panels(d: dict, name: str, title: str, new_key, old_key, labels: dict[str, str]) -> None:
-    """Left: old-task retention against new-task accuracy, one line per run (seed); right: step time."""
+def _retention_panels(
+    d: dict, name: str, title: str, new_key, old_key, labels: dict[str, str], by_step: bool = False
+) -> None:
+    """Left: old-task retention against new-task accuracy (or the training step), one line per
+    run (seed); right: step time."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [2.2, 1]})
     for i, (variant, label) in enumerate(labels.items()):
+        if variant not in d["records"][0]["runs"]:
+            continue
         for j, rec in enumerate(d["records"]):
             curve = rec["runs"][variant]["curve"]
             steps = sorted(curve, key=int)
             pre = old_key(rec["pretrained"])
-            xs = [new_key(curve[st]) for st in steps]
+            xs = [int(st) for st in steps] if by_step else [new_key(curve[st]) for st in steps]
             ys = [old_key(curve[st]) / pre for st in steps]
             a.plot(xs, ys, color=f"C{i}", lw=1.2, alpha=0.8, label=label if j == 0 else None)
-    a.set_xlabel("new-task accuracy")
+    a.set_xlabel("training steps on the new task" if by_step else "new-task accuracy")
     a.set_ylabel("old-task retention (vs pre-trained)")
     a.legend(fontsize=8)
     times = {v: ms for v, ms in d["step_ms"].items()}
@@ -147,6 +152,7 @@ def hft_minilm(d: dict) -> None:
         lambda acc: acc["sentiment"],
         lambda acc: acc["topic"],
         labels,
+        by_step=True,
     )
 
 

@@ -5,6 +5,7 @@ from takes the steps of fine-tuning those modules directly; HFT trains about hal
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -92,7 +93,7 @@ def test_retention_is_read_at_the_first_step_reaching_each_target():
     assert hft_toy.at_targets({0: [0.8] * 4 + [0.1]}, pre_old)["0.5"] is None
 
 
-def test_hft_minilm_tiny_runs():
+def test_hft_minilm_tiny_runs(tmp_path, monkeypatch):
     pytest.importorskip("datasets")
     import hft_minilm
 
@@ -103,6 +104,12 @@ def test_hft_minilm_tiny_runs():
     assert s["hft"]["trainable"] < s["full_layers"]["trainable"] < s["full"]["trainable"]
     for v in hft_minilm.VARIANTS:
         assert math.isfinite(s[v]["end"]["retention"]["mean"])
+    if importlib.util.find_spec("matplotlib"):
+        import plots
+
+        monkeypatch.setattr(plots, "OUT", tmp_path)
+        plots.hft_minilm(result)
+        assert (tmp_path / "hft_minilm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plots_draw_the_tiny_results(sara_result, hft_result, tmp_path, monkeypatch):
