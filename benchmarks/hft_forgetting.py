@@ -1,21 +1,29 @@
-"""HFT vs full fine-tuning: learn task B on a small Llama that knows task A; how much of A is kept.
+"""HFT vs full fine-tuning: a small Llama pre-trained on several tasks learns a new one; how much of
+the old tasks is kept, at equal accuracy on the new task, and what a step costs.
 
 Setup (CPU, fp32, 1 intra-op thread, no download):
-- Llama: hidden 128, FFN 256, 4 layers, 4 heads (MHA), vocab 64, sequences of 24 tokens.
-- A sequence is a task marker (token 0 = task A, token 1 = task B) followed by x₀ … x₂₂ with
-  x₀ random and x_{i+1} = f(x_i) over 62 values: f_A(x) = (5x + 3) mod 62, f_B(x) = (7x + 11) mod 62.
-  Accuracy = greedy next-token accuracy on x₁ … x₂₂ (x₀ is unpredictable), on 512 fresh sequences.
-- Pre-training: the model learns task A from scratch (Adam 3e-3, 600 steps of 32 sequences).
-- Stage B, from that checkpoint, Adam 1e-3, `--steps` steps of 32 sequences, 3 seeds, accuracy on
-  A and B measured after 5, 10, 15, 20, 30, 50 and 100 steps:
+- Llama: hidden 64, FFN 128, 4 layers, 4 heads (MHA), sequences of 16 tokens.
+- A sequence is a task marker (token t) followed by x₀ … x₁₄ with x₀ random and
+  x_{i+1} = (a_t·x_i + b_t) mod 48. Accuracy = greedy next-token accuracy on x₁ … x₁₄ (x₀ is
+  unpredictable) on 64 fixed sequences per task (896 predictions).
+- Pre-training, per seed: the model learns the 4 old tasks together from scratch (each sequence a
+  random old task; Adam 3e-3, `pre_steps` steps of 32 sequences).
+- New task, from that checkpoint: Adam `lr`, `steps` steps of 32 sequences of the new task only;
+  accuracy on every task every `every` steps. Variants:
   `full`         every parameter trains;
-  `full_layers`  every transformer-layer parameter trains (embeddings and LM head frozen, as in HFT);
+  `full_slow`    the same at half the learning rate (learning the new task as slowly as HFT does:
+                 does freezing help, or only learning more slowly?);
+  `full_layers`  every transformer-layer parameter trains (embeddings and head frozen, as in HFT);
+  `dense_layers` control: a dense ΔW (adapterlab's "dense" adapter) on every module HFT chooses
+                 from; must track `full_layers` (same update, through the delta machinery);
   `hft`          al.inject(model, "hft", seed=s): half of each layer, chosen per category.
-- Step time: forward + backward + Adam step, the three variants interleaved round by round, median
-  over rounds (the machine is shared; the times are indicative, the ratios more so).
+- Retention = mean old-task accuracy / its value after pre-training, read at the first checkpoint
+  where the new task's accuracy reaches each target (0.5, 0.8, 0.95), and at the end.
+- Step time: forward + backward + Adam step, full / full_layers / hft interleaved round by round,
+  median over rounds (the machine is shared; the ratios are more trustworthy than the times).
 
-    python benchmarks/hft_forgetting.py            # writes benchmarks/results/hft_forgetting.json
-    python benchmarks/hft_forgetting.py --quick    # a smoke run
+    python benchmarks/hft_forgetting.py          # writes benchmarks/results/hft_forgetting.json
+    python benchmarks/hft_forgetting.py --tiny   # seconds: a smoke run, writes nothing
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import copy
 import json
 import statistics
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,21 +41,43 @@ import transformers
 from torch import nn
 
 import adapterlab as al
+from adapterlab.methods.hft import ARCHITECTURES, layer_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB, VALUES, SEQ, BATCH = 64, 62, 24, 32
-RULES = {"A": (5, 3), "B": (7, 11)}
-MARKER = {"A": 0, "B": 1}
-VARIANTS = ["full", "full_layers", "hft"]
+VALUES, SEQ, BATCH = 48, 16, 32
+OLD_RULES = [(5, 3), (7, 11), (11, 5), (13, 17)]
+NEW_RULE = (19, 7)
+RULES = OLD_RULES + [NEW_RULE]  # task t: marker token t, rule RULES[t]
+NEW = len(OLD_RULES)
+VOCAB = len(RULES) + VALUES
+VARIANTS = ["full", "full_slow", "full_layers", "dense_layers", "hft"]
+TARGETS = (0.5, 0.8, 0.95)
 
 
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
+@dataclass
+class Setup:
+    hidden: int = 64
+    layers: int = 4
+    pre_steps: int = 1000
+    steps: int = 100
+    every: int = 4
+    lr: float = 1e-3
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_n: int = 64
+    rounds: int = 40
+    variants: tuple[str, ...] = tuple(VARIANTS)
+
+
+TINY = Setup(hidden=32, layers=2, pre_steps=10, steps=6, every=3, seeds=(0,), eval_n=16, rounds=2)
+
+
+def make_model(s: Setup, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
+        hidden_size=s.hidden,
+        intermediate_size=2 * s.hidden,
+        num_hidden_layers=s.layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=SEQ,
@@ -54,43 +85,43 @@ def make_model() -> nn.Module:
     return transformers.LlamaForCausalLM(cfg)
 
 
-def sequences(task: str, n: int, gen: torch.Generator) -> torch.Tensor:
-    a, b = RULES[task]
+def sequences(tasks: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One sequence per entry of `tasks` (task ids)."""
+    n = len(tasks)
+    a = torch.tensor([RULES[t][0] for t in tasks.tolist()])
+    b = torch.tensor([RULES[t][1] for t in tasks.tolist()])
     x = torch.empty(n, SEQ - 1, dtype=torch.long)
     x[:, 0] = torch.randint(0, VALUES, (n,), generator=gen)
     for i in range(1, SEQ - 1):
         x[:, i] = (a * x[:, i - 1] + b) % VALUES
-    return torch.cat([torch.full((n, 1), MARKER[task]), x + 2], dim=1)
+    return torch.cat([tasks[:, None], x + len(RULES)], dim=1)
 
 
 def loss_fn(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids).logits[:, 1:-1]  # predict x₁ … x₂₂ from the prefix
+    logits = model(input_ids=ids).logits[:, 1:-1]  # predict x₁ … x₁₄ from the prefix
     return nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 2:].flatten())
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, task: str) -> float:
+def accuracy(model: nn.Module, n: int) -> list[float]:
+    """Next-token accuracy per task (old tasks, then the new one)."""
     model.eval()
-    ids = sequences(task, 512, torch.Generator().manual_seed(999))
+    gen = torch.Generator().manual_seed(999)
+    ids = sequences(torch.arange(len(RULES)).repeat_interleave(n), gen)
     pred = model(input_ids=ids).logits[:, 1:-1].argmax(-1)
-    return (pred == ids[:, 2:]).float().mean().item()
+    return (pred == ids[:, 2:]).float().view(len(RULES), -1).mean(-1).tolist()
 
 
-def train(
-    model: nn.Module, task: str, steps: int, lr: float, seed: int, checkpoints: tuple[int, ...] = ()
-) -> dict[int, dict[str, float]]:
-    """Train on `task`; return {step: accuracy on A and B} at the checkpoints."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    curve = {}
-    for step in range(1, steps + 1):
-        model.train()
-        loss_fn(model, sequences(task, BATCH, gen)).backward()
+def pretrain(s: Setup, seed: int) -> nn.Module:
+    model = make_model(s, seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(s.pre_steps):
+        loss_fn(model, sequences(torch.randint(0, NEW, (BATCH,), generator=gen), gen)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step in checkpoints:
-            curve[step] = {"acc_A": accuracy(model, "A"), "acc_B": accuracy(model, "B")}
-    return curve
+    return model.eval()
 
 
 def prepare(variant: str, pretrained: nn.Module, seed: int) -> nn.Module:
@@ -98,22 +129,67 @@ def prepare(variant: str, pretrained: nn.Module, seed: int) -> nn.Module:
     if variant == "full_layers":
         for name, p in model.named_parameters():
             p.requires_grad_(".layers." in name)
+    elif variant == "dense_layers":
+        paths = [
+            p for _, cats in layer_groups(model, ARCHITECTURES["llama"]) for ps in cats.values() for p in ps
+        ]
+        al.inject(model, "dense", targets=paths)
     elif variant == "hft":
         al.inject(model, "hft", seed=seed)
     return model
 
 
-def step_times(pretrained: nn.Module, rounds: int) -> dict[str, float]:
-    models = {v: prepare(v, pretrained, 0).train() for v in VARIANTS}
+def finetune(s: Setup, variant: str, pretrained: nn.Module, seed: int) -> dict:
+    """Train on the new task; the accuracy curve ({step: [acc per task]}) and the trainable count."""
+    model = prepare(variant, pretrained, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=s.lr / 2 if variant == "full_slow" else s.lr)
+    gen = torch.Generator().manual_seed(200 + seed)
+    curve = {0: accuracy(model, s.eval_n)}
+    for step in range(1, s.steps + 1):
+        model.train()
+        loss_fn(model, sequences(torch.full((BATCH,), NEW), gen)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % s.every == 0:
+            curve[step] = accuracy(model, s.eval_n)
+    return {"trainable": sum(p.numel() for p in params), "curve": curve}
+
+
+def at_targets(curve: dict[int, list[float]], pre_old: float) -> dict:
+    """Retention of the old tasks at the first checkpoint reaching each new-task accuracy target."""
+    out: dict = {}
+    for target in TARGETS:
+        hit = next((st for st in sorted(curve) if curve[st][NEW] >= target), None)
+        out[str(target)] = (
+            None
+            if hit is None
+            else {
+                "step": hit,
+                "new": curve[hit][NEW],
+                "retention": statistics.mean(curve[hit][:NEW]) / pre_old,
+            }
+        )
+    last = max(curve)
+    out["end"] = {
+        "step": last,
+        "new": curve[last][NEW],
+        "retention": statistics.mean(curve[last][:NEW]) / pre_old,
+    }
+    return out
+
+
+def step_times(s: Setup, pretrained: nn.Module) -> dict[str, float]:
+    names = ["full", "full_layers", "hft"]
+    models = {v: prepare(v, pretrained, 0).train() for v in names}
     opts = {
         v: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
         for v, m in models.items()
     }
-    ids = sequences("B", BATCH, torch.Generator().manual_seed(5))
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for r in range(rounds + 3):
-        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
-        for v in order:
+    ids = sequences(torch.full((BATCH,), NEW), torch.Generator().manual_seed(5))
+    times: dict[str, list[float]] = {v: [] for v in names}
+    for r in range(s.rounds + 3):
+        for v in names[r % 3 :] + names[: r % 3]:
             start = time.perf_counter()
             loss_fn(models[v], ids).backward()
             opts[v].step()
@@ -123,66 +199,79 @@ def step_times(pretrained: nn.Module, rounds: int) -> dict[str, float]:
     return {v: statistics.median(t) * 1e3 for v, t in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=100)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    pre_steps, steps, seeds, rounds = (60, 25, [0], 10) if args.quick else (600, args.steps, [0, 1, 2], 60)
-    checkpoints = tuple(c for c in (5, 10, 15, 20, 30, 50, 100, 300) if c <= steps)
-    start = time.time()
-    pretrained = make_model()
-    train(pretrained, "A", pre_steps, 3e-3, seed=100)
-    base = {"acc_A": accuracy(pretrained, "A"), "acc_B": accuracy(pretrained, "B")}
-    print(f"after pre-training on A: {base}")
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    trainable = {}
-    for seed in seeds:
-        for v in VARIANTS:
-            model = prepare(v, pretrained, seed)
-            trainable[v] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            runs[v].append(train(model, "B", steps, 1e-3, seed=seed, checkpoints=checkpoints))
-            print(f"seed {seed} {v:12s} {runs[v][-1]}")
-    times = step_times(pretrained, rounds)
-    summary = {v: {"trainable": trainable[v], "step_ms": times[v], "curve": {}} for v in VARIANTS}
-    for v in VARIANTS:
-        for c in checkpoints:
-            a, b = ([r[c][k] for r in runs[v]] for k in ("acc_A", "acc_B"))
-            summary[v]["curve"][c] = {
-                "acc_A": statistics.mean(a),
-                "acc_A_min": min(a),
-                "acc_A_max": max(a),
-                "acc_B": statistics.mean(b),
-                "acc_B_min": min(b),
-                "acc_B_max": max(b),
+def spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+
+
+def summarize(records: list[dict], variants: tuple[str, ...]) -> dict:
+    summary: dict = {}
+    for v in variants:
+        rows = [r["runs"][v]["at"] for r in records]
+        entry: dict = {"trainable": records[0]["runs"][v]["trainable"]}
+        for key in [str(t) for t in TARGETS] + ["end"]:
+            got = [row[key] for row in rows if row[key] is not None]
+            entry[key] = {
+                "reached": len(got),
+                "retention": spread([g["retention"] for g in got]) if got else None,
+                "step": spread([g["step"] for g in got]) if got else None,
             }
-    print("\n| variant | trainable params | step ms (median) |\n| --- | --- | --- |")
-    for v, s in summary.items():
-        print(f"| {v} | {s['trainable']:,} | {s['step_ms']:.1f} |")
-    print("\naccuracy on B / on A (mean of the seeds) after n steps on B\n")
-    print("| steps | " + " | ".join(VARIANTS) + " |\n| --- |" + " --- |" * len(VARIANTS))
-    for c in checkpoints:
-        cells = " | ".join(
-            f"{summary[v]['curve'][c]['acc_B']:.3f} / {summary[v]['curve'][c]['acc_A']:.3f}" for v in VARIANTS
+        summary[v] = entry
+    return summary
+
+
+def run(s: Setup, log=print) -> dict:
+    torch.set_num_threads(1)
+    start = time.time()
+    records = []
+    pretrained = None
+    for seed in s.seeds:
+        pretrained = pretrain(s, seed)
+        pre = accuracy(pretrained, s.eval_n)
+        pre_old = statistics.mean(pre[:NEW])
+        rec: dict = {"seed": seed, "pretrained": pre, "runs": {}}
+        log(
+            f"seed {seed}: after pre-training, old tasks {[round(a, 3) for a in pre[:NEW]]}, new {pre[NEW]:.3f}"
         )
-        print(f"| {c} | {cells} |")
-    result = {
-        "pretrained": base,
-        "steps": steps,
-        "seeds": seeds,
-        "runs": runs,
-        "summary": summary,
+        for v in s.variants:
+            r = finetune(s, v, pretrained, seed)
+            r["at"] = at_targets(r["curve"], pre_old)
+            rec["runs"][v] = r
+            log(
+                f"  {v:12s} "
+                + "  ".join(
+                    f"{k}: " + ("-" if a is None else f"step {a['step']} ret {a['retention']:.2f}")
+                    for k, a in r["at"].items()
+                )
+            )
+        records.append(rec)
+    assert pretrained is not None
+    times = step_times(s, pretrained)
+    log(f"step ms: {times}")
+    return {
+        "setup": asdict(s),
+        "rules": {"old": OLD_RULES, "new": NEW_RULE, "values": VALUES},
+        "records": records,
+        "summary": summarize(records, s.variants),
+        "step_ms": times,
+        "step_ratio_hft_vs_full": times["hft"] / times["full"],
         "torch": torch.__version__,
         "threads": 1,
         "seconds": time.time() - start,
+        "cpu_seconds": time.process_time(),  # the machine is shared: wall time overstates the cost
     }
-    if not args.quick:
-        out = ROOT / "benchmarks/results/hft_forgetting.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
-    print(f"total {time.time() - start:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a smoke run in seconds; writes nothing")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/hft_forgetting.json")
+    args = parser.parse_args()
+    result = run(TINY if args.tiny else Setup())
+    print(json.dumps(result["summary"], indent=1))
+    if not args.tiny:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    print(f"total {result['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

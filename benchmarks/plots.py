@@ -1,7 +1,7 @@
 """Draw docs/img/*.png from the measured results in benchmarks/results/*.json (no re-running).
 
     pip install matplotlib      # (benchmarks/requirements.txt)
-    python benchmarks/plots.py  # writes docs/img/{lora_cpu,merge_cli,sparse_memory,hft_forgetting,locft_editing,dsclora_plateau}.png
+    python benchmarks/plots.py  # writes docs/img/*.png, one per results file below
 
 A plot is skipped (with a line saying so) when its results file is missing.
 """
@@ -92,20 +92,121 @@ def sparse_memory(d: dict) -> None:
     finish(fig, "sparse_memory")
 
 
+def _retention_panels(
+    d: dict, name: str, title: str, new_key, old_key, labels: dict[str, str], by_step: bool = False
+) -> None:
+    """Left: old-task retention against new-task accuracy (or the training step), one line per
+    run (seed); right: step time."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [2.2, 1]})
+    for i, (variant, label) in enumerate(labels.items()):
+        if variant not in d["records"][0]["runs"]:
+            continue
+        for j, rec in enumerate(d["records"]):
+            curve = rec["runs"][variant]["curve"]
+            steps = sorted(curve, key=int)
+            pre = old_key(rec["pretrained"])
+            xs = [int(st) for st in steps] if by_step else [new_key(curve[st]) for st in steps]
+            ys = [old_key(curve[st]) / pre for st in steps]
+            a.plot(xs, ys, color=f"C{i}", lw=1.2, alpha=0.8, label=label if j == 0 else None)
+    a.set_xlabel("training steps on the new task" if by_step else "new-task accuracy")
+    a.set_ylabel("old-task retention (vs pre-trained)")
+    a.legend(fontsize=8)
+    times = {v: ms for v, ms in d["step_ms"].items()}
+    b.bar(list(times), list(times.values()), color=[f"C{list(labels).index(v)}" for v in times])
+    b.set_ylabel("ms per step (median)")
+    b.tick_params(axis="x", labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    finish(fig, name)
+
+
 def hft_forgetting(d: dict) -> None:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2), sharex=True)
-    for name, label in (("full", "full FT"), ("full_layers", "full FT, layers only"), ("hft", "HFT")):
-        curve = d["summary"][name]["curve"]
-        steps = sorted(curve, key=int)
-        a.plot([int(s) for s in steps], [curve[s]["acc_A"] for s in steps], label=label)
-        b.plot([int(s) for s in steps], [curve[s]["acc_B"] for s in steps], label=label)
-    a.set_title("task A (learned before)")
-    b.set_title("task B (being learned)")
-    for ax in (a, b):
-        ax.set_xlabel("training steps on task B")
-        ax.set_ylabel("accuracy")
-    a.legend()
-    finish(fig, "hft_forgetting")
+    labels = {
+        "full": "full FT",
+        "full_slow": "full FT, lr/2",
+        "full_layers": "full FT, layers only",
+        "dense_layers": "control: dense ΔW, layers",
+        "hft": "HFT",
+    }
+    new = len(d["rules"]["old"])
+    _retention_panels(
+        d,
+        "hft_forgetting",
+        f"Llama toy pre-trained on {new} tasks, learning a new one ({len(d['records'])} seeds)",
+        lambda acc: acc[new],
+        lambda acc: sum(acc[:new]) / new,
+        labels,
+    )
+
+
+def hft_minilm(d: dict) -> None:
+    labels = {
+        "full": "full FT",
+        "full_slow": "full FT, lr/4",
+        "full_layers": "full FT, layers only",
+        "hft": "HFT",
+    }
+    _retention_panels(
+        d,
+        "hft_minilm",
+        f"all-MiniLM-L6-v2 learning sentiment: topic knowledge kept ({len(d['records'])} seeds)",
+        lambda acc: acc["sentiment"],
+        lambda acc: acc["topic"],
+        labels,
+        by_step=True,
+    )
+
+
+def sara_digits(d: dict) -> None:
+    s = d["summary"]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(12, 3.4))
+    for how, style in (("smallest", "o-"), ("random", "s--"), ("largest", "^:")):
+        fr = sorted(s["prune"][how], key=float)
+        a.errorbar(
+            [float(f) for f in fr],
+            [s["prune"][how][f]["mean"] for f in fr],
+            yerr=[
+                [s["prune"][how][f]["mean"] - s["prune"][how][f]["min"] for f in fr],
+                [s["prune"][how][f]["max"] - s["prune"][how][f]["mean"] for f in fr],
+            ],
+            fmt=style,
+            label=f"zero the {how} |θ|" if how != "random" else "zero random entries",
+        )
+    a.set_xlabel("fraction of each weight zeroed")
+    a.set_ylabel("pre-trained accuracy, digits 0-4")
+    a.set_title("(a) small entries are ineffective", fontsize=9)
+    a.legend(fontsize=7)
+    variants = [v for v in ("full", "full_hi", "sara") if v in s["finetune"]]
+    names = {"full": "full FT", "full_hi": "full FT, SaRA's lr", "sara": "SaRA 10%"}
+    xs = range(len(variants))
+    for off, key, label in ((-0.18, "new", "new classes 5-9"), (0.18, "old", "old classes 0-4")):
+        vals = [s["finetune"][v][key] for v in variants]
+        b.bar(
+            [x + off for x in xs],
+            [v["mean"] for v in vals],
+            0.36,
+            yerr=[[v["mean"] - v["min"] for v in vals], [v["max"] - v["mean"] for v in vals]],
+            label=label,
+        )
+    b.set_xticks(list(xs), [names[v] for v in variants], fontsize=8)
+    b.set_ylim(0.5, 1.0)
+    b.set_ylabel("task-aware accuracy")
+    b.set_title("(b) few-shot new classes", fontsize=9)
+    b.legend(fontsize=7)
+    rank = s["rank"]
+    lam = [r["lambda_rel"] or rank[1]["lambda_rel"] / 3 for r in rank]  # λ̃ = 0 drawn left of the rest
+    c.plot(lam, [r["erank"]["mean"] for r in rank], "o-", color="C0", label="effective rank of ΔW")
+    c.set_xscale("log")
+    c.set_xlabel("λ / L₀ (leftmost point: λ = 0)")
+    c.set_ylabel("effective rank (256×256 ΔW)", color="C0")
+    c2 = c.twinx()
+    c2.plot(lam, [r["new"]["mean"] for r in rank], "s--", color="C1", label="new-class accuracy")
+    c2.set_ylabel("new-class accuracy", color="C1")
+    c2.set_ylim(0.75, 0.95)
+    c.set_title("(c) nuclear-norm weight", fontsize=9)
+    fig.suptitle(
+        f"SaRA on a digits MLP ({len(d['seeds'])} seeds; bars and whiskers: mean, min-max)", fontsize=10
+    )
+    finish(fig, "sara_digits")
 
 
 def locft_editing(d: dict) -> None:
@@ -156,6 +257,8 @@ def main() -> None:
         ("merge_cli", merge_cli),
         ("sparse_memory", sparse_memory),
         ("hft_forgetting", hft_forgetting),
+        ("hft_minilm", hft_minilm),
+        ("sara_digits", sara_digits),
         ("locft_editing", locft_editing),
         ("dsclora_plateau", dsclora_plateau),
     ):
