@@ -156,3 +156,22 @@ def test_bad_buffers_are_refused_and_the_model_is_unchanged(tmp_path, change, me
         al.load(model, directory)
     assert al.adapters(model) == {}
     assert all(torch.equal(v, before[k]) for k, v in running_stats(model).items())
+
+
+def test_peft_reads_the_statistics_too_and_a_checkpoint_merge_warns(tmp_path):
+    from adapterlab.checkpoint import plan_merge
+
+    x = batch()
+    model = al.inject(bn_net(), "lora", r=2, targets="all-conv")  # kernel layout: PEFT's LoRA
+    train_in_train_mode(model, x)
+    with torch.no_grad():
+        tuned = model(x)
+    al.save(model, tmp_path / "a")
+    peft = pytest.importorskip("peft")
+    loaded = peft.PeftModel.from_pretrained(bn_net(), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), tuned, atol=1e-6)
+    (tmp_path / "base").mkdir()
+    save_file(bn_net().state_dict(), tmp_path / "base" / "model.safetensors")
+    with pytest.warns(UserWarning, match="running statistics"):
+        plan_merge(tmp_path / "base", [tmp_path / "a"], None, "linear", 2**20)

@@ -34,7 +34,8 @@ __all__ = [
 @dataclass
 class HFTConfig(DenseConfig):
     """Half fine-tuning. `seed` draws the half; `categories` ({category: [paths relative to a layer]})
-    replaces the built-in map for the model's architecture. `layers` keeps only those layer indices,
+    replaces the built-in map for the model's architecture, or the categories derived from its
+    module tree (hft_map.py). `layers` keeps only those layer indices,
     `exclude` removes modules before the halves are drawn. `targets` is filled in by `inject` with
     the chosen module paths (pass a list only to hand-pick them)."""
 
