@@ -175,3 +175,16 @@ def test_peft_reads_the_statistics_too_and_a_checkpoint_merge_warns(tmp_path):
     save_file(bn_net().state_dict(), tmp_path / "base" / "model.safetensors")
     with pytest.warns(UserWarning, match="running statistics"):
         plan_merge(tmp_path / "base", [tmp_path / "a"], None, "linear", 2**20)
+
+
+def test_hotswap_writes_the_statistics_of_the_swapped_in_adapter(tmp_path):
+    x = batch()
+    for name, data in (("a", x), ("b", x.flip(0) * 3 - 2)):
+        model = al.inject(bn_net(), "lora", r=2, targets="all-conv")
+        train_in_train_mode(model, data)
+        al.save(model, tmp_path / name)
+    served = al.load(bn_net(), tmp_path / "a")
+    al.hotswap(served, tmp_path / "b")
+    reference = al.load(bn_net(), tmp_path / "b")
+    with torch.no_grad():
+        assert torch.equal(served(x), reference(x))
