@@ -86,6 +86,9 @@ def test_unload_restores_the_statistics_and_merge_keeps_them(tmp_path):
     with torch.no_grad():
         tuned = model(x)
     al.save(model, tmp_path / "a")
+    al.save(al.load(bn_net(), tmp_path / "a"), tmp_path / "again")  # a loaded adapter keeps them
+    with torch.no_grad():
+        assert torch.equal(al.load(bn_net(), tmp_path / "again")(x), tuned)
     al.unload(model)  # the original model again
     assert all(torch.equal(v, base_stats[k]) for k, v in running_stats(model).items())
     merged = al.unload(al.load(bn_net(), tmp_path / "a"), merge=True)  # the fine-tuned model
