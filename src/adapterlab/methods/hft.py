@@ -115,7 +115,7 @@ def category_map(model: nn.Module, categories: Categories | None = None) -> dict
     `categories` if given, else the built-in map, else the categories derived from the module tree."""
     found: dict[str, Categories] = {}
     for layer, cats in category_groups(model, categories):
-        stack = layer.rpartition(".")[0]
+        stack = _stack(layer)
         if stack not in found:
             found[stack] = {c: [p[len(layer) + 1 :] for p in ps] for c, ps in cats.items()}
     return found
@@ -171,9 +171,8 @@ def _halves(
     heavy: dict[tuple[str, str], set[int]] = {}
     keys = dict.fromkeys((_stack(layer), c) for layer, cats in groups for c in cats)  # in model order
     for key in keys:
-        having = [
-            i for i, (layer, cats) in enumerate(groups) if (_stack(layer), key[1]) == key and key[1] in cats
-        ]
+        stack, cat = key
+        having = [i for i, (layer, cats) in enumerate(groups) if _stack(layer) == stack and cat in cats]
         k = len(having) // 2 + (len(having) % 2 == 1 and rng.random() < 0.5)
         heavy[key] = set(rng.sample(having, k))
     halves = []
