@@ -177,10 +177,21 @@ class Block(nn.Module):
         return self.norm(x + self.d(self.c(self.b(self.a(x)))))
 
 
+class MLPBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.down(self.up(x))
+
+
 def test_user_categories_for_a_plain_model_and_bad_input():
+    with pytest.raises(al.ConfigError, match=r"no module-category map.*holds attention.*'up', 'down'"):
+        al.inject(nn.Sequential(MLPBlock(), MLPBlock()), "hft")  # nothing to derive attention from
     net = nn.Sequential(Block(), Block())
-    with pytest.raises(al.ConfigError, match=r"no module-category map.*categories=.*'a', 'b'"):
-        al.inject(net, "hft")
+    # no names to go by: four projections of one input size are taken for attention
+    assert al.hft.category_map(net) == {"": {"attention": ["a", "b", "c", "d"], "norm": ["norm"]}}
     with pytest.raises(al.TargetError, match="closest: 'b'"):
         al.inject(net, "hft", categories={"x": ["a", "bb"]})
     with pytest.raises(al.ConfigError, match="categories="):

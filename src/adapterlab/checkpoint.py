@@ -137,6 +137,15 @@ def plan_merge(
                 targets.setdefault(key, []).append((i, path))
                 pieces[key] = (expert, part, count)
     _check_targets(checkpoint, files, targets, how)
+    with_stats = [f.name for f in files if f.metadata["buffers"]]
+    if with_stats:
+        warnings.warn(
+            f"{with_stats[0]!r} stores running statistics (BatchNorm) beside its deltas; a checkpoint merge "
+            "writes the merged weights only. For the adapted model's statistics, merge in Python: "
+            "al.unload(al.load(model, adapter_dir), merge=True)",
+            UserWarning,
+            stacklevel=2,
+        )
     keep, skip = checkpoint.extra_files()
     outside = checkpoint.outside_links()
     if outside:

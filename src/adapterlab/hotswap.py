@@ -10,6 +10,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from . import running_stats
 from .config import AdapterConfig
 from .errors import AdapterNameError, HotswapError, MergeError
 from .files.adapter_dir import read_adapter, require_fingerprint_match, split_by_module
@@ -42,6 +43,7 @@ def hotswap(model: nn.Module, directory: str | os.PathLike, name: str = "default
     (by `al.save`, or a PEFT LoRA directory), keeping every shape, so a compiled model does not
     recompile. The saved adapter must have the same method and the same target modules; LoRA
     ranks up to the adapter's current rank (see `prepare_hotswap`), other methods equal shapes.
+    Running statistics saved with the file (BatchNorm's) are written into the model's buffers too.
     Atomic: everything is checked first, and on error nothing has changed. Returns `model`."""
     inner = unwrapped(model)
     found = _layers(inner, name)
@@ -81,9 +83,11 @@ def hotswap(model: nn.Module, directory: str | os.PathLike, name: str = "default
             "Hot-swap needs the same targets; load it as a new adapter with al.load(model, dir, name=...)"
         )
     writes = [w for path, _, delta in found for w in _planned_writes(where, path, delta, owned[path], loaded)]
+    running_stats.check(inner, metadata["buffers"], where)  # BatchNorm statistics saved with it
     with torch.no_grad():
         for target, value in writes:
             target.copy_(value)
+    running_stats.write(inner, metadata["buffers"])
     return model
 
 

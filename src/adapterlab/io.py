@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from . import running_stats
 from .config import AdapterConfig
 from .dtensors import is_dtensor, whole, writer_rank
 from .errors import AdapterFileError
@@ -90,7 +91,8 @@ def save_pretrained(
 
 
 def adapter_files(model: nn.Module, name: str) -> dict[str, bytes]:
-    """{file name: bytes} of adapter `name`'s directory: the safetensors file and the JSON config."""
+    """{file name: bytes} of adapter `name`'s directory: the safetensors file and the JSON config.
+    The running statistics that changed since the adapter was added are stored with it."""
     found = deltas(model, name)
     if not found:
         raise AdapterFileError(
@@ -105,10 +107,12 @@ def adapter_files(model: nn.Module, name: str) -> dict[str, bytes]:
     }
     prints = fingerprint(model, paths)
     tensors = {PREFIX + k: t for k, t in config.file_tensors(tensors, prints["modules"]).items()}
+    stats = running_stats.changed(model, name)
+    tensors.update({PREFIX + k: t for k, t in stats.items()})
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return directory_files(
         tensors,
-        metadata_block(config, prints),
+        metadata_block(config, prints, list(stats)),
         peft_config(config, paths, [d for _, _, d in found], name_or_path),
     )
 
@@ -117,7 +121,8 @@ def load(
     model: nn.Module, directory: str | os.PathLike, name: str = "default", trainable: bool = False
 ) -> nn.Module:
     """Add the adapter saved in `directory` to `model` as `name` (atomic: on any error the model is
-    unchanged). Reads adapterlab directories and PEFT LoRA directories."""
+    unchanged). Reads adapterlab directories and PEFT LoRA directories. Running statistics saved
+    with the adapter are written into the model's buffers."""
     inner = unwrapped(model)  # a DDP / DataParallel wrapper is looked through
     metadata, tensors = read_adapter(directory)
     config = AdapterConfig.from_dict(metadata["config"])  # validated by read_adapter
@@ -143,7 +148,9 @@ def load(
         paths=list(owned),
         build=filler(config, owned, lambda path: f"{where}: module {path!r}"),
     )
+    running_stats.check(inner, metadata["buffers"], where)
     apply_plan(inner, name, steps, trainable=trainable)
+    running_stats.write(inner, metadata["buffers"])
     return model
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import quant
+from . import quant, running_stats
 from .config import AdapterConfig, config_for
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
 from .experts import ExpertWeights, attach, detach
@@ -127,6 +127,7 @@ def apply_plan(
     everything but the new adapter (and that too unless `trainable`)."""
     if not hasattr(model, _FLAGS):
         object.__setattr__(model, _FLAGS, {n: p.requires_grad for n, p in model.named_parameters()})
+    running_stats.remember(model, name)  # what this adapter's training moves is saved with it
     if hasattr(type(model), "save_pretrained") and "save_pretrained" not in model.__dict__:
         from .io import save_pretrained  # a Hugging Face model: its own method would save wrapper keys
 
@@ -321,7 +322,7 @@ def _unwrap(model: nn.Module, path: str, layer: AdapterLayer) -> None:
 
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """Remove every wrapper. With `merge=True` the active adapters are merged first (safely);
-    otherwise merged adapters are unmerged, giving back the original model."""
+    otherwise merged adapters are unmerged, giving back the original model (its running statistics too)."""
     if merge:
         if getattr(model, "merge_refusal", None):
             raise MergeError(model.merge_refusal)
@@ -333,6 +334,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         unmerge(model)
     for path, layer in list(adapter_layers(model)):
         _unwrap(model, path, layer)
+    running_stats.release(model, restore=not merge)  # merge keeps the adapted statistics
     flags = model.__dict__.pop(_FLAGS, {})
     model.__dict__.pop("save_pretrained", None)
     for n, p in model.named_parameters():

@@ -29,12 +29,14 @@ from .fill import fill_delta
 from .fs import is_regular, not_a_directory, read_regular
 from .safetensors import MAX_DIMS, MAX_ELEMENTS, encode, naturals, parse_json, read_tensors
 
-FORMAT_VERSION = 1
+# the newest format read and written; 2 adds "buffers" (running statistics saved with the adapter),
+# and a file without them is written as 1, which every version reads
+FORMAT_VERSION = 2
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-METADATA_KEYS = {"format_version", "library_version", "method", "config", "fingerprint"}
+METADATA_KEYS = {"format_version", "library_version", "method", "config", "fingerprint", "buffers"}
 
 
 # -- fingerprint ----------------------------------------------------------------------------------
@@ -86,15 +88,19 @@ def require_fingerprint_match(model: nn.Module, expected: dict[str, Any]) -> Non
 
 
 # -- write ----------------------------------------------------------------------------------------
-def metadata_block(config: AdapterConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """The `adapterlab` block: format and library version, method, config, fingerprint."""
-    return {
-        "format_version": FORMAT_VERSION,
+def metadata_block(
+    config: AdapterConfig, fingerprint: dict[str, Any], buffers: list[str] | None = None
+) -> dict[str, Any]:
+    """The `adapterlab` block: format and library version, method, config, fingerprint, and the
+    keys (without PREFIX) of the model buffers stored beside the deltas (running_stats.py), if any."""
+    block = {
+        "format_version": FORMAT_VERSION if buffers else 1,
         "library_version": VERSION,
         "method": config.method,
         "config": config.to_dict(),
         "fingerprint": fingerprint,
     }
+    return {**block, "buffers": sorted(buffers)} if buffers else block
 
 
 def directory_files(
@@ -118,7 +124,8 @@ def peft_config(
 
 # -- read -----------------------------------------------------------------------------------------
 def read_adapter(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The `adapterlab` metadata (made from PEFT's config for PEFT-written dirs) and the tensors.
+    """The `adapterlab` metadata (made from PEFT's config for PEFT-written dirs) and the deltas'
+    tensors; the model buffers the file stores are moved to `metadata["buffers"]` ({key: tensor}).
 
     Untrusted input: never unpickles; the safetensors header's sizes are checked against the file
     before anything is read; the metadata is checked field by field and its config by the config's
@@ -153,6 +160,7 @@ def _read_adapter(root: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     else:
         metadata = _from_peft(_json_file(root / CONFIG_FILE), root)
     metadata = _check_metadata(metadata, root)
+    metadata["buffers"] = _pop_buffers(metadata["buffers"], tensors, root)
     modules = metadata["fingerprint"].get("modules")
     if modules:  # tensors a method stores in another layout (LoRA on expert weights: PEFT's)
         local = {k[len(PREFIX) :] if k.startswith(PREFIX) else k: t for k, t in tensors.items()}
@@ -209,7 +217,24 @@ def _check_metadata(metadata: Any, root: Path) -> dict[str, Any]:
         "method": method,
         "config": _check_config(metadata.get("config"), method, where),
         "fingerprint": _parse_fingerprint(metadata.get("fingerprint"), where),
+        "buffers": metadata.get("buffers", []),
     }
+
+
+def _pop_buffers(keys: Any, tensors: dict[str, Tensor], root: Path) -> dict[str, Tensor]:
+    """{key: tensor} of the buffers the metadata lists, taken out of `tensors`."""
+    if not (isinstance(keys, list) and all(module_path_ok(k) for k in keys) and len(set(keys)) == len(keys)):
+        raise AdapterFileError(
+            f"{str(root)!r}: the adapterlab metadata's buffers {excerpt(keys)} are not a list of "
+            "'<module path>.<buffer>' keys; re-save the adapter"
+        )
+    missing = [k for k in keys if PREFIX + k not in tensors]
+    if missing:
+        raise AdapterFileError(
+            f"{str(root)!r}: the metadata lists buffer {excerpt(missing[0], 80)}, but {WEIGHTS_FILE} has no "
+            f"tensor {excerpt(PREFIX + missing[0], 100)}; re-save the adapter"
+        )
+    return {k: tensors.pop(PREFIX + k) for k in keys}
 
 
 def _check_config(data: Any, method: str, where: str) -> dict[str, Any]:

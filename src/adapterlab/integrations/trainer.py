@@ -18,6 +18,7 @@ from ..errors import AdapterNameError
 from ..files.atomic import write_files_atomic
 from ..io import save_pretrained
 from ..model import Summary, adapters, after_step, before_step, trainable_summary
+from ..running_stats import is_running_stat
 
 logger = logging.getLogger("adapterlab")
 RESUME_FILE = "model.safetensors"  # the name transformers' resume_from_checkpoint reads
@@ -102,7 +103,9 @@ class AdapterCallback(TrainerCallback):
             if "save_pretrained" not in model.__dict__:  # a Hugging Face model's (ours) wrote them already
                 save_pretrained(model, checkpoint)
             tensors = {
-                k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if ".deltas." in k
+                k: v.detach().contiguous().cpu()
+                for k, v in model.state_dict().items()
+                if ".deltas." in k or is_running_stat(k)  # BatchNorm statistics move in training
             }
             write_files_atomic(
                 checkpoint, {RESUME_FILE: safetensors_bytes(tensors, metadata={"format": "pt"})}

@@ -8,7 +8,7 @@ with ΔW as its only weight (no bias):
 - transformers Conv1D: f = x·ΔW                (weight stored in × out)
 - nn.Conv1d/2d/3d:    f = conv(x, ΔW) with the base geometry
 - nn.LayerNorm:       f = Δγ ⊙ (x − μ)/σ        (F.layer_norm with weight Δγ and no bias)
-- RMSNorm (torch, Llama, Mistral, Qwen2, …): f = Δγ ⊙ x/rms(x): the module's own forward with
+- RMSNorm (torch, Llama, Mistral, Qwen2, T5's T5LayerNorm, …): f = Δγ ⊙ x/rms(x): the module's own forward with
   γ replaced by Δγ. Only norms whose output is γ ⊙ n(x) qualify; a probe at construction checks
   that γ = 0 gives 0 (Gemma's (1 + γ) ⊙ n(x) does not, and is refused).
 
@@ -38,11 +38,15 @@ from .lora import adapter_dtype, conv_like
 
 
 def is_rms_norm(module: nn.Module) -> bool:
-    """torch's nn.RMSNorm or a transformers `*RMSNorm` class with a 1-D `weight`."""
+    """torch's nn.RMSNorm, a `*RMSNorm` class with a 1-D `weight`, or a scale-only `*LayerNorm`
+    class that is not nn.LayerNorm: 1-D `weight`, no `bias` (T5LayerNorm, MT5's, LongT5's,
+    Pix2Struct's: RMS norms under another name). `DenseDelta` probes that the output is γ ⊙ n(x)."""
     if isinstance(module, getattr(nn, "RMSNorm", ())):
         return True
-    weight = getattr(module, "weight", None)
-    return type(module).__name__.endswith("RMSNorm") and isinstance(weight, Tensor) and weight.dim() == 1
+    weight, name = getattr(module, "weight", None), type(module).__name__
+    if not (isinstance(weight, Tensor) and weight.dim() == 1) or isinstance(module, nn.LayerNorm):
+        return False
+    return name.endswith("RMSNorm") or (name.endswith("LayerNorm") and getattr(module, "bias", None) is None)
 
 
 def is_router(module: nn.Module) -> bool:

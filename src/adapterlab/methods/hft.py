@@ -13,62 +13,29 @@ from typing import Any
 from torch import nn
 
 from ..config import TargetSpec, check_number, register
-from ..errors import AdapterNameError, ConfigError, TargetError, closest
+from ..errors import AdapterNameError, ConfigError, TargetError
 from ..model import adapters, deltas, inject
-from ..targeting import layer_index, layer_stacks, logical_modules, matches, output_head
-from .dense import DenseConfig, dense_kind
+from ..targeting import layer_index, logical_modules, matches, output_head
+from .dense import DenseConfig
+from .hft_map import ARCHITECTURES, Categories, Groups, builtin_map, category_groups, layer_groups
 
-Categories = dict[str, list[str]]
-
-_LLAMA: Categories = {
-    "attention": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-    "ffn": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-    "norm": ["input_layernorm", "post_attention_layernorm"],
-}
-
-
-def _moe(router: str) -> Categories:
-    """Mixture-of-experts layers: the stacked expert weights and the router are categories of their own."""
-    return {
-        "attention": _LLAMA["attention"],
-        "experts": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-        "router": [f"mlp.{router}"],
-        "norm": _LLAMA["norm"],
-    }
-
-
-# module paths relative to one transformer layer, per `model.config.model_type`
-ARCHITECTURES: dict[str, Categories] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3_moe": _moe("gate"),  # with decoder_sparse_step=1 and no mlp_only_layers (every layer MoE)
-    "mixtral": _moe("gate"),
-    "gpt_oss": _moe("router"),
-    # GPT-2 fuses q, k, v into c_attn: its attention category has 2 members, so 1 of 2 trains
-    "gpt2": {
-        "attention": ["attn.c_attn", "attn.c_proj"],
-        "ffn": ["mlp.c_fc", "mlp.c_proj"],
-        "norm": ["ln_1", "ln_2"],
-    },
-    "bert": {
-        "attention": [
-            "attention.self.query",
-            "attention.self.key",
-            "attention.self.value",
-            "attention.output.dense",
-        ],
-        "ffn": ["intermediate.dense", "output.dense"],
-        "norm": ["attention.output.LayerNorm", "output.LayerNorm"],
-    },
-}
+__all__ = [
+    "ARCHITECTURES",
+    "HFTConfig",
+    "category_map",
+    "describe",
+    "layer_groups",
+    "next_stage",
+    "select_half",
+]
 
 
 @register
 @dataclass
 class HFTConfig(DenseConfig):
     """Half fine-tuning. `seed` draws the half; `categories` ({category: [paths relative to a layer]})
-    replaces the built-in map for the model's architecture. `layers` keeps only those layer indices,
+    replaces the built-in map for the model's architecture, or the categories derived from its
+    module tree (hft_map.py). `layers` keeps only those layer indices,
     `exclude` removes modules before the halves are drawn. `targets` is filled in by `inject` with
     the chosen module paths (pass a list only to hand-pick them)."""
 
@@ -142,62 +109,23 @@ class HFTConfig(DenseConfig):
                     optimizer.state.pop(p, None)
 
 
-def category_map(model: nn.Module) -> Categories:
-    """The built-in categories for `model.config.model_type`; `ConfigError` if there are none."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in ARCHITECTURES:
-        return ARCHITECTURES[model_type]
-    example = ""
-    stacks = layer_stacks(model)
-    if stacks:
-        first = next(iter(stacks.values()))[0]
-        inside = [
-            p[len(first) + 1 :]
-            for p, m in logical_modules(model)
-            if p.startswith(first + ".") and dense_kind(m) is not None
-        ]
-        example = f"; the modules of {first!r} are {inside[:12]}"
-    raise ConfigError(
-        f"hft: no module-category map for architecture {model_type!r} (built in: {', '.join(sorted(ARCHITECTURES))}). "
-        "Pass categories={'attention': [...], 'ffn': [...], 'norm': [...]} with module paths relative to one "
-        f"layer{example}"
-    )
-
-
-def layer_groups(model: nn.Module, categories: Categories) -> list[tuple[str, Categories]]:
-    """[(layer path, {category: [full module paths]})] for every layer holding the categories'
-    modules, in model order. Raises `TargetError` if a layer lacks one of them."""
-    modules = dict(logical_modules(model))
-    wanted = [rel for members in categories.values() for rel in members]
-    groups = []
-    for layer_paths in layer_stacks(model).values():
-        if not any(f"{layer_paths[0]}.{rel}" in modules for rel in wanted):
-            continue
-        for layer in layer_paths:
-            missing = [rel for rel in wanted if f"{layer}.{rel}" not in modules]
-            if missing:
-                inside = [p[len(layer) + 1 :] for p in modules if p.startswith(layer + ".")]
-                raise TargetError(
-                    f"hft: layer {layer!r} has no module {missing[0]!r} (closest: {closest(missing[0], inside)}); "
-                    "fix the categories map"
-                )
-            groups.append(
-                (layer, {cat: [f"{layer}.{rel}" for rel in members] for cat, members in categories.items()})
-            )
-    if not groups:
-        everything = [p for p, m in modules.items() if dense_kind(m) is not None]
-        raise TargetError(
-            f"hft: no layer of the model holds the category modules {wanted[:6]} "
-            f"(closest: {closest(wanted[0], everything)}); paths are relative to one layer"
-        )
-    return groups
+def category_map(model: nn.Module, categories: Categories | None = None) -> dict[str, Categories]:
+    """{layer stack path: {category: [module paths relative to one layer]}}: what HFT draws from,
+    per stack (T5's encoder and decoder differ), as the first layer of each stack has them:
+    `categories` if given, else the built-in map, else the categories derived from the module tree."""
+    found: dict[str, Categories] = {}
+    for layer, cats in category_groups(model, categories):
+        stack = _stack(layer)
+        if stack not in found:
+            found[stack] = {c: [p[len(layer) + 1 :] for p in ps] for c, ps in cats.items()}
+    return found
 
 
 def _filtered_groups(
     model: nn.Module, categories: Categories | None, layers: list[int] | None, exclude: TargetSpec | None
-) -> list[tuple[str, Categories]]:
+) -> Groups:
     """`layer_groups`, keeping only `layers` and dropping `exclude`d modules."""
-    groups = layer_groups(model, categories or category_map(model))
+    groups = category_groups(model, categories)
     if layers is not None:
         groups = [g for g in groups if layer_index(g[0]) in layers]
         if not groups:
@@ -222,22 +150,70 @@ def select_half(
     exclude: TargetSpec | None = None,
 ) -> list[str]:
     """The module paths one HFT stage trains, in model order (deterministic for a given seed)."""
-    groups = _filtered_groups(model, categories, layers, exclude)
-    rng = random.Random(seed)
-    n_layers = len(groups)
-    heavy: dict[str, set[int]] = {}  # per odd-sized category: the layers that freeze ⌈n/2⌉
-    for cat in groups[0][1]:
-        k = n_layers // 2 + (n_layers % 2 == 1 and rng.random() < 0.5)
-        heavy[cat] = set(rng.sample(range(n_layers), k))
-    chosen: list[str] = []
-    for i, (_, cats) in enumerate(groups):
-        for cat, members in cats.items():
-            n = len(members)
-            n_frozen = n // 2 + (n % 2 == 1 and i in heavy[cat])
-            frozen = set(rng.sample(members, n_frozen))
-            chosen.extend(p for p in members if p not in frozen)
+    halves = _halves(model, seed, categories, layers, exclude)
+    chosen = [p for _, cats in halves for train, _ in cats.values() for p in train]
     order = {p: i for i, (p, _) in enumerate(logical_modules(model))}
     return sorted(chosen, key=order.__getitem__)
+
+
+def _halves(
+    model: nn.Module,
+    seed: int,
+    categories: Categories | None,
+    layers: list[int] | None,
+    exclude: TargetSpec | None,
+) -> list[tuple[str, dict[str, tuple[list[str], list[str]]]]]:
+    """[(layer path, {category: (trained paths, frozen paths)})], drawn with `random.Random(seed)`."""
+    groups = _filtered_groups(model, categories, layers, exclude)
+    rng = random.Random(seed)
+    # per layer stack and category: the layers that freeze ⌈n/2⌉ of an odd-sized category, a random
+    # half of the stack's layers (T5's decoder has a third norm its encoder lacks)
+    heavy: dict[tuple[str, str], set[int]] = {}
+    keys = dict.fromkeys((_stack(layer), c) for layer, cats in groups for c in cats)  # in model order
+    for key in keys:
+        stack, cat = key
+        having = [i for i, (layer, cats) in enumerate(groups) if _stack(layer) == stack and cat in cats]
+        k = len(having) // 2 + (len(having) % 2 == 1 and rng.random() < 0.5)
+        heavy[key] = set(rng.sample(having, k))
+    halves = []
+    for i, (layer, cats) in enumerate(groups):
+        split = {}
+        for cat, members in cats.items():
+            n = len(members)
+            frozen = set(rng.sample(members, n // 2 + (n % 2 == 1 and i in heavy[_stack(layer), cat])))
+            split[cat] = ([p for p in members if p not in frozen], [p for p in members if p in frozen])
+        halves.append((layer, split))
+    return halves
+
+
+def _stack(layer: str) -> str:
+    return layer.rpartition(".")[0]
+
+
+def describe(
+    model: nn.Module,
+    seed: int = 0,
+    categories: Categories | None = None,
+    layers: list[int] | None = None,
+    exclude: TargetSpec | None = None,
+) -> str:
+    """The half `select_half` draws, as text: per layer and category, the modules that train (+)
+    and those that stay frozen (-), paths relative to the layer; a total line first."""
+    halves = _halves(model, seed, categories, layers, exclude)
+    trained = sum(len(t) for _, cats in halves for t, _ in cats.values())
+    total = sum(len(t) + len(f) for _, cats in halves for t, f in cats.values())
+    source = (
+        "categories given" if categories else "built-in map" if builtin_map(model) else "derived categories"
+    )
+    lines = [f"hft seed={seed}: {trained} of {total} modules train, in {len(halves)} layers ({source})"]
+    order = {p: i for i, (p, _) in enumerate(logical_modules(model))}
+    for layer, cats in halves:
+        lines.append(layer)
+        for cat, (train, frozen) in cats.items():
+            marked = sorted([(p, "+") for p in train] + [(p, "-") for p in frozen], key=lambda m: order[m[0]])
+            members = " ".join(f"{mark}{p[len(layer) + 1 :]}" for p, mark in marked)
+            lines.append(f"  {cat} {len(train)}/{len(train) + len(frozen)}: {members}")
+    return "\n".join(lines)
 
 
 def next_stage(model: nn.Module, seed: int | None = None, name: str | None = None) -> str:
