@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .errors import AdapterFileError
+from .errors import AdapterFileError, ConfigError
 from .experts import ExpertWeights
 from .files.adapter_dir import (
     CONFIG_FILE,
@@ -28,6 +29,8 @@ from .files.adapter_dir import (
     split_by_module,
 )
 from .files.atomic import write_dir_atomic, write_files_atomic
+from .files.diffusers_dir import WEIGHTS_FILE as DIFFUSERS_FILE
+from .files.diffusers_dir import diffusers_files
 from .files.fill import filler
 from .model import adapters, apply_plan, deltas, plan, unwrapped
 from .targeting import logical_modules, matches
@@ -38,6 +41,7 @@ __all__ = [
     "PREFIX",
     "WEIGHTS_FILE",
     "adapter_files",
+    "diffusers_adapter_files",
     "load",
     "read_adapter",
     "save",
@@ -45,10 +49,38 @@ __all__ = [
 ]
 
 
-def save(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    *,
+    format: str = "adapterlab",
+    prefix: str | None = None,
+) -> Path:
     """Write adapter `name` to `directory` (created or replaced atomically, one save at a time
-    per parent directory); return the path. A DDP / DataParallel wrapper is looked through."""
-    return write_dir_atomic(Path(directory), adapter_files(unwrapped(model), name))
+    per parent directory); return the path. A DDP / DataParallel wrapper is looked through.
+
+    `format="adapterlab"` (default): adapter_model.safetensors + adapter_config.json (PEFT's
+    LoraConfig where PEFT can express the adapter). `format="diffusers"` (LoRA only): diffusers'
+    pytorch_lora_weights.safetensors with the LoraConfig in its header, so
+    `unet.load_lora_adapter(directory, prefix=None, use_safetensors=True)` loads it with this exact
+    α/r; with `prefix="unet"` (or "transformer") keys and config sit under that component, as a
+    pipeline's `save_lora_weights` writes them, for `pipe.load_lora_weights(directory)`.
+    `al.load` reads both. docs/diffusers.md."""
+    inner = unwrapped(model)
+    if format == "adapterlab":
+        if prefix is not None:
+            raise ConfigError(f"prefix={prefix!r} is for format='diffusers'; drop it or pass that format")
+        return write_dir_atomic(
+            Path(directory), adapter_files(inner, name), replaces=frozenset({DIFFUSERS_FILE})
+        )
+    if format == "diffusers":
+        return write_dir_atomic(
+            Path(directory),
+            diffusers_adapter_files(inner, name, prefix),
+            replaces=frozenset({WEIGHTS_FILE, CONFIG_FILE}),
+        )
+    raise ConfigError(f"format={format!r}; use 'adapterlab' (the default) or 'diffusers'")
 
 
 def save_pretrained(
@@ -81,6 +113,26 @@ def save_pretrained(
 
 def adapter_files(model: nn.Module, name: str) -> dict[str, bytes]:
     """{file name: bytes} of adapter `name`'s directory: the safetensors file and the JSON config."""
+    config, tensors, block, peft = _adapter_parts(model, name)
+    return directory_files({PREFIX + k: t for k, t in tensors.items()}, block, peft)
+
+
+def diffusers_adapter_files(model: nn.Module, name: str, prefix: str | None = None) -> dict[str, bytes]:
+    """{file name: bytes} of adapter `name` as diffusers' LoRA file (see `save`)."""
+    config, tensors, block, peft = _adapter_parts(model, name)
+    if peft is None:
+        raise ConfigError(
+            f"adapter {name!r} {config.peft_refusal()}; diffusers loads LoRA in PEFT's layout only. "
+            "Save it with format='adapterlab' and merge it into the model (al.merge, adapterlab merge)"
+        )
+    return diffusers_files(tensors, peft, {"adapterlab": json.dumps(block)}, prefix)
+
+
+def _adapter_parts(
+    model: nn.Module, name: str
+) -> tuple[AdapterConfig, dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
+    """Adapter `name`'s config, its tensors in the file's layout keyed `<path>.<key>`, our metadata
+    block and PEFT's config (None where PEFT cannot express the adapter)."""
     found = deltas(model, name)
     if not found:
         raise AdapterFileError(
@@ -94,22 +146,26 @@ def adapter_files(model: nn.Module, name: str) -> dict[str, bytes]:
         for key, t in delta.state_dict().items()
     }
     prints = fingerprint(model, paths)
-    tensors = {PREFIX + k: t for k, t in config.file_tensors(tensors, prints["modules"]).items()}
+    tensors = config.file_tensors(tensors, prints["modules"])
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return directory_files(
-        tensors,
-        metadata_block(config, prints),
-        peft_config(config, paths, [d for _, _, d in found], name_or_path),
-    )
+    peft = peft_config(config, paths, [d for _, _, d in found], name_or_path)
+    return config, tensors, metadata_block(config, prints), peft
 
 
 def load(
-    model: nn.Module, directory: str | os.PathLike, name: str = "default", trainable: bool = False
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    trainable: bool = False,
+    *,
+    component: str | None = None,
 ) -> nn.Module:
     """Add the adapter saved in `directory` to `model` as `name` (atomic: on any error the model is
-    unchanged). Reads adapterlab directories and PEFT LoRA directories."""
+    unchanged). Reads adapterlab directories, PEFT LoRA directories and diffusers' LoRA files
+    (`save_lora_adapter`'s, or a pipeline's `save_lora_weights`', whose `component` — "unet",
+    "transformer", … — is chosen by name when the file holds several)."""
     inner = unwrapped(model)  # a DDP / DataParallel wrapper is looked through
-    metadata, tensors = read_adapter(directory)
+    metadata, tensors = read_adapter(directory, component)
     config = AdapterConfig.from_dict(metadata["config"])  # validated by read_adapter
     if config.side_network:
         raise AdapterFileError(
