@@ -265,25 +265,40 @@ def merge(
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["peft", "dense"]),
+    type=click.Choice(["peft", "diffusers", "dense"]),
     required=True,
-    help="peft: PEFT's LoRA directory; dense: one safetensors file of ΔW per module.",
+    help="peft: PEFT's LoRA directory; diffusers: diffusers' LoRA file; dense: one safetensors file of ΔW per module.",
 )
-@click.option("--out", required=True, metavar="OUT", help="Directory (peft) or .safetensors file (dense).")
-def export(directory: str, fmt: str, out: str) -> None:
-    """Export an adapter as a PEFT LoRA directory or as dense ΔW per module.
+@click.option(
+    "--out", required=True, metavar="OUT", help="Directory (peft, diffusers) or .safetensors file (dense)."
+)
+@click.option(
+    "--prefix",
+    metavar="COMPONENT",
+    default=None,
+    help="diffusers: keys under this pipeline component (unet, transformer), for pipe.load_lora_weights.",
+)
+def export(directory: str, fmt: str, out: str, prefix: str | None) -> None:
+    """Export an adapter as a PEFT LoRA directory, a diffusers LoRA file or dense ΔW per module.
 
-    peft loads with peft.PeftModel.from_pretrained (LoRA only). dense holds `<module>.weight` =
+    peft loads with peft.PeftModel.from_pretrained, diffusers with unet.load_lora_adapter (or,
+    with --prefix unet, pipe.load_lora_weights), both LoRA only. dense holds `<module>.weight` =
     the scaled ΔW in the base weight's layout, for every method but LEVI: merged W = W + ΔW.
 
     \b
     Example:
       adapterlab export runs/lora --format peft --out runs/lora-peft
+      adapterlab export runs/unet-lora --format diffusers --prefix unet --out runs/unet-lora-diffusers
       adapterlab export runs/sft --format dense --out runs/sft-delta.safetensors
     """
-    from .export import export_dense, export_peft
+    from .export import export_dense, export_diffusers, export_peft
 
-    written = export_peft(directory, out) if fmt == "peft" else export_dense(directory, out)
+    if prefix is not None and fmt != "diffusers":
+        raise click.BadParameter("--prefix is for --format diffusers", param_hint="--prefix")
+    if fmt == "diffusers":
+        written = export_diffusers(directory, out, prefix)
+    else:
+        written = export_peft(directory, out) if fmt == "peft" else export_dense(directory, out)
     say(f"wrote {written}")
 
 

@@ -123,18 +123,14 @@ def inferred_fields(
         raise AdapterFileError(f"{where}: network alpha {stray + '.alpha'!r} belongs to no LoRA module")
     alpha: float = r
     if alphas:
+        common = max(set(alphas.values()), key=list(alphas.values()).count)
         missing = next((p for p in ranks if p not in alphas), None)
-        values = set(alphas.values())
-        if missing is not None or len(values) > 1:
-            module = (
-                missing
-                if missing is not None
-                else next(p for p, a in alphas.items() if a != alphas[next(iter(alphas))])
-            )
+        odd = missing if missing is not None else next((p for p, a in alphas.items() if a != common), None)
+        if odd is not None:
+            has = "no network alpha" if odd not in alphas else f"alpha {alphas[odd]:g}, the others {common:g}"
             raise AdapterFileError(
-                f"{where}: module {module!r} has {'no network alpha' if missing else f'alpha {alphas[module]:g}'} "
-                "unlike the others; LoRA with per-module alphas (PEFT's alpha_pattern) is a feature adapterlab "
-                "does not read"
+                f"{where}: module {odd!r} has {has}; LoRA with per-module alphas (PEFT's alpha_pattern) is a "
+                "feature adapterlab does not read"
             )
-        alpha = values.pop()
+        alpha = common
     return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(ranks)}
