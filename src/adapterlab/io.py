@@ -148,6 +148,8 @@ def _adapter_parts(
     prints = fingerprint(model, paths)
     tensors = config.file_tensors(tensors, prints["modules"])
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if name_or_path is not None:  # diffusers' from_pretrained keeps the Path it was given
+        name_or_path = str(name_or_path)
     peft = peft_config(config, paths, [d for _, _, d in found], name_or_path)
     return config, tensors, metadata_block(config, prints), peft
 
