@@ -77,8 +77,7 @@ def pipeline_load(unet, directory) -> None:
 
 
 # -- ours -> diffusers ----------------------------------------------------------------------------
-@pytest.mark.parametrize("alpha", [4.0, 12.0, 3.0])  # α = r and α ≠ r: the scale travels exactly
-@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize(("alpha", "rslora"), [(4.0, False), (12.0, False), (3.0, True)])  # α = r, α ≠ r
 def test_our_save_loads_in_diffusers(tmp_path, alpha, rslora):
     model = ours(alpha=alpha, rslora=rslora)
     want = run(model)
@@ -279,6 +278,23 @@ def test_merge_into_diffusers_dir(tmp_path, method, where):
     want = run(model)
     assert differ(want, run(tiny_unet())) > 1e-3
     assert differ(run(merged), want) <= TOL
+
+
+def test_merge_takes_the_pipelines_component_of_a_pipeline_file(tmp_path):
+    pipe = _pipeline_dir(tmp_path)
+    unet = theirs(alpha=8)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "lora"),
+        unet_lora_layers=peft.utils.get_peft_model_state_dict(unet),
+        text_encoder_lora_layers={
+            "q_proj.lora_A.weight": torch.ones(4, 8),
+            "q_proj.lora_B.weight": torch.ones(8, 4),
+        },
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )
+    run_merge(plan_merge(pipe, [tmp_path / "lora"]), tmp_path / "m", progress=False)
+    merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "m").eval()
+    assert differ(run(merged), run(unet)) <= TOL
 
 
 def test_merge_sharded_diffusers_unet(tmp_path):
