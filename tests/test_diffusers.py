@@ -193,6 +193,9 @@ def test_file_without_metadata_is_scale_one(tmp_path):
     loaded = tiny_unet()  # diffusers agrees
     loaded.load_lora_adapter(str(tmp_path), prefix=None, use_safetensors=True)
     assert differ(run(loaded), run(model)) <= TOL
+    out = tmp_path.parent / "as-peft"  # and it converts to PEFT's directory
+    assert main(["export", str(tmp_path), "--format", "peft", "--out", str(out)]) == 0
+    assert differ(run(al.load(tiny_unet(), out)), run(model)) == 0.0
 
 
 def test_network_alphas_give_the_scale(tmp_path):

@@ -425,6 +425,8 @@ def _peft_json(root: Path, component: str | None = None) -> dict[str, Any] | Non
     try:
         if not os.path.lexists(root / WEIGHTS_FILE) and is_diffusers_dir(root):
             data: Any = peft_fields(root, component)
+            if data is None:  # no lora_adapter_metadata: the fields diffusers infers
+                data = _inferred(read_diffusers(root, component), repr(str(root)))
         elif not is_regular(root / CONFIG_FILE):
             return None  # missing; anything else is refused by _json_file when it is read
         else:
