@@ -1,6 +1,6 @@
 """LoRA and SaRA on a diffusion UNet, end to end, with diffusers on both sides.
 
-    python examples/unet_finetune.py            # about a minute on 2 CPU cores
+    python examples/unet_finetune.py            # minutes (961 s on the busy shared 2-core machine)
     python examples/unet_finetune.py --tiny     # seconds (CI)
 
 1. A small `diffusers.UNet2DConditionModel` (random weights, no download) is pre-trained for a few
