@@ -10,6 +10,8 @@ import warnings
 import pytest
 import torch
 from conftest import randomize_lora
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -333,3 +335,37 @@ def test_diffusers_model_dirs_stay_strict(tmp_path):
     (unet / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(AdapterFileError, match="diffusion_pytorch_model"):
         plan_merge(unet, [tmp_path / "a"])
+
+
+# -- invariants -----------------------------------------------------------------------------------
+@given(
+    r=st.integers(1, 6),
+    alpha=st.floats(0.25, 64.0, allow_nan=False),
+    rslora=st.booleans(),
+    prefix=st.sampled_from([None, "unet", "transformer"]),
+)
+def test_diffusers_round_trip_keeps_config_and_outputs(tmp_path_factory, r, alpha, rslora, prefix):
+    """al.save(format="diffusers") → al.load: the same config (so the same scale) and outputs, and
+    the header's LoraConfig fields carry that α, r and rsLoRA (what diffusers builds its scale from)."""
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.Flatten(), torch.nn.Linear(6 * 9, 5))
+
+    model = al.inject(build(), "lora", r=r, alpha=alpha, rslora=rslora, targets=["0", "2"])
+    randomize_lora(model)
+    out = tmp_path_factory.mktemp("d")
+    al.save(model, out, format="diffusers", prefix=prefix)
+    lead = f"{prefix}." if prefix else ""
+    with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as f:
+        fields = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert (fields[lead + "r"], fields[lead + "lora_alpha"], fields[lead + "use_rslora"]) == (
+        r,
+        alpha,
+        rslora,
+    )
+    back = al.load(build(), out)
+    assert al.adapters(back)["default"] == al.adapters(model)["default"]
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
