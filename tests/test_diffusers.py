@@ -369,3 +369,17 @@ def test_diffusers_round_trip_keeps_config_and_outputs(tmp_path_factory, r, alph
     x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
+
+
+def test_a_model_whose_top_module_is_named_like_a_component_round_trips(tmp_path):
+    """GPT-2's modules live under `transformer.`: the file's unprefixed LoraConfig fields say the
+    keys are module paths, not a pipeline's `transformer` component."""
+    from conftest import tiny_gpt2
+
+    model = al.inject(tiny_gpt2(), "lora", r=2, alpha=5, targets=["c_attn"])
+    randomize_lora(model)
+    al.save(model, tmp_path, format="diffusers")
+    back = al.load(tiny_gpt2(), tmp_path)
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)

@@ -72,7 +72,7 @@ def read_diffusers(root: Path, component: str | None = None) -> DiffusersFile:
     path = root / WEIGHTS_FILE
     tensors, header = read_tensors(path)
     where = repr(str(path))
-    chosen = _component(list(tensors), component, where)
+    chosen = _component(list(tensors), header, component, where)
     lead = f"{chosen}." if chosen else ""
     tensors = {k[len(lead) :]: t for k, t in tensors.items() if k.startswith(lead)}
     peft = _peft_fields(header, lead, where)
@@ -97,13 +97,17 @@ def peft_fields(root: Path, component: str | None = None) -> dict[str, Any] | No
     if not is_regular(path):
         return None
     infos, header = read_header(path)
-    chosen = _component(list(infos), component, repr(str(path)))
+    chosen = _component(list(infos), header, component, repr(str(path)))
     return _peft_fields(header, f"{chosen}." if chosen else "", repr(str(path)))
 
 
-def _component(keys: list[str], component: str | None, where: str) -> str | None:
-    """The component prefix to read: None for a file whose keys are module paths."""
+def _component(keys: list[str], header: dict[str, str], component: str | None, where: str) -> str | None:
+    """The component prefix to read: None for a file whose keys are module paths (its
+    lora_adapter_metadata, if any, has unprefixed fields: a GPT-2's `transformer.h.0…` stays whole)."""
     firsts = {k.split(".", 1)[0] for k in keys}
+    fields = _peft_fields(header, "", where) or {}
+    if "r" in fields or "peft_type" in fields:
+        return None  # LoraConfig fields without a component prefix: save_lora_adapter's layout
     if not firsts or not firsts <= set(COMPONENTS):
         return None  # keys are module paths (save_lora_adapter's layout)
     if component is None:
