@@ -1,6 +1,6 @@
 """The runnable examples (examples/*.py) with --tiny, each in its own subprocess.
 
-All four runs start at once (each pays the torch / transformers import, seconds on a busy
+All five runs start at once (each pays the torch / transformers import, seconds on a busy
 machine) and the tests assert on what they printed (the last line is a JSON result) and wrote.
 The examples check their own exports against the trained model and report the differences; the
 tests bound those and read the written files' headers (no torch in the test process's way).
@@ -24,8 +24,15 @@ RUNS = {
     "sara": ["text_classification.py", "--method", "sara"],
     "ties": ["combine_ties.py"],
     "locft": ["locft_edit.py"],
+    "unet": ["unet_finetune.py"],
 }
-NEEDS = {"lora": ["datasets", "peft"], "sara": ["datasets"], "ties": ["datasets"], "locft": []}
+NEEDS = {
+    "lora": ["datasets", "peft"],
+    "sara": ["datasets"],
+    "ties": ["datasets"],
+    "locft": [],
+    "unet": ["diffusers", "peft"],
+}
 TOLERANCE = 1e-4  # largest logit difference allowed between an export and the trained model
 
 
@@ -145,3 +152,23 @@ def test_locft_edit_scores_and_merges_the_edit(runs):
     assert result["merged_same_output"] == 1.0
     assert 0 <= result["merged_max_logit_diff"] < TOLERANCE
     assert (Path(result["merged_dir"]) / "config.json").is_file()
+
+
+def test_unet_finetune_merges_lora_and_sara_into_a_diffusers_unet(runs):
+    result = finished(runs, "unet")
+    for method in ("lora", "sara"):
+        r = result[method]
+        assert r["steps"] >= 1 and r["trainable"] > 0
+        assert r["loss_after"] < r["loss_before"]  # a few steps on the new pattern help
+        assert r["adapter_max_change"] > 1e-4
+        # `adapterlab merge` into the pipeline's unet/: from_pretrained gives the adapted outputs
+        assert 0 <= r["merged_max_abs_diff"] < TOLERANCE
+        merged = Path(r["merged_dir"])
+        assert (merged / "diffusion_pytorch_model.safetensors").is_file() and (
+            merged / "config.json"
+        ).is_file()
+    # LoRA in diffusers' own format, loaded by unet.load_lora_adapter: the same outputs
+    assert 0 <= result["lora"]["diffusers_max_abs_diff"] < TOLERANCE
+    meta = header(Path(result["lora"]["diffusers_dir"]) / "pytorch_lora_weights.safetensors")["__metadata__"]
+    fields = json.loads(meta["lora_adapter_metadata"])
+    assert fields["unet.r"] == 4 and fields["unet.lora_alpha"] == 8

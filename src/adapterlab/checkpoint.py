@@ -25,7 +25,7 @@ from .errors import AdapterFileError, ConfigError, FingerprintMismatchError, Mer
 from .experts import piece
 from .files.adapter_dir import AdapterFile
 from .files.atomic import fsync_path, fsync_write, locked, repair, swap_in, temp_dir
-from .files.checkpoint_dir import INDEX_FILE, SINGLE_FILE, Checkpoint, open_checkpoint
+from .files.checkpoint_dir import Checkpoint, open_checkpoint
 from .files.fs import check_output, open_regular, real_target, storage_errors
 from .files.safetensors import FLOAT_DTYPES, SafetensorsWriter, read_tensor
 from .locate import locate_adapter, located
@@ -56,7 +56,12 @@ class MergePlan:
 
     def shard_names(self) -> list[str]:
         n = len(self.outputs)
-        return [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        stem = self.base.stem  # "model", or diffusers' "diffusion_pytorch_model"
+        return (
+            [self.base.single_file]
+            if n == 1
+            else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
 
     def shard_bytes(self, keys: list[str]) -> int:
         return sum(self.base.tensors[k].nbytes for k in keys)
@@ -120,7 +125,7 @@ def plan_merge(
     if not (isinstance(shard_size, int) and shard_size > 0):
         raise ConfigError(f"shard_size={shard_size!r} must be a positive number of bytes")
     checkpoint = open_checkpoint(base)
-    files = [AdapterFile.open(d) for d in adapters]
+    files = [AdapterFile.open(d, checkpoint.component) for d in adapters]
     targets: dict[str, list[tuple[int, str]]] = {}
     pieces: dict[str, tuple[int, int, int]] = {}
     for i, adapter in enumerate(files):
@@ -301,7 +306,7 @@ def run_merge(
             for path in plan.copied:
                 _copy_file(path, tmp / path.name)
             if len(plan.outputs) > 1:
-                _write_index(plan, tmp / INDEX_FILE)
+                _write_index(plan, tmp / plan.base.index_file)
             fsync_path(tmp)
             with locked(target.parent):
                 swap_in(tmp, target)

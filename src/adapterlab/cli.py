@@ -265,34 +265,51 @@ def merge(
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["peft", "dense"]),
+    type=click.Choice(["peft", "diffusers", "dense"]),
     required=True,
-    help="peft: PEFT's LoRA directory; dense: one safetensors file of ΔW per module.",
+    help="peft: PEFT's LoRA directory; diffusers: diffusers' LoRA file; dense: one safetensors file of ΔW per module.",
 )
-@click.option("--out", required=True, metavar="OUT", help="Directory (peft) or .safetensors file (dense).")
+@click.option(
+    "--out", required=True, metavar="OUT", help="Directory (peft, diffusers) or .safetensors file (dense)."
+)
+@click.option(
+    "--prefix",
+    metavar="COMPONENT",
+    default=None,
+    help="diffusers: keys under this pipeline component (unet, transformer), for pipe.load_lora_weights.",
+)
 @click.option(
     "--base",
     metavar="MODEL_DIR",
     type=click.Path(),
     help="dense: name each ΔW by the key of this checkpoint it adds to (as merge maps it).",
 )
-def export(directory: str, fmt: str, out: str, base: str | None) -> None:
-    """Export an adapter as a PEFT LoRA directory or as dense ΔW per module.
+def export(directory: str, fmt: str, out: str, prefix: str | None, base: str | None) -> None:
+    """Export an adapter as a PEFT LoRA directory, a diffusers LoRA file or dense ΔW per module.
 
-    peft loads with peft.PeftModel.from_pretrained (LoRA only). dense holds `<module>.weight` =
+    peft loads with peft.PeftModel.from_pretrained, diffusers with unet.load_lora_adapter (or,
+    with --prefix unet, pipe.load_lora_weights), both LoRA only. dense holds `<module>.weight` =
     the scaled ΔW in the base weight's layout, for every method but LEVI: merged W = W + ΔW.
 
     \b
     Example:
       adapterlab export runs/lora --format peft --out runs/lora-peft
+      adapterlab export runs/unet-lora --format diffusers --prefix unet --out runs/unet-lora-diffusers
       adapterlab export runs/sft --format dense --out runs/sft-delta.safetensors
       adapterlab export runs/vit-lora --format dense --base models/vit --out runs/vit-delta.safetensors
     """
-    from .export import export_dense, export_peft
+    from .export import export_dense, export_diffusers, export_peft
 
-    if fmt == "peft" and base is not None:
-        raise ConfigError("--base names the ΔW of --format dense; PEFT's format keys modules by path")
-    written = export_peft(directory, out) if fmt == "peft" else export_dense(directory, out, base)
+    if prefix is not None and fmt != "diffusers":
+        raise click.BadParameter("--prefix is for --format diffusers", param_hint="--prefix")
+    if base is not None and fmt != "dense":
+        raise ConfigError(
+            f"--base names the ΔW of --format dense; --format {fmt} keys modules by path: drop --base"
+        )
+    if fmt == "diffusers":
+        written = export_diffusers(directory, out, prefix)
+    else:
+        written = export_peft(directory, out) if fmt == "peft" else export_dense(directory, out, base)
     say(f"wrote {written}")
 
 

@@ -250,6 +250,15 @@ class AdapterConfig:
         )
 
     @classmethod
+    def peft_inferred(
+        cls, tensors: dict[str, Tensor], alphas: dict[str, float], where: str
+    ) -> dict[str, Any] | None:
+        """PEFT's config fields for a diffusers LoRA file that stores none, inferred from its
+        tensors (keyed `<module>.<key>`) and network `alphas` {module: α} as diffusers infers
+        them; None when the tensors are not this method's (default)."""
+        return None
+
+    @classmethod
     def peft_base_entry(
         cls, entry: dict[str, Any], base_shape: list[int], conv1d: bool | None
     ) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""`adapterlab export`: an adapter as PEFT's LoRA directory, or as one safetensors file of dense
-ΔW per module (any per-module method). docs/cli.md#export.
+"""`adapterlab export`: an adapter as PEFT's LoRA directory, as diffusers' LoRA file, or as one
+safetensors file of dense ΔW per module (any per-module method). docs/cli.md#export.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 
 from .errors import AdapterFileError, ConfigError
-from .files.adapter_dir import CONFIG_FILE, WEIGHTS_FILE, AdapterFile
+from .files.adapter_dir import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterFile
 from .files.atomic import write_dir_atomic, write_file_atomic
+from .files.diffusers_dir import WEIGHTS_FILE as DIFFUSERS_FILE
+from .files.diffusers_dir import diffusers_files
 from .files.fs import check_output, read_regular, storage_errors
-from .files.safetensors import DTYPE_NAMES, SafetensorsWriter
+from .files.safetensors import DTYPE_NAMES, SafetensorsWriter, encode
 from .skeleton import require_memory, skeleton, zeros
 from .text import excerpt
 
@@ -28,11 +30,41 @@ def export_peft(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
     adapter = AdapterFile.open(directory)
     if adapter.peft_config is None:
         raise ConfigError(f"{adapter.name!r} {adapter.config.peft_refusal()}. Use --format dense for its ΔW")
+    weights = adapter.directory / WEIGHTS_FILE
     files = {
         CONFIG_FILE: (json.dumps(adapter.peft_config, indent=2, sort_keys=True) + "\n").encode(),
-        WEIGHTS_FILE: read_regular(adapter.directory / WEIGHTS_FILE, "adapter weights file", limit=None),
+        WEIGHTS_FILE: read_regular(weights, "adapter weights file", limit=None)
+        if weights.exists()  # else a diffusers file: its tensors under PEFT's prefix
+        else encode(
+            {PREFIX + k: t for k, t in _file_tensors(adapter).items()},
+            {"adapterlab": json.dumps(adapter.metadata)},
+        ),
     }
-    return write_dir_atomic(Path(out), files)
+    return write_dir_atomic(Path(out), files, replaces=frozenset({DIFFUSERS_FILE}))
+
+
+def export_diffusers(directory: str | os.PathLike, out: str | os.PathLike, prefix: str | None = None) -> Path:
+    """diffusers' LoRA file (pytorch_lora_weights.safetensors, the LoraConfig in its header) in
+    directory `out`: `load_lora_adapter(out, prefix=None, use_safetensors=True)` loads it; with
+    `prefix` ("unet", "transformer") keys sit under that component, for `pipe.load_lora_weights(out)`.
+    LoRA only; the same refusals and `out` checks as `export_peft`. docs/diffusers.md."""
+    check_output(out, [directory])
+    adapter = AdapterFile.open(directory)
+    if adapter.peft_config is None:
+        raise ConfigError(
+            f"{adapter.name!r} {adapter.config.peft_refusal()}; diffusers loads LoRA in PEFT's layout only. "
+            "Merge it into the model instead (adapterlab merge), or use --format dense for its ΔW"
+        )
+    files = diffusers_files(
+        _file_tensors(adapter), adapter.peft_config, {"adapterlab": json.dumps(adapter.metadata)}, prefix
+    )
+    return write_dir_atomic(Path(out), files, replaces=frozenset({WEIGHTS_FILE, CONFIG_FILE}))
+
+
+def _file_tensors(adapter: AdapterFile) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in its file layout (PEFT's for expert weights), keyed `<path>.<key>`."""
+    local = {k[len(PREFIX) :]: t for k, t in adapter.tensors.items()}
+    return adapter.config.file_tensors(local, adapter.modules)
 
 
 def export_dense(

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 from . import running_stats
 from .config import AdapterConfig
 from .dtensors import is_dtensor, whole, writer_rank
-from .errors import AdapterFileError
+from .errors import AdapterFileError, ConfigError
 from .experts import ExpertWeights
 from .files.adapter_dir import (
     CONFIG_FILE,
@@ -30,6 +32,8 @@ from .files.adapter_dir import (
     split_by_module,
 )
 from .files.atomic import write_dir_atomic, write_files_atomic
+from .files.diffusers_dir import WEIGHTS_FILE as DIFFUSERS_FILE
+from .files.diffusers_dir import diffusers_files
 from .files.fill import filler
 from .model import adapters, apply_plan, deltas, plan, unwrapped
 from .targeting import logical_modules, matches
@@ -40,6 +44,7 @@ __all__ = [
     "PREFIX",
     "WEIGHTS_FILE",
     "adapter_files",
+    "diffusers_adapter_files",
     "load",
     "read_adapter",
     "save",
@@ -47,19 +52,41 @@ __all__ = [
 ]
 
 
-def save(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    *,
+    format: str = "adapterlab",
+    prefix: str | None = None,
+) -> Path:
     """Write adapter `name` to `directory` (created or replaced atomically, one save at a time
     per parent directory); return the path. A DDP / DataParallel wrapper is looked through.
+
+    `format="adapterlab"` (default): adapter_model.safetensors + adapter_config.json (PEFT's
+    LoraConfig where PEFT can express the adapter). `format="diffusers"` (LoRA only): diffusers'
+    pytorch_lora_weights.safetensors with the LoraConfig in its header, so
+    `unet.load_lora_adapter(directory, prefix=None, use_safetensors=True)` loads it with this exact
+    α/r; with `prefix="unet"` (or "transformer") keys and config sit under that component, as a
+    pipeline's `save_lora_weights` writes them, for `pipe.load_lora_weights(directory)`.
+    `al.load` reads both. docs/diffusers.md.
 
     On a model sharded by FSDP2 (`fully_shard`; DTensor adapter tensors) every rank must call
     `save`: the adapter's tensors are gathered (a collective), then rank 0 writes and the other
     ranks return without writing (and without waiting for the write). docs/distributed.md#fsdp2."""
     inner = unwrapped(model)
+    if format not in ("adapterlab", "diffusers"):
+        raise ConfigError(f"format={format!r}; use 'adapterlab' (the default) or 'diffusers'")
+    if format == "adapterlab" and prefix is not None:
+        raise ConfigError(f"prefix={prefix!r} is for format='diffusers'; drop it or pass that format")
     sharded = any(is_dtensor(t) for _, _, d in deltas(inner, name) for t in d.state_dict().values())
-    files = adapter_files(inner, name)
+    if format == "adapterlab":
+        files, replaces = adapter_files(inner, name), frozenset({DIFFUSERS_FILE})
+    else:
+        files, replaces = diffusers_adapter_files(inner, name, prefix), frozenset({WEIGHTS_FILE, CONFIG_FILE})
     if sharded and not writer_rank():
         return Path(directory)
-    return write_dir_atomic(Path(directory), files)
+    return write_dir_atomic(Path(directory), files, replaces=replaces)
 
 
 def save_pretrained(
@@ -93,6 +120,36 @@ def save_pretrained(
 def adapter_files(model: nn.Module, name: str) -> dict[str, bytes]:
     """{file name: bytes} of adapter `name`'s directory: the safetensors file and the JSON config.
     The running statistics that changed since the adapter was added are stored with it."""
+    config, tensors, block, peft = _adapter_parts(model, name, with_stats=True)
+    return directory_files({PREFIX + k: t for k, t in tensors.items()}, block, peft)
+
+
+def diffusers_adapter_files(model: nn.Module, name: str, prefix: str | None = None) -> dict[str, bytes]:
+    """{file name: bytes} of adapter `name` as diffusers' LoRA file (see `save`). Running
+    statistics (BatchNorm) have no place in diffusers' format: they are left out, with a warning."""
+    config, tensors, block, peft = _adapter_parts(model, name, with_stats=False)
+    if peft is None:
+        raise ConfigError(
+            f"adapter {name!r} {config.peft_refusal()}; diffusers loads LoRA in PEFT's layout only. "
+            "Save it with format='adapterlab' and merge it into the model (al.merge, adapterlab merge)"
+        )
+    moved = running_stats.changed(model, name)
+    if moved:
+        warnings.warn(
+            f"format='diffusers' cannot store the running statistics that moved in training "
+            f"({', '.join(sorted(moved)[:3])}{', …' if len(moved) > 3 else ''}); save with "
+            "format='adapterlab' to keep them",
+            stacklevel=3,
+        )
+    return diffusers_files(tensors, peft, {"adapterlab": json.dumps(block)}, prefix)
+
+
+def _adapter_parts(
+    model: nn.Module, name: str, with_stats: bool
+) -> tuple[AdapterConfig, dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
+    """Adapter `name`'s config, its tensors in the file's layout keyed `<path>.<key>` (with the
+    running statistics that moved, if `with_stats`), our metadata block and PEFT's config (None
+    where PEFT cannot express the adapter)."""
     found = deltas(model, name)
     if not found:
         raise AdapterFileError(
@@ -106,25 +163,31 @@ def adapter_files(model: nn.Module, name: str) -> dict[str, bytes]:
         for key, t in delta.state_dict().items()
     }
     prints = fingerprint(model, paths)
-    tensors = {PREFIX + k: t for k, t in config.file_tensors(tensors, prints["modules"]).items()}
-    stats = running_stats.changed(model, name)
-    tensors.update({PREFIX + k: t for k, t in stats.items()})
+    tensors = config.file_tensors(tensors, prints["modules"])
+    stats = running_stats.changed(model, name) if with_stats else {}
+    tensors.update(stats)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return directory_files(
-        tensors,
-        metadata_block(config, prints, list(stats)),
-        peft_config(config, paths, [d for _, _, d in found], name_or_path),
-    )
+    if name_or_path is not None:  # diffusers' from_pretrained keeps the Path it was given
+        name_or_path = str(name_or_path)
+    peft = peft_config(config, paths, [d for _, _, d in found], name_or_path)
+    return config, tensors, metadata_block(config, prints, list(stats)), peft
 
 
 def load(
-    model: nn.Module, directory: str | os.PathLike, name: str = "default", trainable: bool = False
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    trainable: bool = False,
+    *,
+    component: str | None = None,
 ) -> nn.Module:
     """Add the adapter saved in `directory` to `model` as `name` (atomic: on any error the model is
-    unchanged). Reads adapterlab directories and PEFT LoRA directories. Running statistics saved
+    unchanged). Reads adapterlab directories, PEFT LoRA directories and diffusers' LoRA files
+    (`save_lora_adapter`'s, or a pipeline's `save_lora_weights`', whose `component` — "unet",
+    "transformer", … — is chosen by name when the file holds several). Running statistics saved
     with the adapter are written into the model's buffers."""
     inner = unwrapped(model)  # a DDP / DataParallel wrapper is looked through
-    metadata, tensors = read_adapter(directory)
+    metadata, tensors = read_adapter(directory, component)
     config = AdapterConfig.from_dict(metadata["config"])  # validated by read_adapter
     if config.side_network:
         raise AdapterFileError(

@@ -18,13 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import quant
-from ..config import AdapterConfig, config_class, methods, peft_config_class
+from ..config import AdapterConfig, config_class, methods, peft_config_class, registry
 from ..errors import AdapterFileError, AdapterlabError, FingerprintMismatchError
 from ..layer import Delta, base_weight
 from ..targeting import is_conv, logical_modules, module_path_ok
 from ..text import excerpt
 from ..version import VERSION
 from .atomic import interrupted_hint, locked
+from .diffusers_dir import DiffusersFile, is_diffusers_dir, peft_fields, read_diffusers
 from .fill import fill_delta
 from .fs import is_regular, not_a_directory, read_regular
 from .safetensors import MAX_DIMS, MAX_ELEMENTS, encode, naturals, parse_json, read_tensors
@@ -123,9 +124,13 @@ def peft_config(
 
 
 # -- read -----------------------------------------------------------------------------------------
-def read_adapter(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The `adapterlab` metadata (made from PEFT's config for PEFT-written dirs) and the deltas'
-    tensors; the model buffers the file stores are moved to `metadata["buffers"]` ({key: tensor}).
+def read_adapter(
+    directory: str | os.PathLike[str], component: str | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The `adapterlab` metadata (made from PEFT's config for PEFT-written dirs and diffusers' LoRA
+    files) and the deltas' tensors; the model buffers the file stores are moved to
+    `metadata["buffers"]` ({key: tensor}). `component` picks one component of a pipeline's
+    diffusers LoRA file.
 
     Untrusted input: never unpickles; the safetensors header's sizes are checked against the file
     before anything is read; the metadata is checked field by field and its config by the config's
@@ -133,10 +138,10 @@ def read_adapter(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dic
     `AdapterFileError`. Holds a shared lock on the parent directory while reading."""
     root = Path(directory)
     with locked(root.parent, shared=True):
-        return _read_adapter(root)
+        return _read_adapter(root, component)
 
 
-def _read_adapter(root: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _read_adapter(root: Path, component: str | None) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not root.is_dir():
         found = not_a_directory(root, "directory")
         raise AdapterFileError(f"adapter directory {str(root)!r} {found}{interrupted_hint(root)}")
@@ -144,7 +149,9 @@ def _read_adapter(root: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     for path, what in ((weights, "adapter weights file"), (root / CONFIG_FILE, "adapter config")):
         if os.path.lexists(path) and not is_regular(path):
             read_regular(path, what)  # raises, saying what it is (a FIFO, a directory, /dev/zero …)
-    if not weights.is_file():
+    if not os.path.lexists(weights) and is_diffusers_dir(root):
+        metadata, tensors = _read_diffusers(root, component)
+    elif not weights.is_file():
         pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
             raise AdapterFileError(
@@ -153,12 +160,13 @@ def _read_adapter(root: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
                 "safetensors.torch.save_file(torch.load(f, weights_only=True), 'adapter_model.safetensors')"
             )
         raise AdapterFileError(f"{str(root)!r} has no {WEIGHTS_FILE}; is it an adapter directory?")
-    tensors, header = read_tensors(weights)
-    text = header.get("adapterlab")
-    if text is not None:
-        metadata = parse_json(text, f"the {WEIGHTS_FILE} header")
     else:
-        metadata = _from_peft(_json_file(root / CONFIG_FILE), root)
+        tensors, header = read_tensors(weights)
+        text = header.get("adapterlab")
+        if text is not None:
+            metadata = parse_json(text, f"the {WEIGHTS_FILE} header")
+        else:
+            metadata = _from_peft(_json_file(root / CONFIG_FILE), root)
     metadata = _check_metadata(metadata, root)
     metadata["buffers"] = _pop_buffers(metadata["buffers"], tensors, root)
     modules = metadata["fingerprint"].get("modules")
@@ -167,6 +175,38 @@ def _read_adapter(root: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         native = config_class(metadata["method"]).native_tensors(local, modules, repr(str(root)))
         tensors = {PREFIX + k: t for k, t in native.items()}
     return metadata, tensors
+
+
+def _read_diffusers(root: Path, component: str | None) -> tuple[Any, dict[str, Tensor]]:
+    """A diffusers LoRA file: our block if we wrote it, else PEFT's fields from its
+    lora_adapter_metadata, else the fields diffusers infers (a config class's `peft_inferred`)."""
+    found = read_diffusers(root, component)
+    tensors = {PREFIX + k: t for k, t in found.tensors.items()}
+    text = found.header.get("adapterlab")
+    if text is not None:
+        return parse_json(text, "the diffusers file's header"), tensors
+    where = repr(str(root))
+    if found.peft is not None and found.alphas:
+        raise AdapterFileError(
+            f"{where} has both {len(found.alphas)} network alphas (e.g. {next(iter(found.alphas))!r}.alpha) "
+            "and lora_adapter_metadata; diffusers refuses such a file too. Drop one of them"
+        )
+    data = found.peft if found.peft is not None else _inferred(found, where)
+    if "peft_type" not in data:  # diffusers builds a LoraConfig from the fields: the claimant's type
+        data = {**data, "peft_type": _inferred(found, where)["peft_type"]}
+    return _from_peft(data, root), tensors
+
+
+def _inferred(found: DiffusersFile, where: str) -> dict[str, Any]:
+    """PEFT's config fields as diffusers infers them for a file without lora_adapter_metadata."""
+    for cls in registry().values():
+        fields = cls.peft_inferred(found.tensors, found.alphas, where)
+        if fields is not None:
+            return fields
+    raise AdapterFileError(
+        f"{where}: tensors such as {excerpt(next(iter(found.tensors)), 100)} are not LoRA factors of a "
+        "format adapterlab reads ('<module>.lora_A.weight' / 'lora_B.weight')"
+    )
 
 
 def _json_file(path: Path) -> Any:
@@ -345,12 +385,13 @@ class AdapterFile:
     _owned: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, directory: str | os.PathLike[str]) -> AdapterFile:
-        """Read `directory` (adapterlab's or PEFT's); every failure is an `AdapterFileError`."""
+    def open(cls, directory: str | os.PathLike[str], component: str | None = None) -> AdapterFile:
+        """Read `directory` (adapterlab's, PEFT's or diffusers'; `component` picks one of a
+        pipeline's diffusers file); every failure is an `AdapterFileError`."""
         root = Path(directory)
-        metadata, tensors = read_adapter(root)
+        metadata, tensors = read_adapter(root, component)
         config = AdapterConfig.from_dict(metadata["config"])
-        peft = _peft_json(root)
+        peft = _peft_json(root, component)
         if config.side_network:
             modules = {}
         elif metadata["fingerprint"].get("modules"):
@@ -404,12 +445,18 @@ class AdapterFile:
         return fill_delta(self.config, module, self._owned.get(path, {}), f"{self.name!r}: module {path!r}")
 
 
-def _peft_json(root: Path) -> dict[str, Any] | None:
-    """adapter_config.json when it is PEFT's config (not our block), else None."""
-    if not is_regular(root / CONFIG_FILE):
-        return None  # missing; anything else is refused by _json_file when it is read
+def _peft_json(root: Path, component: str | None = None) -> dict[str, Any] | None:
+    """adapter_config.json when it is PEFT's config (not our block), or a diffusers file's
+    lora_adapter_metadata, else None."""
     try:
-        data = json.loads(read_regular(root / CONFIG_FILE, "adapter config"))
+        if not os.path.lexists(root / WEIGHTS_FILE) and is_diffusers_dir(root):
+            data: Any = peft_fields(root, component)
+            if data is None:  # no lora_adapter_metadata: the fields diffusers infers
+                data = _inferred(read_diffusers(root, component), repr(str(root)))
+        elif not is_regular(root / CONFIG_FILE):
+            return None  # missing; anything else is refused by _json_file when it is read
+        else:
+            data = json.loads(read_regular(root / CONFIG_FILE, "adapter config"))
     except (AdapterlabError, OSError, ValueError, RecursionError):  # unreadable, not JSON, too deep
         return None
     return data if isinstance(data, dict) and peft_config_class(data.get("peft_type")) is not None else None

@@ -136,9 +136,10 @@ def swap_in(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_dir_atomic(target: Path, files: dict[str, bytes]) -> Path:
+def write_dir_atomic(target: Path, files: dict[str, bytes], replaces: frozenset[str] = frozenset()) -> Path:
     """Replace directory `target` with one holding `files` (other entries already in `target` are
-    kept; symlinks among them are kept as symlinks): filled beside it, fsync'd, swapped in. A
+    kept, but for the names in `replaces`: another format's files that `files` supersede; symlinks
+    among them are kept as symlinks): filled beside it, fsync'd, swapped in. A
     symlink at `target` is followed: its target is replaced and the link stays. Concurrent writers
     (threads or processes) take turns under an exclusive `flock` on the parent, so the result is
     one writer's complete directory (the last one's). OSErrors are `StorageError`s."""
@@ -154,7 +155,7 @@ def write_dir_atomic(target: Path, files: dict[str, bytes]) -> Path:
                 for name, data in files.items():
                     fsync_write(tmp / name, data)
                 if target.exists():
-                    _keep_others(target, tmp, set(files))
+                    _keep_others(target, tmp, set(files) | replaces)
                 fsync_path(tmp)
                 swap_in(tmp, target)
             except BaseException:

@@ -224,6 +224,12 @@ class LoRAConfig(AdapterConfig):
         return lora_peft.base_entry(entry, base_shape, conv1d)
 
     @classmethod
+    def peft_inferred(
+        cls, tensors: dict[str, Tensor], alphas: dict[str, float], where: str
+    ) -> dict[str, Any] | None:
+        return lora_peft.inferred_fields(tensors, alphas, where)
+
+    @classmethod
     def peft_modules(
         cls, data: dict[str, Any], tensors: dict[str, Tensor], where: str
     ) -> dict[str, dict[str, Any]]:
