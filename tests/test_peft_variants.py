@@ -223,6 +223,91 @@ def test_dora_merge_unmerge_is_exact(seed, half, weight):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def seq_classifier():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=3,
+        pad_token_id=0,
+    )
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+SAVED = {  # name: (build, LoRA targets, modules_to_save)
+    "lm_head+embed": (tiny_llama, ["q_proj"], ["lm_head", "embed_tokens"]),
+    "score": (seq_classifier, ["q_proj", "v_proj"], ["score"]),
+}
+
+
+def perturb_saved(model, names):
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(
+                f"{m}.modules_to_save" in n or n.endswith("deltas.default.weight") and m in n for m in names
+            ):
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * 0.1)
+
+
+@pytest.mark.parametrize("case", sorted(SAVED))
+def test_peft_modules_to_save_load_in_ours(tmp_path, case):
+    build, targets, saved = SAVED[case]
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=targets, modules_to_save=saved))
+    randomize(theirs)
+    perturb_saved(theirs, saved)
+    theirs.eval().save_pretrained(tmp_path)
+    ours = al.load(build(), tmp_path)
+    kinds = {p.rsplit(".", 1)[-1]: type(d).__name__ for p, _, d in al.model.deltas(ours, "default")}
+    assert all(kinds[m] == "SavedModule" for m in saved)
+    assert (outputs(theirs, LLAMA_IDS) - outputs(ours, LLAMA_IDS)).abs().max().item() <= TOL
+    check_merge_roundtrip(ours, theirs, LLAMA_IDS)
+
+
+@pytest.mark.parametrize("case", sorted(SAVED))
+def test_our_modules_to_save_load_in_peft(tmp_path, case):
+    build, targets, saved = SAVED[case]
+    ours = al.inject(build(), "lora", r=4, targets=targets, modules_to_save=saved)
+    assert al.adapters(ours)["default"].modules_to_save == [
+        p for p, _, d in al.model.deltas(ours, "default") if type(d).__name__ == "SavedModule"
+    ]
+    randomize(ours)
+    perturb_saved(ours, saved)
+    al.save(ours, tmp_path)
+    theirs = peft_load(build, tmp_path)
+    assert (outputs(theirs, LLAMA_IDS) - outputs(ours, LLAMA_IDS)).abs().max().item() <= TOL
+    assert (outputs(ours, LLAMA_IDS) - outputs(build(), LLAMA_IDS)).abs().max().item() > 1e-3
+
+
+def test_a_saved_module_with_a_trained_bias_is_not_merged():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    al.inject(model, "lora", r=2, targets=["0"], modules_to_save=["1"])
+    saved = model[1].deltas["default"]
+    with torch.no_grad():
+        saved.bias.add_(1.0)
+    with pytest.raises(al.MergeError, match="cannot be merged"):
+        al.merge(model)
+    with torch.no_grad():
+        saved.bias.sub_(1.0)
+        saved.weight.add_(0.5)
+    x = torch.randn(3, 4)
+    want = model(x)
+    al.merge(model)
+    assert (model(x) - want).abs().max().item() <= 1e-5
+
+
+def test_a_module_both_adapted_and_saved_is_refused(llama):
+    with pytest.raises(al.ConfigError, match="both LoRA targets and modules_to_save"):
+        al.inject(llama, "lora", targets=["q_proj", "lm_head"], modules_to_save=["lm_head"])
+
+
 # -- refusals, by name ------------------------------------------------------------------------------
 def test_a_pattern_that_names_no_module_is_refused(llama):
     with pytest.raises(al.TargetError, match="rank_pattern key 'k_proj'"):
@@ -253,7 +338,6 @@ def test_embedding_with_max_norm_is_refused():
 @pytest.mark.parametrize(
     "options, name",
     [
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"lora_bias": True}, "lora_bias"),
         ({"bias": "all"}, "bias"),
         ({"layer_replication": [[0, 1], [0, 2]]}, "layer_replication"),

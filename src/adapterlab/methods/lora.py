@@ -28,7 +28,7 @@ from ..errors import ConfigError, HotswapError, UnsupportedModuleError
 from ..experts import ExpertWeights
 from ..kernels import lora_add
 from ..layer import Delta, base_weight
-from ..targeting import find_targets, is_conv, is_embedding, is_hf_conv1d, is_linear
+from ..targeting import is_conv, is_embedding, is_hf_conv1d, is_linear
 from . import lora_hotswap, lora_peft
 from .lora_experts import ExpertLoRA, from_peft_tensors, to_peft_tensors
 
@@ -45,7 +45,8 @@ class LoRAConfig(AdapterConfig):
 
     `use_dora`: DoRA (a trained magnitude per output, lora_variants.py). `rank_pattern` /
     `alpha_pattern`: {pattern: r or alpha} for the modules whose path a pattern matches as PEFT
-    matches them (`(.*[.])?(pattern)$`, the first matching pattern wins); others use `r` / `alpha`."""
+    matches them (`(.*[.])?(pattern)$`, the first matching pattern wins); others use `r` / `alpha`.
+    `modules_to_save`: module names (as in `targets`) trained and saved whole, as PEFT's."""
 
     method = "lora"
     peft_type = "LORA"
@@ -58,6 +59,7 @@ class LoRAConfig(AdapterConfig):
     use_dora: bool = False
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    modules_to_save: list[str] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -79,6 +81,7 @@ class LoRAConfig(AdapterConfig):
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"{self.method}: use_dora={self.use_dora!r} must be True or False")
         lora_peft.check_patterns(self, MAX_RANK)
+        lora_peft.check_saved(self)
 
     @property
     def scaling(self) -> float:
@@ -108,6 +111,10 @@ class LoRAConfig(AdapterConfig):
         return self._delta(module, self.r, self.scaling)
 
     def delta_at(self, path: str, module: nn.Module) -> Delta:
+        if self.modules_to_save and any(path == n or path.endswith("." + n) for n in self.modules_to_save):
+            from .lora_variants import SavedModule
+
+            return SavedModule(self, module)
         return self._delta(module, *self.rank_at(path))
 
     def _delta(self, module: nn.Module, r: int, scaling: float) -> Delta:
@@ -131,11 +138,9 @@ class LoRAConfig(AdapterConfig):
         return (v.DoRAReshapeConv if dora else ReshapeConvLoRA)(self, conv, r, scaling)
 
     def for_model(self, model: nn.Module) -> LoRAConfig:
-        """Every rank/alpha pattern must match a targeted module (a pattern that matches none is a typo)."""
-        if self.rank_pattern or self.alpha_pattern:
-            paths = [path for path, _ in find_targets(model, self)]
-            lora_peft.require_patterns_used(self, paths)
-        return self
+        """Every rank/alpha pattern must match a targeted module (a pattern that matches none is a typo).
+        With `modules_to_save`, the config names the exact paths: LoRA's and the saved modules'."""
+        return lora_peft.for_model(self, model)
 
     # -- hot-swap ------------------------------------------------------------------------------------
     def pad_for_hotswap(self, deltas: dict[str, Delta], max_rank: int, name: str) -> None:
@@ -146,9 +151,15 @@ class LoRAConfig(AdapterConfig):
                 f"max_rank={max_rank!r} must be an integer >= adapter {name!r}'s rank r={self.r}; "
                 f"pass the largest rank you will hot-swap in (e.g. max_rank={max(16, self.r)})"
             )
-        if self.use_dora or self.rank_pattern or self.alpha_pattern or not _plain(deltas.values()):
+        if (
+            self.use_dora
+            or self.rank_pattern
+            or self.alpha_pattern
+            or self.modules_to_save
+            or not _plain(deltas.values())
+        ):
             raise HotswapError(
-                f"adapter {name!r} uses DoRA, embedding LoRA or a rank/alpha pattern (per-module shapes or "
+                f"adapter {name!r} uses DoRA, embedding LoRA, modules_to_save or a rank/alpha pattern (per-module shapes or "
                 "scalings), which are not hot-swapped; al.load the other adapter instead"
             )
         if max_rank == self.r:
@@ -167,9 +178,14 @@ class LoRAConfig(AdapterConfig):
 
     def hotswap_refusal(self, loaded: AdapterConfig, deltas: list[Delta]) -> str | None:
         assert isinstance(loaded, LoRAConfig)  # hotswap checked the file's method
-        variant = [c for c in (self, loaded) if c.use_dora or c.rank_pattern or c.alpha_pattern]
+        variant = [
+            c for c in (self, loaded) if c.use_dora or c.rank_pattern or c.alpha_pattern or c.modules_to_save
+        ]
         if variant or not _plain(deltas):
-            return "DoRA, embedding LoRA and rank/alpha patterns are not hot-swapped (per-module shapes and scalings)"
+            return (
+                "DoRA, embedding LoRA, rank/alpha patterns and modules_to_save are not hot-swapped "
+                "(per-module shapes and scalings)"
+            )
         if loaded.conv_mode != self.conv_mode and not all(isinstance(d, LinearLoRA) for d in deltas):
             return (
                 f"the file's conv_mode={loaded.conv_mode!r} differs from the adapter's {self.conv_mode!r} "

@@ -4,20 +4,21 @@ describe, Linear vs Conv1D decided as `al.load` decides it, and PEFT's rank/alph
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import AdapterFileError, ConfigError, TargetError, closest
+from ..targeting import find_targets
 from ..text import excerpt
 from .lora_experts import peft_target_parameters, peft_targets
 
 # LoraConfig fields that change what a LoRA computes or holds, and that adapterlab does not read
 PEFT_UNSUPPORTED: dict[str, Any] = {
     "lora_bias": False,
-    "modules_to_save": None,
     "layer_replication": None,
     "trainable_token_indices": None,
     "megatron_config": None,
@@ -61,6 +62,7 @@ def lora_fields(data: dict[str, Any], where: str) -> dict[str, Any]:
         "use_dora": False if data.get("use_dora") is None else data["use_dora"],
         "rank_pattern": data.get("rank_pattern") or None,
         "alpha_pattern": data.get("alpha_pattern") or None,
+        "modules_to_save": data.get("modules_to_save") or None,
     }
 
 
@@ -68,7 +70,9 @@ def peft_fields(config: Any, paths: list[str], deltas: list[Any]) -> dict[str, A
     """PEFT's LoraConfig for a LoRAConfig's deltas at `paths`, or None if PEFT cannot load them."""
     if not all(getattr(d, "peft_compatible", False) for d in deltas):
         return None
-    module_paths, params = peft_target_parameters(paths, deltas)
+    saved = [p for p, d in zip(paths, deltas, strict=True) if type(d).__name__ == "SavedModule"]
+    lora = [(p, d) for p, d in zip(paths, deltas, strict=True) if p not in saved]
+    module_paths, params = peft_target_parameters([p for p, _ in lora], [d for _, d in lora])
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -88,7 +92,7 @@ def peft_fields(config: Any, paths: list[str], deltas: list[Any]) -> dict[str, A
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": saved or None,
     }
 
 
@@ -137,6 +141,41 @@ def check_patterns(config: Any, max_rank: int) -> None:
                 raise ConfigError(
                     f"{config.method}: {name}[{excerpt(key, 80)}]={excerpt(value)} must be {want}"
                 )
+
+
+def for_model(config: Any, model: nn.Module) -> Any:
+    """`LoRAConfig.for_model`: patterns checked against the targets; with `modules_to_save`, a copy
+    whose targets are the exact paths (LoRA's, then the saved modules') and modules_to_save too."""
+    lora_config = dataclasses.replace(config, modules_to_save=None)
+    paths = [path for path, _ in find_targets(model, lora_config)]
+    require_patterns_used(config, paths)
+    if not config.modules_to_save:
+        return config
+    only = dataclasses.replace(lora_config, targets=config.modules_to_save, exclude=None, layers=None)
+    saved = [path for path, _ in find_targets(model, only)]
+    both = sorted(set(saved) & set(paths))
+    if both:
+        raise ConfigError(
+            f"{config.method}: {both[:3]} are both LoRA targets and modules_to_save; a module is either "
+            "adapted or saved whole: add it to `exclude`, or drop it from modules_to_save"
+        )
+    return dataclasses.replace(
+        config, targets=paths + saved, exclude=None, layers=None, modules_to_save=saved
+    )
+
+
+def check_saved(config: Any) -> None:
+    """`modules_to_save`: None or a non-empty list of module names."""
+    if isinstance(config.modules_to_save, tuple):
+        config.modules_to_save = list(config.modules_to_save)
+    saved = config.modules_to_save
+    if saved is not None and not (
+        isinstance(saved, list) and saved and all(isinstance(n, str) and n for n in saved)
+    ):
+        raise ConfigError(
+            f"{config.method}: modules_to_save={excerpt(saved)} must be a non-empty list of module names "
+            "(e.g. ['lm_head']) or None"
+        )
 
 
 def require_patterns_used(config: Any, paths: list[str]) -> None:

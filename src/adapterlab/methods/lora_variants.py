@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from .. import quant
 from ..errors import UnsupportedModuleError
 from ..layer import Delta, base_weight
-from .lora import KernelConvLoRA, LinearLoRA, ReshapeConvLoRA, adapter_dtype
+from ..targeting import is_conv, is_embedding, is_hf_conv1d, is_linear
+from .lora import KernelConvLoRA, LinearLoRA, ReshapeConvLoRA, adapter_dtype, conv_like
 
 
 class EmbeddingLoRA(Delta):
@@ -213,3 +214,61 @@ class DoRAEmbedding(_DoRA, EmbeddingLoRA):
 def _conv_b(h: Tensor, b: Tensor, groups: int) -> Tensor:
     """The kernel layout's B: a 1×1 conv r → C_out, grouped like the base."""
     return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[h.dim()](h, b, None, 1, 0, 1, groups)
+
+
+class SavedModule(Delta):
+    """A module PEFT trains and saves whole (`modules_to_save`: a new head, resized embeddings): a full
+    copy of its weight (and bias), keys `<path>.weight` / `.bias` as PEFT's. Forward adds
+    copy(x) − base(x); ΔW = W_copy − W, merged like DoRA (merge keeps W). A copy whose bias differs
+    from the base's cannot be merged (merging writes weights only)."""
+
+    restores_exactly = True
+    refactorable = False
+    peft_compatible = True
+
+    def __init__(self, config: Any, base: nn.Module) -> None:
+        super().__init__(config)
+        if quant.is_quantized(base) or not (is_linear(base) or is_conv(base) or is_embedding(base)):
+            raise UnsupportedModuleError(
+                f"{config.method}: modules_to_save copies nn.Linear, Conv1D, ConvNd or nn.Embedding modules, "
+                f"not a {type(base).__name__}; remove it from modules_to_save"
+            )
+        self.__dict__["base_module"] = base
+        weight = base_weight(base)
+        dtype = adapter_dtype(weight)
+        self.weight = nn.Parameter(weight.detach().to(dtype, copy=True))
+        bias = getattr(base, "bias", None)
+        self.bias = nn.Parameter(bias.detach().to(dtype, copy=True)) if isinstance(bias, Tensor) else None
+
+    @property
+    def mergeable(self) -> bool:  # type: ignore[override]
+        """Merging writes the weight only: True unless the copy's bias differs from the base's."""
+        bias = getattr(self.__dict__["base_module"], "bias", None)
+        return self.bias is None or (
+            isinstance(bias, Tensor) and torch.equal(self.bias, bias.to(self.bias.dtype))
+        )
+
+    def delta_weight(self) -> Tensor:
+        weight = base_weight(self.__dict__["base_module"])
+        return self.weight - weight.to(self.weight.dtype)
+
+    def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
+        base = self.__dict__["base_module"]
+        h = x if not x.is_floating_point() else x.to(self.weight.dtype)
+        bias = getattr(base, "bias", None)
+        own = _module_fn(base, h, base_weight(base).to(self.weight.dtype), bias)
+        change = _module_fn(base, h, self.weight, self.bias) - own
+        return out + (change * scale).to(out.dtype)
+
+
+def _module_fn(base: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The base module's computation on `x` with another weight and bias."""
+    if bias is not None:
+        bias = bias.to(weight.dtype)
+    if is_embedding(base):
+        emb = cast(nn.Embedding, base)
+        return F.embedding(x, weight, emb.padding_idx, None, 2.0, emb.scale_grad_by_freq, emb.sparse)
+    if is_conv(base):
+        y = conv_like(base)(x, weight)
+        return y if bias is None else y + bias.reshape((-1,) + (1,) * (weight.dim() - 2))
+    return F.linear(x, weight.t() if is_hf_conv1d(base) else weight, bias)
