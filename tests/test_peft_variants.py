@@ -361,3 +361,41 @@ def test_dora_on_a_file_without_magnitudes_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(al.AdapterFileError, match=r"q_proj.*lora_magnitude_vector"):
         al.load(tiny_llama(), tmp_path)
+
+
+def test_cli_merges_dora_and_embedding_adapters_and_refuses_a_dense_export(tmp_path, capsys):
+    """Without the model: `merge` uses the checkpoint's weights (DoRA's ΔW needs them) and gives
+    al.load's outputs; `export --format dense` has no base weight and refuses DoRA by name."""
+    from transformers import LlamaForCausalLM
+
+    from adapterlab.cli import main
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    al.inject(model, "lora", r=4, targets=["q_proj", "embed_tokens"], use_dora=True)
+    randomize(model)
+    al.save(model, tmp_path / "dora")
+    assert main(["validate", str(tmp_path / "dora"), "--base", str(tmp_path / "base")]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(tmp_path / "dora"),
+                "--base",
+                str(tmp_path / "base"),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert (outputs(merged, LLAMA_IDS) - outputs(model, LLAMA_IDS)).abs().max().item() <= TOL
+    assert (
+        main(
+            ["export", str(tmp_path / "dora"), "--format", "dense", "--out", str(tmp_path / "d.safetensors")]
+        )
+        == 1
+    )
+    assert "ΔW of DoRA depends on the base weight" in capsys.readouterr().err

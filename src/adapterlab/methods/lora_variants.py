@@ -90,12 +90,17 @@ class _DoRA(Delta):
                 "use plain LoRA (use_dora=False) on quantized weights"
             )
         self.__dict__["base_module"] = base  # not a submodule: the delta's state is its own tensors only
+        weight = base_weight(base)  # (a skeleton's placeholder too: the file's magnitude replaces it)
         with torch.no_grad():
-            norm = self._norm(self._weight())
+            norm = self._norm(weight.to(adapter_dtype(weight)))
         self.lora_magnitude_vector = nn.Parameter(norm.reshape(magnitude_shape))
 
+    @property
+    def mergeable(self) -> bool:  # type: ignore[override]
+        return not _placeholder(base_weight(self.__dict__["base_module"]))
+
     def _weight(self) -> Tensor:
-        weight = base_weight(self.__dict__["base_module"])
+        weight = _real_weight(self.__dict__["base_module"], "DoRA")
         return weight.to(adapter_dtype(weight))
 
     def _norm(self, v: Tensor) -> Tensor:
@@ -243,13 +248,16 @@ class SavedModule(Delta):
     @property
     def mergeable(self) -> bool:  # type: ignore[override]
         """Merging writes the weight only: True unless the copy's bias differs from the base's."""
-        bias = getattr(self.__dict__["base_module"], "bias", None)
+        base = self.__dict__["base_module"]
+        bias = getattr(base, "bias", None)
+        if _placeholder(base_weight(base)):
+            return False
         return self.bias is None or (
             isinstance(bias, Tensor) and torch.equal(self.bias, bias.to(self.bias.dtype))
         )
 
     def delta_weight(self) -> Tensor:
-        weight = base_weight(self.__dict__["base_module"])
+        weight = _real_weight(self.__dict__["base_module"], "a modules_to_save copy")
         return self.weight - weight.to(self.weight.dtype)
 
     def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
@@ -272,3 +280,20 @@ def _module_fn(base: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) 
         y = conv_like(base)(x, weight)
         return y if bias is None else y + bias.reshape((-1,) + (1,) * (weight.dim() - 2))
     return F.linear(x, weight.t() if is_hf_conv1d(base) else weight, bias)
+
+
+def _placeholder(weight: Tensor) -> bool:
+    """A weight whose entries all share one element (an expanded zero): the CLI's skeletons without
+    a checkpoint (export, validate, combine) hold one. Not a model weight."""
+    return weight.numel() > 1 and weight.dim() > 0 and all(s == 0 for s in weight.stride())
+
+
+def _real_weight(base: nn.Module, what: str) -> Tensor:
+    """The base weight, which `what`'s ΔW depends on; refused when it is a skeleton's placeholder."""
+    weight = base_weight(base)
+    if _placeholder(weight):
+        raise UnsupportedModuleError(
+            f"the ΔW of {what} depends on the base weight, which this command does not have; merge it "
+            "into the checkpoint (adapterlab merge) or al.load it into the model instead"
+        )
+    return weight
