@@ -399,3 +399,15 @@ def test_cli_merges_dora_and_embedding_adapters_and_refuses_a_dense_export(tmp_p
         == 1
     )
     assert "ΔW of DoRA depends on the base weight" in capsys.readouterr().err
+
+
+def test_a_peft_conv_lora_we_cannot_reproduce_is_refused(tmp_path):
+    """PEFT's lora_A ignores the base conv's padding mode: its outputs are not ours, so no load."""
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")).eval()
+
+    peft_save(build, peft.LoraConfig(r=2, target_modules=["0"]), tmp_path)
+    with pytest.raises(al.AdapterFileError, match=r"\['0'\].*padding mode"):
+        al.load(build(), tmp_path)

@@ -134,6 +134,14 @@ def load(
         paths=list(owned),
         build=filler(config, owned, lambda path: f"{where}: module {path!r}"),
     )
+    if not metadata["fingerprint"]:  # PEFT's file: its layout must be the one our delta computes
+        odd = [path for path, _, delta in steps if not getattr(delta, "peft_compatible", True)]
+        if odd:
+            raise AdapterFileError(
+                f"{where}: PEFT computes the LoRA of {odd[:3]} differently from adapterlab (a conv with groups, "
+                "dilation or a padding mode other than zeros: PEFT's lora_A ignores them), so its outputs "
+                "cannot be reproduced; adapterlab refuses it rather than load another adapter"
+            )
     apply_plan(inner, name, steps, trainable=trainable)
     return model
 
