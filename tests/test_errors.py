@@ -130,9 +130,9 @@ CASES = [
     ),
     (
         "unsupported module",
-        lambda t: al.inject(lin(), "lora", targets=["1"]),
+        lambda t: al.inject(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), "lora", targets=["1"]),
         al.UnsupportedModuleError,
-        r"'1' \(Embedding\)",
+        r"'1' \(LayerNorm\)",
         r"Narrow `targets`",
     ),
     (

@@ -172,6 +172,8 @@ CONFIG_FIELDS = [
     "peft_type",
     "bias",
     "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
 ]
 BLOCK_FIELDS = ["format_version", "library_version", "method", "config", "fingerprint"]
 

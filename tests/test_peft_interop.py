@@ -74,9 +74,11 @@ def test_peft_save_loads_in_ours(tmp_path, case):
 
 
 def test_peft_features_we_cannot_read_are_refused(tmp_path):
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True)
+    )
     theirs.save_pretrained(tmp_path)
-    with pytest.raises(al.AdapterFileError, match="use_dora"):
+    with pytest.raises(al.AdapterFileError, match="lora_bias"):
         al.load(tiny_llama(), tmp_path)
 
 

@@ -158,9 +158,14 @@ class AdapterConfig:
         """A fresh delta for `module`; raise `UnsupportedModuleError` if the layout cannot work."""
         raise NotImplementedError
 
+    def delta_at(self, path: str, module: nn.Module) -> Delta:
+        """The delta for `module` at model path `path`: `make_delta(module)`, unless a method sizes
+        deltas per path (LoRA's `rank_pattern` / `alpha_pattern`). Inject and load both call this."""
+        return self.make_delta(module)
+
     def loaded_delta(self, module: nn.Module, built: Delta, tensors: dict[str, Tensor]) -> Delta:
         """The delta `load` copies `tensors` into (this module's tensors from the file, keyed as in
-        the delta's state_dict); `built` is `make_delta(module)`. Methods whose delta sizes or kinds
+        the delta's state_dict); `built` is `delta_at(path, module)`. Methods whose delta sizes or kinds
         come from training (a sparse support, a dense head) return one that fits the tensors, or
         raise an `AdapterlabError` saying why none can. The default is `built`."""
         return built

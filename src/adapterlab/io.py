@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import running_stats
@@ -197,7 +198,7 @@ def load(
     require_fingerprint_match(inner, metadata["fingerprint"])
     where = repr(str(directory))
     if not metadata["fingerprint"]:  # PEFT's: expert-weight factors (target_parameters) need the model's
-        tensors = _native_peft(inner, config, tensors, where)
+        tensors = _native_peft(inner, config, _peft_base_weights(inner, tensors, where), where)
     owned = split_by_module(
         tensors,
         {p for p, _ in logical_modules(inner)},
@@ -211,6 +212,14 @@ def load(
         paths=list(owned),
         build=filler(config, owned, lambda path: f"{where}: module {path!r}"),
     )
+    if not metadata["fingerprint"]:  # PEFT's file: its layout must be the one our delta computes
+        odd = [path for path, _, delta in steps if not getattr(delta, "peft_compatible", True)]
+        if odd:
+            raise AdapterFileError(
+                f"{where}: PEFT computes the LoRA of {odd[:3]} differently from adapterlab (a conv with groups, "
+                "dilation or a padding mode other than zeros: PEFT's lora_A ignores them), so its outputs "
+                "cannot be reproduced; adapterlab refuses it rather than load another adapter"
+            )
     running_stats.check(inner, metadata["buffers"], where)
     apply_plan(inner, name, steps, trainable=trainable)
     running_stats.write(inner, metadata["buffers"])
@@ -228,3 +237,32 @@ def _native_peft(model: nn.Module, config: AdapterConfig, tensors: dict[str, Ten
     local = {k[len(PREFIX) :] if k.startswith(PREFIX) else k: t for k, t in tensors.items()}
     native = type(config).native_tensors(local, fingerprint(model, experts)["modules"], where)
     return {PREFIX + k: t for k, t in native.items()}
+
+
+def _peft_base_weights(model: nn.Module, tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """PEFT saves the base weight of an adapted embedding beside its factors (`<path>.base_layer.weight`,
+    its `save_embedding_layers`, for resized vocabularies) and loads it into the model. Equal to the
+    model's, it is dropped; otherwise loading would change the base model, and it is refused."""
+    modules = dict(logical_modules(model))
+    kept = {}
+    for key, t in tensors.items():
+        path = (
+            key[len(PREFIX) :].removesuffix(".base_layer.weight")
+            if key.endswith(".base_layer.weight")
+            else None
+        )
+        if path is None:
+            kept[key] = t
+            continue
+        weight = getattr(modules.get(path), "weight", None)
+        if not (
+            isinstance(weight, Tensor)
+            and weight.shape == t.shape
+            and torch.equal(weight.detach().cpu(), t.to(weight.dtype))
+        ):
+            raise AdapterFileError(
+                f"{where}: {key!r} is a base weight PEFT saved with the adapter (save_embedding_layers) and it "
+                f"differs from the model's {path!r} (a resized or retrained embedding?); adapterlab never "
+                "changes base weights on load: load it into the model whose embedding it saved"
+            )
+    return kept

@@ -216,6 +216,8 @@ class AdapterLayer(nn.Module):
                 if self.deltas[name].restores_exactly:
                     where = self.deltas[name].support()
                     saved.append((where, flat.clone() if where is None else flat[where.long()]))
+        elif any(self.deltas[n].restores_exactly and self.deltas[n].support() is None for n in weights):
+            saved.append((None, flat.clone()))  # ΔW reads W (DoRA): subtracting it later cannot undo
         else:
             saved.append(_rounding_record(flat, new.reshape(-1), self._delta_sum(weights).reshape(-1)))
         self._merges.append((dict(weights), saved))

@@ -115,7 +115,7 @@ def plan(
         raise TargetError("the model itself is a target; wrap it in a container, e.g. nn.Sequential(module)")
     targets = shared_targets(model, targets, exact=paths is not None)  # a reused module: all its places
     return [
-        (path, module, build(path, module) if build else config.make_delta(module))
+        (path, module, build(path, module) if build else config.delta_at(path, module))
         for path, module in targets
     ]
 

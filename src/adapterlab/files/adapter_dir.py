@@ -442,7 +442,9 @@ class AdapterFile:
 
     def delta(self, path: str, module: nn.Module) -> Delta:
         """The delta of module `path`, built on `module` (a skeleton) and filled from the file."""
-        return fill_delta(self.config, module, self._owned.get(path, {}), f"{self.name!r}: module {path!r}")
+        return fill_delta(
+            self.config, module, self._owned.get(path, {}), f"{self.name!r}: module {path!r}", path
+        )
 
 
 def _peft_json(root: Path, component: str | None = None) -> dict[str, Any] | None:

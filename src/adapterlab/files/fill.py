@@ -57,16 +57,18 @@ def copy_state(state: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
         target.copy_(tensors[key])
 
 
-def _build(config: AdapterConfig, module: nn.Module, tensors: dict[str, Tensor]) -> Delta:
-    return config.loaded_delta(module, config.make_delta(module), tensors)
+def _build(config: AdapterConfig, module: nn.Module, tensors: dict[str, Tensor], path: str) -> Delta:
+    return config.loaded_delta(module, config.delta_at(path, module), tensors)
 
 
-def fill_delta(config: AdapterConfig, module: nn.Module, tensors: dict[str, Tensor], where: str) -> Delta:
-    """The delta of `config` for `module`, holding `tensors` (keys as in its state_dict). `where`
-    names the module in errors (every one an `AdapterFileError`)."""
+def fill_delta(
+    config: AdapterConfig, module: nn.Module, tensors: dict[str, Tensor], where: str, path: str = ""
+) -> Delta:
+    """The delta of `config` for `module` (at model path `path`), holding `tensors` (keys as in its
+    state_dict). `where` names the module in errors (every one an `AdapterFileError`)."""
     hint = f" ({_describe(config)})"
     try:
-        dry = _build(config, on_meta(module), tensors)
+        dry = _build(config, on_meta(module), tensors, path)
     except AdapterlabError as e:
         raise AdapterFileError(f"{where} does not fit: {e}") from None
     except (NotImplementedError, RuntimeError):
@@ -76,7 +78,7 @@ def fill_delta(config: AdapterConfig, module: nn.Module, tensors: dict[str, Tens
     if dry is not None:
         check_state(dry.state_dict(), tensors, where, hint)
     try:
-        delta = _build(config, module, tensors)
+        delta = _build(config, module, tensors, path)
     except AdapterlabError as e:
         raise AdapterFileError(f"{where} does not fit: {e}") from None
     except (RuntimeError, TypeError, ValueError, IndexError, OverflowError, MemoryError) as e:
@@ -91,4 +93,4 @@ def filler(
     config: AdapterConfig, owned: dict[str, dict[str, Tensor]], where: Callable[[str], str]
 ) -> Callable[[str, nn.Module], Delta]:
     """`fill_delta` per module path, for `model.plan(..., build=…)`."""
-    return lambda path, module: fill_delta(config, module, owned[path], where(path))
+    return lambda path, module: fill_delta(config, module, owned[path], where(path), path)

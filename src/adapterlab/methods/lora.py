@@ -1,4 +1,5 @@
-"""LoRA for Linear / HF Conv1D, and ConvLoRA for Conv1d/2d/3d in two layouts.
+"""LoRA for Linear / HF Conv1D, and ConvLoRA for Conv1d/2d/3d in two layouts; Embedding and DoRA
+deltas are in lora_variants.py, PEFT's file format in lora_peft.py.
 
 ΔW = s·B·A with s = α/r (or α/√r with rsLoRA); A Kaiming-uniform, B zero, so ΔW = 0 at start.
 Conv layouts (`conv_mode`):
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -27,9 +28,9 @@ from ..errors import ConfigError, HotswapError, UnsupportedModuleError
 from ..experts import ExpertWeights
 from ..kernels import lora_add
 from ..layer import Delta, base_weight
-from ..targeting import is_conv, is_hf_conv1d, is_linear
-from . import lora_peft
-from .lora_experts import ExpertLoRA, from_peft_tensors, peft_target_parameters, to_peft_tensors
+from ..targeting import is_conv, is_embedding, is_hf_conv1d, is_linear
+from . import lora_hotswap, lora_peft
+from .lora_experts import ExpertLoRA, from_peft_tensors, to_peft_tensors
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d  # what `is_conv` accepts
 
@@ -40,7 +41,12 @@ MAX_SCALING = 2.0**64  # |alpha / r|; far beyond any trained adapter, and float3
 @register
 @dataclass
 class LoRAConfig(AdapterConfig):
-    """Low-rank adaptation. `alpha` scales the update by alpha/r (alpha/√r when `rslora`)."""
+    """Low-rank adaptation. `alpha` scales the update by alpha/r (alpha/√r when `rslora`).
+
+    `use_dora`: DoRA (a trained magnitude per output, lora_variants.py). `rank_pattern` /
+    `alpha_pattern`: {pattern: r or alpha} for the modules whose path a pattern matches as PEFT
+    matches them (`(.*[.])?(pattern)$`, the first matching pattern wins); others use `r` / `alpha`.
+    `modules_to_save`: module names (as in `targets`) trained and saved whole, as PEFT's."""
 
     method = "lora"
     peft_type = "LORA"
@@ -50,6 +56,10 @@ class LoRAConfig(AdapterConfig):
     dropout: float = 0.0
     rslora: bool = False
     conv_mode: Literal["kernel", "reshape"] = "kernel"
+    use_dora: bool = False
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    modules_to_save: list[str] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -68,25 +78,69 @@ class LoRAConfig(AdapterConfig):
                 f"{self.method}: conv_mode={self.conv_mode!r}; use 'kernel' (PEFT layout) "
                 "or 'reshape' (loralib / DSCLoRA layout)"
             )
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"{self.method}: use_dora={self.use_dora!r} must be True or False")
+        lora_peft.check_patterns(self, MAX_RANK)
+        lora_peft.check_saved(self)
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
+    def rank_at(self, path: str) -> tuple[int, float]:
+        """(r, scaling) of the delta at module path `path`: `rank_pattern` / `alpha_pattern` first."""
+        r = lora_peft.pattern_value(self.rank_pattern, path, self.r)
+        alpha = lora_peft.pattern_value(self.alpha_pattern, path, self.alpha)
+        scaling = alpha / (math.sqrt(r) if self.rslora else r)
+        if not scaling <= MAX_SCALING:
+            raise ConfigError(
+                f"{self.method}: {path!r} gets r={r}, alpha={alpha!r} from the patterns, which scales ΔW by "
+                f"{scaling:.3g}, above {MAX_SCALING:.3g}; fix rank_pattern / alpha_pattern"
+            )
+        return r, scaling
+
     def supports(self, module: nn.Module) -> str | None:
-        if is_linear(module) or is_conv(module) or isinstance(module, ExpertWeights):
+        if is_linear(module) or is_conv(module) or is_embedding(module) or isinstance(module, ExpertWeights):
             return None
-        return "LoRA wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and stacked MoE expert weights"
+        return (
+            "LoRA wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.Embedding (targeted by name) "
+            "and stacked MoE expert weights"
+        )
 
     def make_delta(self, module: nn.Module) -> Delta:
+        return self._delta(module, self.r, self.scaling)
+
+    def delta_at(self, path: str, module: nn.Module) -> Delta:
+        if self.modules_to_save and any(path == n or path.endswith("." + n) for n in self.modules_to_save):
+            from .lora_variants import SavedModule
+
+            return SavedModule(self, module)
+        return self._delta(module, *self.rank_at(path))
+
+    def _delta(self, module: nn.Module, r: int, scaling: float) -> Delta:
+        from . import lora_variants as v  # it subclasses this file's deltas
+
         if isinstance(module, ExpertWeights):
+            if self.use_dora or (r, scaling) != (self.r, self.scaling):
+                raise UnsupportedModuleError(
+                    f"{self.method}: LoRA per MoE expert takes neither DoRA nor a rank/alpha pattern; "
+                    "exclude the expert weights from use_dora / the patterns"
+                )
             return ExpertLoRA(self, module)
+        dora = self.use_dora
         if is_linear(module):
-            return LinearLoRA(self, module)
-        conv = cast(Conv, module)  # not linear, so supports() saw a conv
+            return (v.DoRALinear if dora else LinearLoRA)(self, module, r, scaling)
+        if is_embedding(module):
+            return (v.DoRAEmbedding if dora else v.EmbeddingLoRA)(self, module, r, scaling)
+        conv = cast(Conv, module)  # neither linear nor an embedding, so supports() saw a conv
         if self.conv_mode == "kernel":
-            return KernelConvLoRA(self, conv)
-        return ReshapeConvLoRA(self, conv)
+            return (v.DoRAKernelConv if dora else KernelConvLoRA)(self, conv, r, scaling)
+        return (v.DoRAReshapeConv if dora else ReshapeConvLoRA)(self, conv, r, scaling)
+
+    def for_model(self, model: nn.Module) -> LoRAConfig:
+        """Every rank/alpha pattern must match a targeted module (a pattern that matches none is a typo).
+        With `modules_to_save`, the config names the exact paths: LoRA's and the saved modules'."""
+        return lora_peft.for_model(self, model)
 
     # -- hot-swap ------------------------------------------------------------------------------------
     def pad_for_hotswap(self, deltas: dict[str, Delta], max_rank: int, name: str) -> None:
@@ -96,6 +150,17 @@ class LoRAConfig(AdapterConfig):
             raise HotswapError(
                 f"max_rank={max_rank!r} must be an integer >= adapter {name!r}'s rank r={self.r}; "
                 f"pass the largest rank you will hot-swap in (e.g. max_rank={max(16, self.r)})"
+            )
+        if (
+            self.use_dora
+            or self.rank_pattern
+            or self.alpha_pattern
+            or self.modules_to_save
+            or not _plain(deltas.values())
+        ):
+            raise HotswapError(
+                f"adapter {name!r} uses DoRA, embedding LoRA, modules_to_save or a rank/alpha pattern (per-module shapes or "
+                "scalings), which are not hot-swapped; al.load the other adapter instead"
             )
         if max_rank == self.r:
             return
@@ -109,21 +174,18 @@ class LoRAConfig(AdapterConfig):
         padded = dataclasses.replace(
             self, r=max_rank, alpha=scaling * (math.sqrt(max_rank) if self.rslora else max_rank)
         )
-        with torch.no_grad():
-            for delta in deltas.values():
-                inner = delta.lora_A.weight.shape[0] // self.r * max_rank
-                for factor, dim in ((delta.lora_A, 0), (delta.lora_B, 1)):
-                    w = factor.weight
-                    shape = list(w.shape)
-                    shape[dim] = inner
-                    new = w.new_zeros(shape)
-                    new.narrow(dim, 0, w.shape[dim]).copy_(w)
-                    w.data = new
-                    w.grad = None
-                delta.config = padded
+        lora_hotswap.pad_factors(list(deltas.values()), self.r, max_rank, padded)
 
     def hotswap_refusal(self, loaded: AdapterConfig, deltas: list[Delta]) -> str | None:
         assert isinstance(loaded, LoRAConfig)  # hotswap checked the file's method
+        variant = [
+            c for c in (self, loaded) if c.use_dora or c.rank_pattern or c.alpha_pattern or c.modules_to_save
+        ]
+        if variant or not _plain(deltas):
+            return (
+                "DoRA, embedding LoRA, rank/alpha patterns and modules_to_save are not hot-swapped "
+                "(per-module shapes and scalings)"
+            )
         if loaded.conv_mode != self.conv_mode and not all(isinstance(d, LinearLoRA) for d in deltas):
             return (
                 f"the file's conv_mode={loaded.conv_mode!r} differs from the adapter's {self.conv_mode!r} "
@@ -136,62 +198,11 @@ class LoRAConfig(AdapterConfig):
     ) -> list[tuple[Tensor, Tensor]]:
         """A, B padded with zeros to the adapter's rank, B times s'/s (the loaded scaling over ours)."""
         assert isinstance(loaded, LoRAConfig)  # hotswap checked the file's method
-        a, b = delta.lora_A.weight, delta.lora_B.weight
-        new_a, new_b = own["lora_A.weight"], own["lora_B.weight"]
-        rank, new_rank = a.shape[0], new_a.shape[0]
-        fits = (
-            new_a.dim() == a.dim()
-            and new_b.dim() == b.dim()
-            and new_a.shape[1:] == a.shape[1:]
-            and new_b.shape[0] == b.shape[0]
-            and new_b.shape[2:] == b.shape[2:]
-            and new_b.shape[1] == new_rank
-            if delta.refactorable
-            else new_a.shape == a.shape and new_b.shape == b.shape
-        )
-        if not fits:
-            raise HotswapError(
-                f"{where}: {path!r} has lora_A {list(new_a.shape)} and lora_B {list(new_b.shape)} in "
-                f"the file; the adapter has {list(a.shape)} and {list(b.shape)} (another layer shape or "
-                "layout)"
-            )
-        if not delta.refactorable:  # equal shapes (checked above): copied, B rescaled to our scaling
-            return [(a, new_a), (b, new_b.to(torch.float64) * (loaded.scaling / delta.scaling))]
-        if new_rank > rank:
-            raise HotswapError(
-                f"{where}: {path!r} has rank r={loaded.r} in the file, above the adapter's "
-                f"r={delta.config.r}; call al.prepare_hotswap(model, max_rank={loaded.r}) (or larger) "
-                "before compiling"
-            )
-        pad_a = a.new_zeros(a.shape)
-        pad_a[:new_rank] = new_a
-        pad_b = b.new_zeros(b.shape)
-        pad_b[:, :new_rank] = new_b.to(torch.float64) * (loaded.scaling / delta.scaling)
-        return [(a, pad_a), (b, pad_b)]
+        return lora_hotswap.factor_values(where, path, delta, own, loaded.r, loaded.scaling)
 
     # -- PEFT's LoraConfig -------------------------------------------------------------------------
     def to_peft(self, paths: list[str], deltas: list[Delta]) -> dict[str, Any] | None:
-        if not all(getattr(d, "peft_compatible", False) for d in deltas):
-            return None
-        module_paths, params = peft_target_parameters(paths, deltas)
-        return {
-            "peft_type": "LORA",
-            "task_type": None,
-            "r": self.r,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
-            "use_rslora": self.rslora,
-            # a regex PEFT full-matches: exactly these modules (a list would also match dotted suffixes)
-            "target_modules": "^(?:" + "|".join(re.escape(p) for p in module_paths) + ")$"
-            if module_paths
-            else [],
-            **({"target_parameters": params} if params else {}),
-            "fan_in_fan_out": any(isinstance(d, LinearLoRA) and d.transposed for d in deltas),
-            "bias": "none",
-            "init_lora_weights": True,
-            "inference_mode": True,
-            "modules_to_save": None,
-        }
+        return lora_peft.peft_fields(self, paths, deltas)
 
     def peft_refusal(self) -> str:
         why = (
@@ -244,6 +255,11 @@ class ConvLoRAConfig(LoRAConfig):
     method = "convlora"
     targets: str | list[str] = "all-conv"
     conv_mode: Literal["kernel", "reshape"] = "reshape"
+
+
+def _plain(deltas: Iterable[Delta]) -> bool:
+    """Every delta a plain LoRA (no DoRA, no embedding): what hot-swapping pads and rescales."""
+    return all(type(d) in (LinearLoRA, KernelConvLoRA, ReshapeConvLoRA, ExpertLoRA) for d in deltas)
 
 
 class Factor(nn.Module):
@@ -299,12 +315,15 @@ class LinearLoRA(LowRankDelta):
     """x ↦ s·B·A·drop(x). The base may be nn.Linear (W: out×in), HF Conv1D (W: in×out), or a
     quantized Linear (bitsandbytes, torchao: sized from its logical out×in, not the packed weight)."""
 
-    def __init__(self, config: LoRAConfig, base: nn.Module) -> None:
+    def __init__(
+        self, config: LoRAConfig, base: nn.Module, r: int | None = None, scaling: float | None = None
+    ) -> None:
         super().__init__(config)
+        r = config.r if r is None else r
         self.transposed = is_hf_conv1d(base)
         n_in, n_out = quant.logical_shape(base)[::-1] if not self.transposed else base_weight(base).shape
-        self.lora_A, self.lora_B = _factors((config.r, n_in), (n_out, config.r), base_weight(base))
-        self.scaling = config.scaling
+        self.lora_A, self.lora_B = _factors((r, n_in), (n_out, r), base_weight(base))
+        self.scaling = config.scaling if scaling is None else scaling
         self.dropout = config.dropout
         self.peft_compatible = True
 
@@ -360,12 +379,13 @@ def conv_like(base: nn.Module) -> functools.partial[Tensor]:
 
 
 class _ConvLoRA(LowRankDelta):
-    def __init__(self, config: LoRAConfig, base: Conv) -> None:
+    def __init__(self, config: LoRAConfig, base: Conv, r: int | None, scaling: float | None) -> None:
         super().__init__(config)
         self.conv = conv_like(base)
         self.kernel_shape = tuple(base.weight.shape)
         self.groups = base.groups
-        self.scaling = config.scaling
+        self.rank = config.r if r is None else r
+        self.scaling = config.scaling if scaling is None else scaling
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.peft_compatible = False
 
@@ -373,10 +393,12 @@ class _ConvLoRA(LowRankDelta):
 class KernelConvLoRA(_ConvLoRA):
     """A = conv C_in→r with the base geometry, B = 1×1 conv r→C_out; both grouped like the base."""
 
-    def __init__(self, config: LoRAConfig, base: Conv) -> None:
-        super().__init__(config, base)
+    def __init__(
+        self, config: LoRAConfig, base: Conv, r: int | None = None, scaling: float | None = None
+    ) -> None:
+        super().__init__(config, base, r, scaling)
         c_out, c_in_g, *k = self.kernel_shape
-        g, r = self.groups, config.r
+        g, r = self.groups, self.rank
         if r % g:
             raise UnsupportedModuleError(
                 f"{config.method}: rank r={r} is not divisible by the conv's groups={g}; use r a multiple "
@@ -404,10 +426,12 @@ class KernelConvLoRA(_ConvLoRA):
 class ReshapeConvLoRA(_ConvLoRA):
     """loralib's layout: B·A is reshaped into the kernel, one extra conv with ΔW."""
 
-    def __init__(self, config: LoRAConfig, base: Conv) -> None:
-        super().__init__(config, base)
+    def __init__(
+        self, config: LoRAConfig, base: Conv, r: int | None = None, scaling: float | None = None
+    ) -> None:
+        super().__init__(config, base, r, scaling)
         c_out, c_in_g, k0, *k_rest = self.kernel_shape
-        r, g = config.r, self.groups
+        r, g = self.rank, self.groups
         c_in = c_in_g * g
         self.lora_A, self.lora_B = _factors(
             (r * k0, c_in * math.prod(k_rest)), (c_out // g * k0, r * k0), base.weight
