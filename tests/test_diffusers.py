@@ -207,12 +207,20 @@ def test_network_alphas_give_the_scale(tmp_path):
     model = al.load(tiny_unet(), tmp_path)
     assert al.adapters(model)["default"].alpha == 10.0
     assert differ(run(model), run(unet)) <= TOL
-    _plain_file(tmp_path, unet, {modules[0]: 10.0, **{m: 5.0 for m in modules[1:]}})
-    with pytest.raises(AdapterFileError, match=rf"{modules[0]}.*alpha_pattern"):
+    # per-module alphas: the odd module goes into alpha_pattern, outputs as diffusers computes them
+    _plain_file(tmp_path, unet, {modules[0]: 3.0, **{m: 10.0 for m in modules[1:]}})
+    model = al.load(tiny_unet(), tmp_path)
+    assert list(al.adapters(model)["default"].alpha_pattern.values()) == [3.0]
+    truth = theirs(alpha=10, alpha_pattern={modules[0]: 3.0})  # the same factors, PEFT's pattern
+    truth.load_state_dict(unet.state_dict())
+    assert differ(run(model), run(truth)) <= TOL
+    assert differ(run(model), run(unet)) > TOL  # the pattern changed the scale of that module
+    _plain_file(tmp_path, unet, {modules[0]: 10.0})  # alphas for some modules only
+    with pytest.raises(AdapterFileError, match=rf"{modules[1]}.*no network alpha"):
         al.load(tiny_unet(), tmp_path)
 
 
-def test_mixed_ranks_refused_naming_the_module(tmp_path):
+def test_mixed_ranks_load_as_rank_pattern(tmp_path):
     unet = theirs()
     state = _plain_file(tmp_path, unet)
     key = sorted(k for k in state if k.endswith("lora_A.weight"))[0]
@@ -220,7 +228,20 @@ def test_mixed_ranks_refused_naming_the_module(tmp_path):
     state[key] = state[key][:2].contiguous()
     state[f"{module}.lora_B.weight"] = state[f"{module}.lora_B.weight"][:, :2].contiguous()
     save_file(state, tmp_path / "pytorch_lora_weights.safetensors")
-    with pytest.raises(AdapterFileError, match=rf"{module}.*rank_pattern"):
+    model = al.load(tiny_unet(), tmp_path)
+    assert list(al.adapters(model)["default"].rank_pattern.values()) == [2]
+    loaded = tiny_unet()
+    loaded.load_lora_adapter(str(tmp_path), prefix=None, use_safetensors=True)
+    assert differ(run(model), run(loaded)) <= TOL
+
+
+def test_dora_magnitude_without_metadata_is_refused(tmp_path):
+    unet = theirs()
+    state = _plain_file(tmp_path, unet)
+    module = sorted(k for k in state if k.endswith("lora_A.weight"))[0][: -len(".lora_A.weight")]
+    state[f"{module}.lora_magnitude_vector"] = torch.ones(state[f"{module}.lora_B.weight"].shape[0])
+    save_file(state, tmp_path / "pytorch_lora_weights.safetensors")
+    with pytest.raises(AdapterFileError, match=rf"{module}.lora_magnitude_vector.*use_dora"):
         al.load(tiny_unet(), tmp_path)
 
 

@@ -37,7 +37,7 @@ def export_peft(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
         if weights.exists()  # else a diffusers file: its tensors under PEFT's prefix
         else encode(
             {PREFIX + k: t for k, t in _file_tensors(adapter).items()},
-            {"adapterlab": json.dumps(adapter.metadata)},
+            {"adapterlab": json.dumps(adapter.block)},
         ),
     }
     return write_dir_atomic(Path(out), files, replaces=frozenset({DIFFUSERS_FILE}))
@@ -56,7 +56,7 @@ def export_diffusers(directory: str | os.PathLike, out: str | os.PathLike, prefi
             "Merge it into the model instead (adapterlab merge), or use --format dense for its ΔW"
         )
     files = diffusers_files(
-        _file_tensors(adapter), adapter.peft_config, {"adapterlab": json.dumps(adapter.metadata)}, prefix
+        _file_tensors(adapter), adapter.peft_config, {"adapterlab": json.dumps(adapter.block)}, prefix
     )
     return write_dir_atomic(Path(out), files, replaces=frozenset({WEIGHTS_FILE, CONFIG_FILE}))
 
@@ -87,7 +87,7 @@ def export_dense(
     paths = list(adapter.modules)
     names = {p: f"{p}.weight" for p in paths} if base is None else _checkpoint_keys(adapter, base)
     layout = [(names[p], DTYPE_NAMES[dtype], adapter.modules[p]["shape"]) for p in paths]
-    metadata = {"kind": "dense_delta", "source": str(adapter.directory), **adapter.metadata}
+    metadata = {"kind": "dense_delta", "source": str(adapter.directory), **adapter.block}
     largest = max((adapter.modules[p]["shape"] for p in paths), key=math.prod, default=[0])
     require_memory([largest], dtype, f"exporting {adapter.name!r} as dense ΔW")
     with storage_errors(target, "write"):

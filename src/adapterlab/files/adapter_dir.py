@@ -407,6 +407,12 @@ class AdapterFile:
         return adapter
 
     @property
+    def block(self) -> dict[str, Any]:
+        """The metadata block for files made from this adapter's deltas alone (exports): without
+        the running statistics, which such files do not carry."""
+        return {k: v for k, v in self.metadata.items() if k != "buffers"}
+
+    @property
     def method(self) -> str:
         return str(self.metadata["method"])
 

@@ -256,40 +256,47 @@ def inferred_fields(
     tensors: dict[str, Tensor], alphas: dict[str, float], where: str
 ) -> dict[str, Any] | None:
     """LoraConfig fields for a diffusers file without lora_adapter_metadata, as diffusers infers
-    them: r from the lora_B factors, α from the network alphas, else α = r (scale 1). Mixed ranks or
-    alphas (PEFT's rank_pattern / alpha_pattern) and DoRA are refused naming the module. None if
-    no key is a LoRA factor."""
+    them: r from the lora_B factors, α from the network alphas, else α = r (scale 1); modules whose
+    rank or α differs from the most common one go into `rank_pattern` / `alpha_pattern` (exact
+    paths). A DoRA magnitude is refused naming the module (without metadata its scale is unknown).
+    None if no key is a LoRA factor."""
     ranks = {}
     for key, t in tensors.items():
-        found = _PEFT_FACTOR.fullmatch(key)
-        if key.endswith(".lora_magnitude_vector") or ".lora_magnitude_vector." in key:
+        found = _PEFT_KEY.fullmatch(key)
+        if found is None:
+            continue
+        if found["key"] == "lora_magnitude_vector":
             raise AdapterFileError(
-                f"{where}: {excerpt(key, 100)} is a DoRA magnitude (use_dora), a LoRA feature adapterlab does not read"
+                f"{where}: {excerpt(key, 100)} is a DoRA magnitude in a file without lora_adapter_metadata; "
+                "save it with its LoraConfig (use_dora=True) to load it"
             )
-        if found is not None and found["which"] == "B" and t.dim() >= 2:
+        if found["key"] in ("lora_B.weight", "lora_embedding_B") and t.dim() >= 2:
             ranks[found["path"]] = int(t.shape[1])
     if not ranks:
         return None
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    odd = next((p for p, n in ranks.items() if n != r), None)
-    if odd is not None:
-        raise AdapterFileError(
-            f"{where}: module {odd!r} has rank {ranks[odd]}, the others {r}; LoRA of mixed ranks (PEFT's "
-            "rank_pattern) is a feature adapterlab does not read"
-        )
     stray = next((p for p in alphas if p not in ranks), None)
     if stray is not None:
         raise AdapterFileError(f"{where}: network alpha {stray + '.alpha'!r} belongs to no LoRA module")
-    alpha: float = r
-    if alphas:
-        common = max(set(alphas.values()), key=list(alphas.values()).count)
-        missing = next((p for p in ranks if p not in alphas), None)
-        odd = missing if missing is not None else next((p for p, a in alphas.items() if a != common), None)
-        if odd is not None:
-            has = "no network alpha" if odd not in alphas else f"alpha {alphas[odd]:g}, the others {common:g}"
-            raise AdapterFileError(
-                f"{where}: module {odd!r} has {has}; LoRA with per-module alphas (PEFT's alpha_pattern) is a "
-                "feature adapterlab does not read"
-            )
-        alpha = common
-    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(ranks)}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    # without network alphas diffusers takes α = r per module (scale 1)
+    per_alpha = {p: float(alphas.get(p, n if not alphas else -1.0)) for p, n in ranks.items()}
+    missing = next((p for p, a in per_alpha.items() if a < 0), None)
+    if missing is not None:
+        raise AdapterFileError(
+            f"{where}: module {missing!r} has no network alpha while others have one; add its "
+            f"{missing + '.alpha'!r} tensor"
+        )
+    alpha = max(set(per_alpha.values()), key=list(per_alpha.values()).count)
+    fields: dict[str, Any] = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+    }
+    rank_pattern = {re.escape(p): n for p, n in ranks.items() if n != r}
+    alpha_pattern = {re.escape(p): a for p, a in per_alpha.items() if a != alpha}
+    if rank_pattern:
+        fields["rank_pattern"] = rank_pattern
+    if alpha_pattern:
+        fields["alpha_pattern"] = alpha_pattern
+    return fields
