@@ -34,6 +34,11 @@ def is_conv(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
+def is_embedding(module: nn.Module) -> bool:
+    """An `nn.Embedding` (token embeddings: adapted only when targeted by name)."""
+    return isinstance(module, nn.Embedding)
+
+
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) pairs as the user sees them, the model itself first at path "": a wrapped
     module appears as its base layer, at its original path, and the wrapper's internals are hidden."""
