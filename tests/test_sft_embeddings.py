@@ -234,3 +234,63 @@ def test_default_optimizer_is_adamw_without_weight_decay(monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", Recording)
     train_lt_sft(tiny_llama(), batches(), lm_loss, al.SFTConfig(count=20), steps=1)
     assert len(made) == 2 and all(m.get("weight_decay") == 0.0 for m in made)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_sfts_on_embeddings_combine_into_sparse_and_dense_deltas(kind):
+    gen = torch.Generator().manual_seed(5)
+    model = tiny_llama()
+    _two_sfts(model, gen)
+    al.combine(model, {"lang": 1.0, "task": -0.5}, how="linear", into="both", kind=kind)
+    emb = model.model.embed_tokens
+    want = emb.deltas["lang"].delta_weight() - 0.5 * emb.deltas["task"].delta_weight()
+    torch.testing.assert_close(emb.deltas["both"].delta_weight().detach(), want.detach())
+    ids = torch.randint(0, 96, (2, 5), generator=gen)
+    al.set_active(model, ["both"])
+    with torch.no_grad():
+        rows = emb(ids)
+        torch.testing.assert_close(rows, F.embedding(ids, emb.base_layer.weight + want.detach()))
+
+
+def test_sara_reaches_embeddings_by_name_too():
+    model = al.inject(tiny_llama(), "sara", targets=["embed_tokens"], density=0.1)
+    delta = model.model.embed_tokens.deltas["default"]
+    assert isinstance(delta, SparseDelta) and delta.k > 0
+    ids = batches(n=1)[0]
+    with torch.no_grad():
+        delta.values.normal_()
+        unmerged = model(input_ids=ids).logits
+        al.merge(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, unmerged, rtol=0, atol=1e-5)
+
+
+# -- the CLI's streaming merge ---------------------------------------------------------------------
+def _merged_checkpoint(tmp_path, base_model, adapter_model):
+    from safetensors.torch import load_file
+
+    from adapterlab.checkpoint import plan_merge, run_merge
+
+    base_model.save_pretrained(tmp_path / "base")
+    al.save(adapter_model, tmp_path / "sft")
+    run_merge(plan_merge(tmp_path / "base", [tmp_path / "sft"]), tmp_path / "out", progress=False)
+    return load_file(tmp_path / "out" / "model.safetensors")
+
+
+def test_cli_merge_writes_theta_plus_delta_into_the_embedding(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    model = al.inject(tiny_llama(), "sft", targets=["q_proj", "embed_tokens"])
+    for _, layer in adapter_layers(model):
+        random_sparse(layer, "default", gen)
+    merged = _merged_checkpoint(tmp_path, tiny_llama(), model)
+    al.merge(model)
+    assert torch.equal(merged["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(merged[q], model.model.layers[1].self_attn.q_proj.weight)
+
+
+def test_cli_merge_refuses_an_embedding_tied_to_the_head(tmp_path):
+    model = al.inject(tiny_gpt2(), "sft", targets=["wte"])
+    random_sparse(model.transformer.wte, "default", torch.Generator().manual_seed(0), k=5)
+    with pytest.raises(al.MergeError, match="tied"):
+        _merged_checkpoint(tmp_path, tiny_gpt2(), model)
+    assert not (tmp_path / "out").exists()

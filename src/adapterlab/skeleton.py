@@ -68,6 +68,8 @@ def _build_module(kind: str, shape: list[int], groups: int, index: int) -> nn.Mo
         )
     if kind in KINDS and len(shape) == 3:  # a stacked MoE expert weight (experts.py)
         return KINDS[kind](nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False), index)
+    if kind.endswith("Embedding") and len(shape) == 2:  # token embeddings (num_embeddings, dim)
+        return _named(nn.Embedding, kind)(shape[0], shape[1], device="meta")
     if kind.endswith("Linear") and len(shape) == 2:
         return _named(nn.Linear, kind)(shape[1], shape[0], bias=False, device="meta")
     if kind.endswith("RMSNorm") and len(shape) == 1:
@@ -76,7 +78,7 @@ def _build_module(kind: str, shape: list[int], groups: int, index: int) -> nn.Mo
         return _named(nn.LayerNorm, kind)(shape, bias=False, device="meta")
     raise UnsupportedModuleError(
         f"cannot rebuild a {excerpt(kind, 50)} module with weight shape {excerpt(shape)} without the model; "
-        "the CLI rebuilds Linear, transformers Conv1D, Conv1d/2d/3d, LayerNorm and RMSNorm modules and "
+        "the CLI rebuilds Linear, transformers Conv1D, Conv1d/2d/3d, Embedding, LayerNorm and RMSNorm modules and "
         "stacked MoE expert weights. Use the Python API with the model"
     )
 
