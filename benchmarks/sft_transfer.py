@@ -7,8 +7,8 @@ beats a task SFT on a random mask of the same K, which beats chance.
 Setup (synthetic, CPU, fp32, 1 thread, no download):
 - Concepts 0..C-1 follow one random bigram Markov chain (the shared "meaning"). Language A writes
   concept c as token 1 + c, language B as token 1 + C + π(c): disjoint vocabularies.
-- Base: a tiny Llama (hidden 64, 2 layers, untied embeddings) pretrained by causal LM on 88% A
-  text, 10% code-switched text (each concept in A or B at random: what aligns the vocabularies)
+- Base: a tiny Llama (hidden 64, 2 layers, untied embeddings) pretrained by causal LM on 93% A
+  text, 5% code-switched text (each concept in A or B at random: what aligns the vocabularies)
   and 2% B text, so B is rare, as a low-resource language in a multilingual model.
 - Task: is the sentence's last concept in a fixed half of the concepts? Read at the last content
   token (no SEP token the base never saw) by a dense linear head on the final hidden state; the
@@ -19,12 +19,15 @@ Setup (synthetic, CPU, fp32, 1 thread, no download):
 - Evaluation on held-out B task data (and A, for the task itself): langB + task, task alone, a
   random-mask task SFT with the same K and the same head training (composed with langB, and
   alone), full fine-tuning of everything on A, a head trained on the frozen base, chance.
+- The random-mask task SFT and full fine-tuning get as many optimizer steps as LT-SFT's two
+  phases together; all runs use AdamW without weight decay.
 - Controls that a broken implementation would fail: the language SFTs lower their language's LM
   loss; the task is learned on held-out A; the merged langB + task model scores exactly what the
   unmerged one scores, and unmerging restores the base bit for bit.
 
-    python benchmarks/sft_transfer.py           # writes benchmarks/results/sft_transfer.json
+    python benchmarks/sft_transfer.py           # 3 seeds, ~2 min of CPU: benchmarks/results/sft_transfer.json
     python benchmarks/sft_transfer.py --tiny    # a smoke run (seconds), writes nothing
+    python benchmarks/sft_transfer.py --set density=0.01 --out X.json   # a sensitivity run
     python benchmarks/plots.py                  # docs/img/sft_transfer.png from the JSON
 """
 
