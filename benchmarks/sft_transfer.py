@@ -39,7 +39,7 @@ import datetime
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,6 @@ class Setup:
     xor: bool = False  # True: label = last concept in one half XOR the one before in another
     eval_batches: int = 16
     seeds: tuple[int, ...] = (0, 1, 2)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def tiny(cls) -> Setup:
