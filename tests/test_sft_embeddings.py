@@ -44,14 +44,15 @@ def random_sparse(module, name, gen, k=None):
     shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
     density=st.floats(0.0, 1.0),
     seed=st.integers(0, 10**6),
+    ids=st.sampled_from([torch.int64, torch.int32]),
 )
-def test_sparse_lookup_equals_the_dense_reference_forward_and_backward(vocab, dim, shape, density, seed):
+def test_sparse_lookup_equals_the_dense_reference_forward_and_backward(vocab, dim, shape, density, seed, ids):
     gen = torch.Generator().manual_seed(seed)
     emb = nn.Embedding(vocab, dim)
     delta = SparseDelta(al.SFTConfig(targets=["e"]), emb)
     idx = (torch.rand(vocab * dim, generator=gen) < density).nonzero().flatten()
     delta.set_support(idx, torch.randn(idx.numel(), generator=gen))
-    x = torch.randint(0, vocab, shape, generator=gen)  # repeats, and rows without support entries
+    x = torch.randint(0, vocab, shape, generator=gen).to(ids)  # repeats, rows without support entries
     out = emb(x).detach()
     got = delta(x, out, 0.5)
     values = delta.values.detach().clone().requires_grad_(True)
