@@ -250,6 +250,31 @@ def dsclora_plateau(d: dict) -> None:
     finish(fig, "dsclora_plateau")
 
 
+def sft_transfer(d: dict) -> None:
+    rows = [
+        ("B: langB + task", "langB + task"),
+        ("B: task alone", "task alone"),
+        ("B: langB + random-mask task", "langB +\nrandom mask"),
+        ("B: random-mask task alone", "random mask\nalone"),
+        ("B: full fine-tuning", "full FT\n(all dense)"),
+        ("B: head on frozen base", "head on\nfrozen base"),
+    ]
+    summary = d["summary"]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for x, (key, _) in enumerate(rows):
+        row = summary[key]
+        ax.bar(x, row["mean"], yerr=row["std"], color="C0" if x < 4 else "C7", capsize=3)
+        ax.plot([x] * len(row["per_seed"]), row["per_seed"], "k.", ms=4)
+    chance = summary["B: chance (majority class)"]["mean"]
+    ax.axhline(chance, color="C3", ls="--", lw=0.8, label=f"majority class ({chance:.2f})")
+    ax.set_xticks(range(len(rows)), [label for _, label in rows], fontsize=8)
+    ax.set_ylim(0.2, 1.0)
+    ax.set_ylabel("zero-shot accuracy on language B")
+    ax.set_title(f"LT-SFT cross-lingual transfer ({len(d['setup']['seeds'])} seeds, mean ± std, dots: seeds)")
+    ax.legend(loc="upper right", fontsize=8)
+    finish(fig, "sft_transfer")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name, draw in (
@@ -261,6 +286,7 @@ def main() -> None:
         ("sara_digits", sara_digits),
         ("locft_editing", locft_editing),
         ("dsclora_plateau", dsclora_plateau),
+        ("sft_transfer", sft_transfer),
     ):
         d = results(name)
         if d is not None:

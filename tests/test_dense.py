@@ -107,8 +107,10 @@ def test_norm_not_of_the_form_gamma_times_n_is_refused():
 
 
 def test_module_without_a_dense_form_is_refused_by_name():
-    with pytest.raises(al.UnsupportedModuleError, match="Embedding"):
-        al.inject(nn.Sequential(nn.Embedding(5, 3)), al.HFTConfig(targets=["0"]))
+    with pytest.raises(al.UnsupportedModuleError, match="BatchNorm1d"):
+        al.inject(nn.Sequential(nn.BatchNorm1d(3)), al.HFTConfig(targets=["0"]))
+    with pytest.raises(al.UnsupportedModuleError, match="max_norm"):  # renormalizes W in place
+        al.inject(nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), al.HFTConfig(targets=["0"]))
 
 
 def test_dense_delta_stacks_with_lora_on_one_module():

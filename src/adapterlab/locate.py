@@ -97,8 +97,8 @@ def location_errors(adapter: AdapterFile, base: Checkpoint, found: Location) -> 
     """One line per problem: tied output heads, missing or ambiguous modules, shapes that differ."""
     tied = tied_heads(adapter.modules, base.root)
     problems = [
-        f"{p!r} is tied to the input embedding in this checkpoint (config.json tie_word_embeddings): "
-        "merging into it would change the embedding too, and loading re-ties it. Keep the adapter "
+        f"{p!r} is tied to the other end (input embedding / output head) in this checkpoint (config.json "
+        "tie_word_embeddings): merging into it would change both, and loading re-ties them. Keep the adapter "
         "unmerged (al.load), or untie the model and save it with tie_word_embeddings=False first"
         for p in tied[:3]
     ]

@@ -119,6 +119,12 @@ def require_unshared(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -
 
 # -- checkpoints on disk (the CLI's merge and validate) -----------------------------------------
 OUTPUT_HEADS = ("lm_head", "embed_out", "output")  # leaf names of heads tie_word_embeddings ties
+INPUT_EMBEDDINGS = (
+    "embed_tokens",
+    "wte",
+    "word_embeddings",
+    "embed_in",
+)  # ... and the embeddings it ties them to
 
 
 def checkpoint_config(root: Path) -> dict[str, Any] | None:
@@ -150,9 +156,9 @@ def linear_transposed(root: Path) -> bool | None:
 
 
 def tied_heads(paths: Iterable[str], root: Path) -> list[str]:
-    """The adapter module paths that are an output head tied to the input embedding in the
-    checkpoint at `root`: the streaming merge refuses them (a merged head would change the shared
-    tensor, and transformers re-ties the head to the embedding on load)."""
+    """The adapter module paths that are an output head or an input embedding tied to each other
+    in the checkpoint at `root`: the streaming merge refuses them (a merged head or embedding
+    would change the shared tensor, and transformers re-ties the head to the embedding on load)."""
     if not ties_embeddings(root):
         return []
-    return [p for p in paths if p.rsplit(".", 1)[-1] in OUTPUT_HEADS]
+    return [p for p in paths if p.rsplit(".", 1)[-1] in OUTPUT_HEADS + INPUT_EMBEDDINGS]

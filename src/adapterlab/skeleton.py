@@ -68,6 +68,8 @@ def _build_module(kind: str, shape: list[int], groups: int, index: int) -> nn.Mo
         )
     if kind in KINDS and len(shape) == 3:  # a stacked MoE expert weight (experts.py)
         return KINDS[kind](nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False), index)
+    if kind.endswith("Embedding") and len(shape) == 2:  # token embeddings (num_embeddings, dim)
+        return _named(nn.Embedding, kind)(shape[0], shape[1], device="meta")
     if kind.endswith("Linear") and len(shape) == 2:
         return _named(nn.Linear, kind)(shape[1], shape[0], bias=False, device="meta")
     if kind == "Embedding" and len(shape) == 2:

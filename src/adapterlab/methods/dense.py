@@ -7,6 +7,7 @@ with ΔW as its only weight (no bias):
 - nn.Linear:          f = x·ΔWᵀ
 - transformers Conv1D: f = x·ΔW                (weight stored in × out)
 - nn.Conv1d/2d/3d:    f = conv(x, ΔW) with the base geometry
+- nn.Embedding:       f = ΔW[x]                (a row lookup; targeted by name only, no max_norm)
 - nn.LayerNorm:       f = Δγ ⊙ (x − μ)/σ        (F.layer_norm with weight Δγ and no bias)
 - RMSNorm (torch, Llama, Mistral, Qwen2, T5's T5LayerNorm, …): f = Δγ ⊙ x/rms(x): the module's own forward with
   γ replaced by Δγ. Only norms whose output is γ ⊙ n(x) qualify; a probe at construction checks
@@ -33,7 +34,7 @@ from ..config import AdapterConfig, register
 from ..errors import UnsupportedModuleError
 from ..experts import ExpertWeights
 from ..layer import Delta, base_weight
-from ..targeting import is_conv, is_hf_conv1d
+from ..targeting import is_conv, is_embedding, is_hf_conv1d
 from .lora import adapter_dtype, conv_like
 
 
@@ -61,7 +62,7 @@ def is_router(module: nn.Module) -> bool:
 
 
 def dense_kind(module: nn.Module) -> str | None:
-    """The module's kind for `DenseDelta` ("linear", "hf_conv1d", "conv", "layer_norm", "rms_norm"),
+    """The module's kind for `DenseDelta` ("linear", "hf_conv1d", "conv", "embedding", "layer_norm", "rms_norm"),
     or None if it has no dense-delta form."""
     if isinstance(module, ExpertWeights):
         return "experts"  # a stacked MoE weight: ΔW is added to the weight the experts read
@@ -73,6 +74,8 @@ def dense_kind(module: nn.Module) -> str | None:
         return "hf_conv1d"
     if is_conv(module):
         return "conv"
+    if is_embedding(module):
+        return "embedding" if getattr(module, "max_norm", None) is None else None
     if isinstance(module, nn.LayerNorm):
         return "layer_norm" if module.weight is not None else None
     if is_rms_norm(module):
@@ -86,8 +89,8 @@ def dense_unsupported(module: nn.Module) -> str | None:
         return quant.entrywise_refusal(module)
     if dense_kind(module) is None:
         return (
-            "a dense delta wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.LayerNorm with a weight, "
-            "RMSNorm layers, MoE routers and stacked MoE expert weights"
+            "a dense delta wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.Embedding without max_norm, "
+            "nn.LayerNorm with a weight, RMSNorm layers, MoE routers and stacked MoE expert weights"
         )
     return None
 
@@ -139,6 +142,8 @@ class DenseDelta(Delta):
             return x.to(w.dtype) @ w
         if self.kind == "conv":
             return self._conv(x.to(w.dtype), w)
+        if self.kind == "embedding":
+            return F.embedding(x, w)
         if self.kind == "layer_norm":
             return F.layer_norm(x.to(w.dtype), self._shape, w, None, self._eps)
         return functional_call(self._norm, {"weight": w}, (x.to(w.dtype),))

@@ -237,7 +237,9 @@ def train_lt_sft(
     steps in the full phase and `sparse_steps` (default: `steps`) in the sparse phase;
     `loss_fn(model, batch)` returns the loss. `heads` (module names, as in `targets`) are trained
     dense in both phases and stored dense. `make_optimizer(params)` builds each phase's fresh
-    optimizer (default AdamW, lr 5e-5). `l1` adds l1·Σ|θ − θ₀| over the targeted weights.
+    optimizer (default AdamW, lr 5e-5, weight decay 0, as the official code). `l1` adds
+    l1·Σ|θ − θ₀| / N over the targeted weights, N their entries (the official normalisation).
+    Token embeddings join the sparse part when targeted by name (`targets=[..., "embed_tokens"]`).
     The model stays in the mode it is in (call `model.train()` first for dropout). Everything is
     validated before training; on an error in training the weights are restored."""
     given = SFTConfig() if config is None else config_for(config)
@@ -260,7 +262,7 @@ def train_lt_sft(
     maskable = sum(w.numel() for w in weights.values())
     k = config.k(maskable)
 
-    optimizer = make_optimizer or (lambda params: torch.optim.AdamW(params, lr=5e-5))
+    optimizer = make_optimizer or (lambda params: torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0))
     diffs, full_losses = _full_phase(
         model,
         weights,
@@ -269,7 +271,7 @@ def train_lt_sft(
         loss_fn,
         steps,
         optimizer,
-        l1,
+        l1 / maskable,
     )
     supports = select_top_k(diffs, k)
     for path, _, delta in body:
@@ -277,7 +279,7 @@ def train_lt_sft(
     apply_plan(model, name, body + head_steps)
     values = [delta.values for _, _, delta in body]
     params = values + [p for _, _, d in head_steps for p in d.parameters()]
-    penalty = (lambda: l1 * sum(v.abs().sum() for v in values)) if l1 else None
+    penalty = (lambda: l1 / maskable * sum(v.abs().sum() for v in values)) if l1 else None
     sparse_losses = _train(model, params, batches, loss_fn, sparse_steps or steps, optimizer, penalty)
     return LTSFTResult(
         k, maskable, {path: int(s.numel()) for path, s in supports.items()}, full_losses, sparse_losses
@@ -308,8 +310,9 @@ def _full_phase(
     optimizer: OptimizerFactory,
     l1: float,
 ) -> tuple[dict[str, Tensor], list[float]]:
-    """Fine-tune the targeted weights and the heads; return θ − θ₀ per weight and the losses, with
-    θ₀ and every parameter's requires_grad restored (also on error)."""
+    """Fine-tune the targeted weights and the heads (`l1`: the per-entry L1 coefficient); return
+    θ − θ₀ per weight and the losses, with θ₀ and every parameter's requires_grad restored (also
+    on error)."""
     trained = list(weights.values()) + head_weights
     start = [w.detach().clone() for w in trained]
     theta0 = dict(zip(weights, start[: len(weights)], strict=True))  # the heads come after

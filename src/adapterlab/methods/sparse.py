@@ -11,6 +11,10 @@ O(k), whatever the size of the weight.
   product (one dot product per index), never the dense dW.
 - nn.Conv1d/2d/3d: ΔW is scattered into a dense temporary and convolved; autograd gathers the
   values' gradient from the conv's dense weight gradient, which lives only during backward.
+- nn.Embedding (targeted by name, never by a keyword): ΔW has the weight's (num_embeddings, dim)
+  layout and the output is out + ΔW[x]. Only the rows of the tokens in the batch are built (a
+  (distinct tokens, dim) table from the support entries in those rows), so neither the forward
+  nor the backward holds a dense (num_embeddings, dim) tensor.
 
 Merging adds ΔW to the base weight; unmerging writes back the saved original entries at the
 support, so merge → unmerge is bit-exact (`Delta.restores_exactly`).
@@ -30,7 +34,7 @@ from ..experts import ExpertWeights
 from ..kernels import sparse_linear_add
 from ..kernels.reference import scatter_dense
 from ..layer import Delta, base_weight
-from ..targeting import is_conv, is_hf_conv1d, is_linear
+from ..targeting import is_conv, is_embedding, is_hf_conv1d, is_linear
 from .lora import adapter_dtype, conv_like
 
 INT32_LIMIT = 2**31 - 1
@@ -45,10 +49,16 @@ def sparse_unsupported(module: nn.Module) -> str | None:
     """None if `SparseDelta` can wrap `module`, else why not (for `AdapterConfig.supports`)."""
     if quant.is_quantized(module):
         return quant.entrywise_refusal(module)
-    if is_linear(module) or is_conv(module) or isinstance(module, ExpertWeights):
+    if is_embedding(module) and getattr(module, "max_norm", None) is not None:
+        return (
+            "an nn.Embedding with max_norm renormalizes its weight in place at every lookup, so a delta "
+            "beside it would not equal the merged weight; use an embedding without max_norm"
+        )
+    if is_linear(module) or is_conv(module) or is_embedding(module) or isinstance(module, ExpertWeights):
         return None
     return (
-        "a sparse delta wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and stacked MoE expert weights"
+        "a sparse delta wraps nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.Embedding and stacked "
+        "MoE expert weights"
     )
 
 
@@ -99,7 +109,8 @@ class SparseDelta(Delta):
         self.weight_shape = tuple(weight.shape)
         self.transposed = is_hf_conv1d(base)
         self._weight_space = isinstance(base, ExpertWeights)  # forward adds ΔW to the weight (experts.py)
-        self._conv = None if is_linear(base) or self._weight_space else conv_like(base)
+        self._embedding = is_embedding(base)
+        self._conv = None if is_linear(base) or self._weight_space or self._embedding else conv_like(base)
         if indices is None:
             indices = torch.zeros(0, dtype=index_dtype(self.numel), device=weight.device)
         idx = check_indices(indices.to(weight.device), self.numel)
@@ -145,12 +156,28 @@ class SparseDelta(Delta):
     def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
         if self._weight_space:
             return out + (self.delta_weight() * scale).to(out.dtype)
+        if self._embedding:
+            return out + (self._rows(x) * scale).to(out.dtype)
         if self._conv is not None:
             dw = self.delta_weight()
             return out + (self._conv(x.to(dw.dtype), dw) * scale).to(out.dtype)
         # not a conv, so weight_shape is a Linear's (or Conv1D's) 2-d shape
         shape: tuple[int, int] = self.weight_shape  # type: ignore[assignment]
         return sparse_linear_add(out, x, self.values, self.indices, shape, self.transposed, scale)
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """ΔW[x] for token ids `x`: a table of the batch's distinct tokens' rows of ΔW, filled from
+        the support entries in those rows (differentiable in the values), indexed by `x`."""
+        dim = self.weight_shape[1]
+        tokens, inverse = torch.unique(x, return_inverse=True)  # sorted
+        flat = self.indices.long()
+        rows = flat // dim
+        where = torch.searchsorted(tokens, rows).clamp_(max=max(tokens.numel() - 1, 0))
+        hit = (tokens[where] == rows).nonzero().flatten() if tokens.numel() else where[:0]
+        table = self.values.new_zeros(tokens.numel() * dim).index_put(
+            (where[hit] * dim + flat[hit] % dim,), self.values[hit]
+        )
+        return table.view(tokens.numel(), dim)[inverse]
 
     def extra_repr(self) -> str:
         return (
