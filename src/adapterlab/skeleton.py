@@ -72,8 +72,6 @@ def _build_module(kind: str, shape: list[int], groups: int, index: int) -> nn.Mo
         return _named(nn.Embedding, kind)(shape[0], shape[1], device="meta")
     if kind.endswith("Linear") and len(shape) == 2:
         return _named(nn.Linear, kind)(shape[1], shape[0], bias=False, device="meta")
-    if kind == "Embedding" and len(shape) == 2:
-        return nn.Embedding(shape[0], shape[1], device="meta")
     if kind.endswith("RMSNorm") and len(shape) == 1:
         return _named(nn.RMSNorm, kind)(shape, device="meta")
     if kind.endswith("LayerNorm") and len(shape) == 1:
