@@ -17,8 +17,11 @@ keeps its own name.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -59,7 +62,8 @@ def key_map(root: Path, keys: Iterable[str]) -> KeyMap:
 @lru_cache(maxsize=4)
 def _cached(config_json: str, keys: tuple[str, ...]) -> KeyMap:
     """One meta-device build per (config, keys): merge asks once per adapter."""
-    conversions = _conversions(json.loads(config_json), len(keys))
+    with _quiet_stderr():  # importing transformers' models imports optional backends, some noisy
+        conversions = _conversions(json.loads(config_json), len(keys))
     if conversions is None:
         return KeyMap.identity(keys)
     return _apply(keys, *conversions)
@@ -67,6 +71,23 @@ def _cached(config_json: str, keys: tuple[str, ...]) -> KeyMap:
 
 class _TooLarge(Exception):
     """The skeleton registers more modules than the checkpoint's size allows (a hostile config)."""
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null meanwhile: transformers' model modules import the optional
+    backends installed beside them (torchao, …), which may print load failures and deprecation
+    lines that are not this command's output. Exceptions still propagate (printed after)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _conversions(config: dict[str, Any], n_keys: int) -> tuple[Any, ...] | None:
