@@ -165,7 +165,7 @@ def levi_ood(d: dict) -> None:
             width,
             yerr=list(zip(*[p[1] for p in pts], strict=True)),
             capsize=2,
-            label=m,
+            label=m if len(d["runs"][m]) == len(d["seeds"]) else f"{m} ({len(d['runs'][m])} seed)",
         )
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
     ax.set_xticks(range(len(splits)), [label for _, label in splits])
