@@ -1,19 +1,22 @@
-"""LocFT-BF: breadth-first vs depth-first editing of 10 and 50 facts in an 8-layer causal LM that
-knows 2,000 subjects, per edited layer, over 3 seeds.
+"""LocFT-BF: breadth-first vs depth-first editing of 10 and 50 facts in an 8-layer causal LM
+pre-trained on 2,000 subjects, per edited layer, over 3 seeds.
 
 Setup (CPU, fp32, 1 intra-op thread, no download):
 - A word-level tokenizer built in memory; a fact table of 2,000 subjects with a city (of 50) and a
-  job (of 30) each, written with 3 templates per relation ("s7 lives in" / "the home of s7 is" /
-  "s7 resides in" → " c4"; "s7 works as" / "the job of s7 is" / "s7 is employed as" → " j2"), EOS.
-- Pre-training (once, seed 0): a Llama (hidden 128, FFN 256, 8 layers, 4 heads) learns all 12,000
-  sentences from scratch (causal LM loss, Adam, batches of 256) until it completes every prompt.
-- Edits (per seed: which subjects, which new city): N ∈ {10, 50} subjects get a new city. Edit
-  prompt: template 1; paraphrases: templates 2 and 3; locality: the job prompt of every edited
-  subject ("same subject") and the city prompt of one unedited subject per edit ("other
-  subjects"). Held-out perplexity: 300 unedited subjects' 6 sentences each.
-- `al.locft.edit` on `mlp.down_proj`: breadth-first (batches of `--batch`, at most `--epochs`
-  epochs) and depth-first (each edit for up to `--epochs` steps), same lr, at every layer (N=50)
-  and at three layers (N=10). Loss: per example, then over the batch (the official code).
+  job (of 30) each: "s7 lives in" / "the home of s7 is" / "s7 resides in" → " c4"; "s7 works as"
+  → " j2"; then EOS.
+- Pre-training (once, seed 0, cached in the temp directory): a Llama (hidden 64, FFN 128, 8 layers,
+  4 heads) learns all 8,000 sentences (3 city templates, 1 job template per subject) from scratch:
+  cross-entropy on the object and EOS, Adam (one-cycle, peak 1e-2), 400 steps of 500.
+- Edits (per seed: which subjects, which new city), among the subjects whose 4 prompts the
+  pre-trained model completes correctly: N ∈ {10, 50} subjects get a new city. Edit prompt:
+  template 1; paraphrases: templates 2 and 3; locality: the job prompt of every edited subject
+  ("same subject") and the city prompt of one unedited subject per edit ("other subjects").
+  Held-out perplexity: of the objects of 300 unedited subjects' 4 sentences.
+- `al.locft.edit` on `mlp.down_proj`, lr 1e-2, 25 steps per edit: breadth-first (25 epochs in
+  batches of 1, so the same steps as depth-first and only the order differs) at every layer for
+  N=10; breadth-first and depth-first (each edit for up to 25 steps) at layers 1 and 7 for both N.
+  Loss: per example, then over the batch (the official code).
 - Controls: (a) with the edit disabled (`al.disabled`), the old facts of the edited subjects must
   come back exactly (the edit lives only in its delta); (b) before editing, reliability of the new
   targets is 0 and the old facts are all known (the task is a real change); (c) depth-first's
@@ -62,11 +65,11 @@ class Setup:
     pretrain_batch: int = 500
     seeds: tuple[int, ...] = (0, 1, 2)
     edits: tuple[int, ...] = (10, 50)
-    sweep_edits: int = 50  # the layer sweep (breadth-first at every layer) uses this many edits
+    sweep_edits: int = 10  # the layer sweep (breadth-first at every layer) uses this many edits
     compare_layers: tuple[int, ...] = (1, 7)  # depth-first, and the other edit counts, at these layers
     held_out: int = 300
     lr: float = 1e-2
-    batch: int = 10
+    batch: int = 1  # breadth-first in batches of 1: the same steps as depth-first, only the order differs
     epochs: int = 25
 
 
@@ -259,6 +262,27 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def table(summary: list[dict]) -> str:
+    """The summary as a markdown table: mean (min–max) over the seeds."""
+
+    def cell(c: dict, fmt: str = ".2f") -> str:
+        return f"{c['mean']:{fmt}} ({c['min']:{fmt}}–{c['max']:{fmt}})"
+
+    lines = [
+        "| edits | layer | strategy | reliability | generalization | locality, same subject | "
+        "locality, other subjects | held-out ppl | first / second half reliability |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in summary:
+        lines.append(
+            f"| {c['edits']} | {c['layer']} | {c['strategy'].replace('_', '-')} | {cell(c['reliability'])} "
+            f"| {cell(c['generalization'])} | {cell(c['locality_same_subject'])} "
+            f"| {cell(c['locality_other_subjects'])} | {cell(c['ppl_held_out'])} "
+            f"| {c['reliability_first_half']['mean']:.2f} / {c['reliability_second_half']['mean']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
@@ -275,11 +299,24 @@ def main(argv: list[str] | None = None) -> dict:
     t0, c0 = time.time(), time.process_time()
     pretrained = pretrain(s, tok, corpus, cache=not args.tiny)
     pre_seconds = {"wall": time.time() - t0, "cpu": time.process_time() - c0}
-    pre_known = known(pretrained, tok, corpus)
-    print(f"pre-trained: {pre_known:.4f} of {len(corpus)} prompts completed correctly")
+    outs = greedy(pretrained, tok, [p for p, _ in corpus], 2)
+    right = [normalize(o) == t for o, (_, t) in zip(outs, corpus, strict=True)]
+    pre_known = sum(right) / len(right)
+    # edit (and test locality on) only subjects whose 4 prompts the model completes correctly
+    n_city = len(CITY) * s.subjects
+    fully_known = [
+        x
+        for x in range(s.subjects)
+        if all(right[x * len(CITY) + k] for k in range(len(CITY))) and right[n_city + x]
+    ]
+    print(f"pre-trained: {pre_known:.4f} of {len(corpus)} prompts, {len(fully_known)} subjects fully known")
+    if len(fully_known) < max(s.edits) + s.held_out:
+        raise SystemExit(
+            f"only {len(fully_known)} subjects fully known: too few for the edits and held-out set"
+        )
     rows, controls = [], []
     for seed in s.seeds:
-        order = random.Random(seed).sample(range(s.subjects), s.subjects)
+        order = random.Random(seed).sample(fully_known, len(fully_known))
         held_subjects = order[-s.held_out :]
         held = sentences(held_subjects, city, job)
         for n in s.edits:
@@ -308,12 +345,13 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "setup": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()},
         "pretrained_known": pre_known,
+        "fully_known_subjects": len(fully_known),
         "ppl_held_out_before": {
             seed: perplexity(
                 pretrained,
                 tok,
                 sentences(
-                    random.Random(seed).sample(range(s.subjects), s.subjects)[-s.held_out :], city, job
+                    random.Random(seed).sample(fully_known, len(fully_known))[-s.held_out :], city, job
                 ),
             )
             for seed in s.seeds
@@ -326,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": time.time() - start,
         "cpu_seconds": time.process_time(),
     }
+    print(table(result["summary"]))
     out = args.out or (None if args.tiny else ROOT / "benchmarks/results/locft_editing.json")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
