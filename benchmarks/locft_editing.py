@@ -61,6 +61,8 @@ class Setup:
     jobs: int = 30
     layers: int = 8
     hidden: int = 64
+    ffn: int = 128
+    pretrain_lr: float = 1e-2
     pretrain_steps: int = 400
     pretrain_batch: int = 500
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -79,6 +81,7 @@ TINY = Setup(
     jobs=4,
     layers=2,
     hidden=32,
+    ffn=64,
     pretrain_steps=40,
     pretrain_batch=32,
     seeds=(0,),
@@ -142,7 +145,8 @@ def known(model: nn.Module, tok, pairs: list[tuple[str, str]]) -> float:
 
 def cache_path(s: Setup) -> Path:
     """Where the pre-trained model of this setup is kept between runs (pre-training is the slow part)."""
-    key = f"v1-{s.subjects}-{s.cities}-{s.jobs}-{s.layers}-{s.hidden}-{s.pretrain_steps}-{s.pretrain_batch}"
+    key = f"v2-{s.subjects}-{s.cities}-{s.jobs}-{s.layers}-{s.hidden}-{s.ffn}-{s.pretrain_lr}"
+    key += f"-{s.pretrain_steps}-{s.pretrain_batch}"
     return Path(tempfile.gettempdir()) / "adapterlab-bench" / f"locft_pretrained_{key}.pt"
 
 
@@ -151,7 +155,7 @@ def pretrain(s: Setup, tok, corpus: list[tuple[str, str]], cache: bool) -> nn.Mo
     cfg = transformers.LlamaConfig(
         vocab_size=len(tok),
         hidden_size=s.hidden,
-        intermediate_size=2 * s.hidden,
+        intermediate_size=s.ffn,
         num_hidden_layers=s.layers,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -163,8 +167,10 @@ def pretrain(s: Setup, tok, corpus: list[tuple[str, str]], cache: bool) -> nn.Mo
         model.load_state_dict(torch.load(path, weights_only=True))
         print(f"pre-trained model from {path}")
         return model.eval()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=s.pretrain_steps, pct_start=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=s.pretrain_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, s.pretrain_lr, total_steps=s.pretrain_steps, pct_start=0.1
+    )
     rng = random.Random(0)
     for step in range(1, s.pretrain_steps + 1):
         model.train()

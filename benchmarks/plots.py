@@ -142,7 +142,7 @@ def locft_editing(d: dict) -> None:
     axes[0].set_ylabel(f"score (mean, min–max over {len(d['setup']['seeds'])} seeds)")
     axes[0].legend(fontsize=7)
     fig.suptitle(
-        f"LocFT edits in an {d['setup']['layers']}-layer LM knowing {d['setup']['subjects']} subjects"
+        f"LocFT edits in an {d['setup']['layers']}-layer LM pre-trained on {d['setup']['subjects']} subjects"
     )
     finish(fig, "locft_editing")
 
