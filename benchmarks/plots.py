@@ -209,17 +209,42 @@ def sara_digits(d: dict) -> None:
     finish(fig, "sara_digits")
 
 
+def spread(cell: dict) -> tuple[float, list[float]]:
+    """A summary cell {"mean", "min", "max"} as (mean, [below, above]) for error bars."""
+    return cell["mean"], [cell["mean"] - cell["min"], cell["max"] - cell["mean"]]
+
+
 def locft_editing(d: dict) -> None:
-    rows = [r for r in d["rows"] if r["lr"] == d["args"]["lr"] and r["batch"] == d["args"]["batch"]]
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3), sharey=True)
-    for ax, metric in zip(axes, ("reliability", "generalization", "locality"), strict=True):
-        for strategy, style in (("breadth_first", "o-"), ("depth_first", "s--")):
-            pts = sorted((r["layer"], r[metric]) for r in rows if r["strategy"] == strategy)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=strategy.replace("_", "-"))
-        ax.set_title(metric)
+    metrics = ("reliability", "generalization", "locality_same_subject", "locality_other_subjects")
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3), sharey=True)
+    styles = {"breadth_first": ("o-", "breadth-first"), "depth_first": ("s--", "depth-first")}
+    for ax, metric in zip(axes, metrics, strict=True):
+        for n, color in zip(sorted({c["edits"] for c in d["summary"]}), ("C1", "C0"), strict=False):
+            for strategy, (style, label) in styles.items():
+                cells = sorted(
+                    (c for c in d["summary"] if c["edits"] == n and c["strategy"] == strategy),
+                    key=lambda c: c["layer"],
+                )
+                if not cells:
+                    continue
+                pts = [spread(c[metric]) for c in cells]
+                ax.errorbar(
+                    [c["layer"] for c in cells],
+                    [p[0] for p in pts],
+                    yerr=list(zip(*[p[1] for p in pts], strict=True)),
+                    fmt=style,
+                    color=color,
+                    ms=4,
+                    capsize=2,
+                    label=f"{label}, {n} edits",
+                )
+        ax.set_title(metric.replace("_", " "))
         ax.set_xlabel("edited layer (mlp.down_proj)")
-    axes[0].set_ylabel("score (100 edits)")
-    axes[0].legend()
+    axes[0].set_ylabel(f"score (mean, min–max over {len(d['setup']['seeds'])} seeds)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(
+        f"LocFT edits in an {d['setup']['layers']}-layer LM pre-trained on {d['setup']['subjects']} subjects"
+    )
     finish(fig, "locft_editing")
 
 
@@ -275,6 +300,34 @@ def sft_transfer(d: dict) -> None:
     finish(fig, "sft_transfer")
 
 
+def levi_ood(d: dict) -> None:
+    splits = (
+        ("id", "ID"),
+        ("ood", "OOD (both shifts)"),
+        ("unseen_words", "unseen words"),
+        ("flipped_day", "flipped token"),
+    )
+    methods = list(d["summary"])
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    width = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        pts = [spread(d["summary"][m][key]) for key, _ in splits]
+        ax.bar(
+            [i + (k - (len(methods) - 1) / 2) * width for i in range(len(splits))],
+            [p[0] for p in pts],
+            width,
+            yerr=list(zip(*[p[1] for p in pts], strict=True)),
+            capsize=2,
+            label=m if len(d["runs"][m]) == len(d["seeds"]) else f"{m} ({len(d['runs'][m])} seed)",
+        )
+    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(range(len(splits)), [label for _, label in splits])
+    ax.set_ylabel(f"accuracy (mean, min–max over {len(d['seeds'])} seeds)")
+    ax.set_title("LEVI vs full FT vs probe on a frozen all-MiniLM-L6-v2")
+    ax.legend(fontsize=7, ncol=len(methods))
+    finish(fig, "levi_ood")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name, draw in (
@@ -287,6 +340,7 @@ def main() -> None:
         ("locft_editing", locft_editing),
         ("dsclora_plateau", dsclora_plateau),
         ("sft_transfer", sft_transfer),
+        ("levi_ood", levi_ood),
     ):
         d = results(name)
         if d is not None:

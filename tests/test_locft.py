@@ -167,3 +167,31 @@ def test_bad_input_names_the_fix(tok):
     with pytest.raises(al.ConfigError, match="edits 'model.layers.0.mlp.down_proj', not layer=1"):
         al.locft.edit(model, tok, requests(1), layer=1)
     assert edit_location(model, -1, "self_attn.o_proj") == "model.layers.2.self_attn.o_proj"
+
+
+def test_loss_averages_over_each_target_then_over_the_batch(tok):
+    """The official code averages the cross-entropy over each example's target tokens, then over the
+    examples; a token-level mean would weigh the 5-token target 2.5 times the 2-token one."""
+    model = tiny_lm(tok)
+    reqs = [
+        {"prompt": "p1 lives in", "target": "c3"},
+        {"prompt": "the home of p2 is", "target": "c4 c5 c6 c7"},
+    ]
+    per_example, tokens = [], []
+    with torch.no_grad():
+        for r in reqs:
+            prompt = tok(r["prompt"])["input_ids"]
+            target = tok(" " + r["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            logits = model(torch.tensor([prompt + target])).logits[0]
+            start = len(prompt) - 1  # the logits at position t predict token t + 1
+            ce = torch.nn.functional.cross_entropy(logits[start : start + len(target)], torch.tensor(target))
+            per_example.append(ce.item())
+            tokens.append(len(target))
+    sample_mean = sum(per_example) / 2
+    token_mean = sum(c * n for c, n in zip(per_example, tokens, strict=True)) / sum(tokens)
+    assert tokens == [2, 5] and abs(sample_mean - token_mean) > 1e-2  # the two averages differ here
+    # a threshold above every loss: every batch is skipped, so the model is unchanged
+    report = al.locft.edit(model, tok, reqs, layer=0, batch_size=2, epochs=1, loss_threshold=1e9)
+    assert report.steps == 0
+    assert report.final_loss == pytest.approx(sample_mean, rel=1e-5)
+    assert report.losses[0] == pytest.approx(sample_mean, rel=1e-5)

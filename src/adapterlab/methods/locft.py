@@ -177,11 +177,18 @@ def _collate(
 
 
 def target_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Mean cross-entropy of the target tokens given everything before them."""
+    """Cross-entropy of the target tokens given everything before them, averaged as the official
+    code does: over each example's target tokens first, then over the examples of the batch (so a
+    long target weighs as much as a short one, not in proportion to its token count)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE
-    )
+    labels = batch["labels"][:, 1:]
+    per_token = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none"
+    ).view(labels.shape)
+    counts = (labels != IGNORE).sum(1)
+    if bool((counts == 0).any()):
+        raise ConfigError("locft: an edit request has no target tokens; give each request a non-empty target")
+    return (per_token.sum(1) / counts).mean()
 
 
 # -- editing --------------------------------------------------------------------------------------
@@ -273,8 +280,9 @@ def edit(
             gen = torch.Generator().manual_seed(seed)
             for epochs_run in range(1, epochs + 1):  # noqa: B007 - read after the loop
                 order = torch.randperm(len(reqs), generator=gen).tolist()
-                batch_losses = [step(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
-                losses.append(sum(batch_losses) / len(batch_losses))
+                batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+                # the epoch's loss: batch losses weighted by batch size (the official AverageMeter)
+                losses.append(sum(step(c) * len(c) for c in batches) / len(reqs))
                 if losses[-1] < loss_threshold:
                     break
         else:
