@@ -528,7 +528,7 @@ ERROR_CASES = [
         "inject: one target unsupported",
         lora_model,
         None,
-        lambda m, _: al.inject(m, "lora", name="c", targets=["q_proj", "embed_tokens"]),
+        lambda m, _: al.inject(m, "lora", name="c", targets=["q_proj", "input_layernorm"]),
         al.UnsupportedModuleError,
     ),
     (
