@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from . import running_stats
 from .config import AdapterConfig
 from .errors import AdapterNameError, HotswapError, MergeError
-from .files.adapter_dir import read_adapter, require_fingerprint_match, split_by_module
+from .files.adapter_dir import read_adapter, split_by_module
+from .files.fingerprint import require_fingerprint_match
 from .layer import AdapterLayer, Delta
 from .model import adapters, deltas, unwrapped
 from .targeting import logical_modules

@@ -25,17 +25,16 @@ from .files.adapter_dir import (
     PREFIX,
     WEIGHTS_FILE,
     directory_files,
-    fingerprint,
     metadata_block,
     peft_config,
     read_adapter,
-    require_fingerprint_match,
     split_by_module,
 )
 from .files.atomic import write_dir_atomic, write_files_atomic
 from .files.diffusers_dir import WEIGHTS_FILE as DIFFUSERS_FILE
 from .files.diffusers_dir import diffusers_files
 from .files.fill import filler
+from .files.fingerprint import fingerprint, require_fingerprint_match
 from .model import adapters, apply_plan, deltas, plan, unwrapped
 from .targeting import logical_modules, matches
 

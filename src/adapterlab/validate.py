@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from .errors import AdapterFileError, TargetError
-from .files.adapter_dir import FORMAT_VERSION, AdapterFile, modules_sha256
+from .files.adapter_dir import FORMAT_VERSION, AdapterFile
 from .files.checkpoint_dir import Checkpoint, open_checkpoint
+from .files.fingerprint import modules_sha256
 from .files.safetensors import DTYPES, FLOAT_DTYPES
 from .locate import fit_base, location_errors
 from .sharing import tied_heads
