@@ -1,0 +1,145 @@
+"""Exact undo of a merge into an fp16/bf16 weight, for a few percent of the weight's bytes.
+
+Merging rounds `W + Σ w·ΔW` (fp32) to the weight's dtype. Unmerge subtracts the same fp32 change
+from the merged weight and rounds again; that gives most entries back. It can miss only where the
+merge lost bits: where the merged entry's exponent is k binades above the round trip's, about k
+low bits of the old entry are gone. Unmerge can see k itself (from the merged weight and the
+round trip), so the record keeps, for those entries only, a k-bit code of the old entry's offset
+(in ulps) from the round trip, packed into a bitstream, plus an exception list (flat position,
+old entry) for whatever the codes do not give back (ties, signed zeros, NaNs, long offsets).
+Merge decodes what it encoded and compares bit patterns, so the record is exact for every input.
+
+All work runs in chunks of `CHUNK` entries on the weight's device; the record stays there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+CHUNK = 1 << 18  # entries per step: bounds the temporaries beyond the weight and its fp32 change
+MAX_CODE = 16  # longest code in bits; an entry that would need more goes to the exceptions
+_MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
+
+
+@dataclass
+class RoundingRecord:
+    """What undoing one merge needs besides subtracting the change and rounding: `codes` (the
+    packed offsets), `where`/`values` (exceptions: flat positions, old entries), or `copy` (the
+    whole old weight, when that is fewer bytes; then the other fields are empty)."""
+
+    codes: Tensor
+    where: Tensor
+    values: Tensor
+    copy: Tensor | None = None
+
+    def nbytes(self) -> int:
+        """Bytes this record keeps."""
+        parts = [self.codes, self.where, self.values] + ([self.copy] if self.copy is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+
+def merge_(flat: Tensor, changes: list[Tensor]) -> RoundingRecord:
+    """Write `flat + changes[0] + changes[1] + ...` (fp32 changes, added in that order, rounded
+    once to `flat`'s dtype) into `flat` (a contiguous 1-D fp16/bf16 weight) and return the record
+    with which `unmerge_(flat, change)` undoes it, `change` being `0 + changes[0] + ...` (fp32)."""
+    codes: list[Tensor] = []
+    where: list[Tensor] = []
+    values: list[Tensor] = []
+    for start in range(0, flat.numel(), CHUNK):
+        before, part = flat[start : start + CHUNK], slice(start, start + CHUNK)
+        total, change = before.to(torch.float32), torch.zeros_like(changes[0][part])
+        for c in changes:
+            total, change = total + c[part], change + c[part]
+        merged = total.to(flat.dtype)
+        back, ordered, length, bias = _plan(merged, change)
+        code = _ordered(before) - ordered + bias
+        code = torch.where((length > 0) & (code >= 0) & (code < (1 << length)), code, bias)
+        restored = _unordered(ordered + torch.where(length > 0, code - bias, 0))
+        wrong = (restored != before.view(torch.int16)).nonzero().reshape(-1)
+        codes += _pack(code, length)
+        where.append(wrong + start)
+        values.append(before[wrong])
+        flat[start : start + CHUNK] = merged
+    index = torch.int32 if flat.numel() < 2**31 else torch.int64
+    record = RoundingRecord(
+        torch.cat(codes) if codes else flat.new_empty(0, dtype=torch.uint8),
+        torch.cat(where).to(index) if where else flat.new_empty(0, dtype=index),
+        torch.cat(values) if values else flat.new_empty(0),
+    )
+    if record.nbytes() >= flat.numel() * flat.element_size():  # a copy is smaller
+        copy = flat.clone()
+        unmerge_(copy, sum(changes, torch.zeros_like(changes[0])), record)
+        record = RoundingRecord(copy.new_empty(0, dtype=torch.uint8), record.where[:0], copy[:0], copy)
+    return record
+
+
+def unmerge_(flat: Tensor, change: Tensor, record: RoundingRecord) -> None:
+    """Undo `merge_` in place: `flat` becomes bit for bit what it was before the merge."""
+    if record.copy is not None:
+        flat.copy_(record.copy)
+        return
+    offset = 0
+    for start in range(0, flat.numel(), CHUNK):
+        merged = flat[start : start + CHUNK]
+        back, ordered, length, bias = _plan(merged, change[start : start + CHUNK])
+        code = torch.zeros_like(length)
+        for bits in range(1, int(length.max()) + 1 if length.numel() else 1):
+            chosen = length == bits
+            count = int(chosen.sum())
+            if count:
+                size = (count * bits + 7) // 8
+                code[chosen] = _unpack(record.codes[offset : offset + size], count, bits)
+                offset += size
+        restored = _unordered(ordered + torch.where(length > 0, code - bias, 0))
+        flat[start : start + CHUNK] = restored.view(flat.dtype)
+    flat[record.where.long()] = record.values
+
+
+def _plan(merged: Tensor, change: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What unmerge computes from the merged entries and the change alone: the round trip (as
+    ordered integers), each entry's code length (binades lost, 0 if none or over MAX_CODE) and
+    the bias that makes the code of the likely offsets run from 0 to 2^length - 1."""
+    exact = merged.to(torch.float32) - change
+    back = exact.to(merged.dtype)
+    shift = _MANTISSA[merged.dtype]
+    lost = (merged.view(torch.int16).int() & 0x7FFF) >> shift
+    lost = lost - ((back.view(torch.int16).int() & 0x7FFF) >> shift)
+    length = torch.where((lost > 0) & (lost <= MAX_CODE), lost, 0)
+    # the old entry lies within half a merged ulp (2^(length-1) old ulps) of `exact`
+    bias = ((1 << length) >> 1) - (exact > back.to(torch.float32)).int()
+    return back, _ordered(back), length, bias
+
+
+def _ordered(x: Tensor) -> Tensor:
+    """fp16/bf16 bit patterns as int32 that count in ulps across zero (±0 both map to 0)."""
+    bits = x.view(torch.int16).int()
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+def _unordered(ordered: Tensor) -> Tensor:
+    """Inverse of `_ordered` (to +0 for 0), as int16 bit patterns; out-of-range values clamp."""
+    magnitude = ordered.abs().clamp(max=0x7FFF)
+    return torch.where(ordered < 0, magnitude - 0x8000, magnitude).to(torch.int16)
+
+
+def _pack(code: Tensor, length: Tensor) -> list[Tensor]:
+    """The codes of each length (1, 2, ...), in entry order, as little-endian bitstreams."""
+    out = []
+    for bits in range(1, int(length.max()) + 1 if length.numel() else 1):
+        values = code[length == bits]
+        if values.numel():
+            shifts = torch.arange(bits, device=code.device, dtype=torch.int32)
+            stream = ((values[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
+            stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8)).view(-1, 8)
+            out.append((stream << torch.arange(8, device=code.device, dtype=torch.uint8)).sum(1).to(torch.uint8))
+    return out
+
+
+def _unpack(stream: Tensor, count: int, bits: int) -> Tensor:
+    """`count` codes of `bits` bits each from a bitstream written by `_pack`."""
+    unpacked = (stream[:, None] >> torch.arange(8, device=stream.device, dtype=torch.uint8)) & 1
+    unpacked = unpacked.reshape(-1)[: count * bits].view(count, bits).int()
+    return (unpacked << torch.arange(bits, device=stream.device, dtype=torch.int32)).sum(1, dtype=torch.int32)
