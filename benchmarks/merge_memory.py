@@ -9,7 +9,7 @@ factors, runs gc, reads its RSS, merges, runs gc and `malloc_trim`, reads its RS
 - retained: RSS after merge − RSS before, as a fraction of the merged weights' bytes (the issue's
   measure; target ≤ 0.10× by default). peft keeps nothing (its unmerge subtracts again and is not
   bit-exact in bf16); ours keeps what makes unmerge bit-exact.
-- record: for ours, the exact bytes of what the merged layers keep (positions and old values).
+- record: for ours, the exact bytes of what the merged layers keep (rounding records, rounding.py).
 - exact: after unmerge, is every base weight bit-identical to before the merge?
 
     python benchmarks/merge_memory.py               # 3 runs per variant; PASS/FAIL; results JSON
@@ -77,11 +77,7 @@ def child(variant: str, std: float) -> dict:
     if variant == "ours":
         al.merge(model)
         record = sum(
-            e.numel() * e.element_size() + (0 if w is None else w.numel() * w.element_size())
-            for layer in model.modules()
-            if isinstance(layer, AdapterLayer)
-            for _, saved in layer._merges
-            for w, e in saved
+            layer.merge_record_bytes() for layer in model.modules() if isinstance(layer, AdapterLayer)
         )
     else:
         model.merge_adapter()

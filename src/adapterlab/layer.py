@@ -211,8 +211,10 @@ class AdapterLayer(nn.Module):
             self._merge_quantized(weights)
             return
         base = base_weight(self.base_layer)
-        if weights and base.dtype not in EXACT_DTYPES and not any(
-            self.deltas[n].restores_exactly and self.deltas[n].support() is None for n in weights
+        if (
+            weights
+            and base.dtype not in EXACT_DTYPES
+            and not any(self.deltas[n].restores_exactly and self.deltas[n].support() is None for n in weights)
         ):  # fp16/bf16: merge in place, chunk by chunk, keeping the rounding record
             self._check_mergeable(weights)
             changes = [  # each ΔW once: the sum adds them as merged_weight does (same bits)

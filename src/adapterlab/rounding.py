@@ -28,8 +28,10 @@ _MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
 class RoundingRecord:
     """What undoing one merge needs besides subtracting the change and rounding: `codes` (the
     packed offsets), `where`/`values` (exceptions: flat positions, old entries), or `copy` (the
-    whole old weight, when that is fewer bytes; then the other fields are empty)."""
+    whole old weight, when that is fewer bytes; then the other fields are empty). `chunk`: the
+    entries per step the codes were written in (unmerge reads them in the same steps)."""
 
+    chunk: int
     codes: Tensor
     where: Tensor
     values: Tensor
@@ -41,20 +43,20 @@ class RoundingRecord:
         return sum(t.numel() * t.element_size() for t in parts)
 
 
-def merge_(flat: Tensor, changes: list[Tensor]) -> RoundingRecord:
+def merge_(flat: Tensor, changes: list[Tensor], chunk: int = CHUNK) -> RoundingRecord:
     """Write `flat + changes[0] + changes[1] + ...` (fp32 changes, added in that order, rounded
     once to `flat`'s dtype) into `flat` (a contiguous 1-D fp16/bf16 weight) and return the record
     with which `unmerge_(flat, change)` undoes it, `change` being `0 + changes[0] + ...` (fp32)."""
     codes: list[Tensor] = []
     where: list[Tensor] = []
     values: list[Tensor] = []
-    for start in range(0, flat.numel(), CHUNK):
-        before, part = flat[start : start + CHUNK], slice(start, start + CHUNK)
+    for start in range(0, flat.numel(), chunk):
+        before, part = flat[start : start + chunk], slice(start, start + chunk)
         total, change = before.to(torch.float32), torch.zeros_like(changes[0][part])
         for c in changes:
             total, change = total + c[part], change + c[part]
         merged = total.to(flat.dtype)
-        back, ordered, length, bias = _plan(merged, change)
+        ordered, length, bias = _plan(merged, change)
         code = _ordered(before) - ordered + bias
         code = torch.where((length > 0) & (code >= 0) & (code < (1 << length)), code, bias)
         restored = _unordered(ordered + torch.where(length > 0, code - bias, 0))
@@ -62,9 +64,10 @@ def merge_(flat: Tensor, changes: list[Tensor]) -> RoundingRecord:
         codes += _pack(code, length)
         where.append(wrong + start)
         values.append(before[wrong])
-        flat[start : start + CHUNK] = merged
+        flat[start : start + chunk] = merged
     index = torch.int32 if flat.numel() < 2**31 else torch.int64
     record = RoundingRecord(
+        chunk,
         torch.cat(codes) if codes else flat.new_empty(0, dtype=torch.uint8),
         torch.cat(where).to(index) if where else flat.new_empty(0, dtype=index),
         torch.cat(values) if values else flat.new_empty(0),
@@ -72,7 +75,8 @@ def merge_(flat: Tensor, changes: list[Tensor]) -> RoundingRecord:
     if record.nbytes() >= flat.numel() * flat.element_size():  # a copy is smaller
         copy = flat.clone()
         unmerge_(copy, sum(changes, torch.zeros_like(changes[0])), record)
-        record = RoundingRecord(copy.new_empty(0, dtype=torch.uint8), record.where[:0], copy[:0], copy)
+        empty = record.where.new_empty(0)  # not slices: those would keep the storage alive
+        record = RoundingRecord(chunk, record.codes.new_empty(0), empty, copy.new_empty(0), copy)
     return record
 
 
@@ -82,9 +86,9 @@ def unmerge_(flat: Tensor, change: Tensor, record: RoundingRecord) -> None:
         flat.copy_(record.copy)
         return
     offset = 0
-    for start in range(0, flat.numel(), CHUNK):
-        merged = flat[start : start + CHUNK]
-        back, ordered, length, bias = _plan(merged, change[start : start + CHUNK])
+    for start in range(0, flat.numel(), record.chunk):
+        merged, part = flat[start : start + record.chunk], slice(start, start + record.chunk)
+        ordered, length, bias = _plan(merged, change[part])
         code = torch.zeros_like(length)
         for bits in range(1, int(length.max()) + 1 if length.numel() else 1):
             chosen = length == bits
@@ -94,11 +98,11 @@ def unmerge_(flat: Tensor, change: Tensor, record: RoundingRecord) -> None:
                 code[chosen] = _unpack(record.codes[offset : offset + size], count, bits)
                 offset += size
         restored = _unordered(ordered + torch.where(length > 0, code - bias, 0))
-        flat[start : start + CHUNK] = restored.view(flat.dtype)
+        flat[part] = restored.view(flat.dtype)
     flat[record.where.long()] = record.values
 
 
-def _plan(merged: Tensor, change: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _plan(merged: Tensor, change: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """What unmerge computes from the merged entries and the change alone: the round trip (as
     ordered integers), each entry's code length (binades lost, 0 if none or over MAX_CODE) and
     the bias that makes the code of the likely offsets run from 0 to 2^length - 1."""
@@ -110,7 +114,7 @@ def _plan(merged: Tensor, change: Tensor) -> tuple[Tensor, Tensor, Tensor, Tenso
     length = torch.where((lost > 0) & (lost <= MAX_CODE), lost, 0)
     # the old entry lies within half a merged ulp (2^(length-1) old ulps) of `exact`
     bias = ((1 << length) >> 1) - (exact > back.to(torch.float32)).int()
-    return back, _ordered(back), length, bias
+    return _ordered(back), length, bias
 
 
 def _ordered(x: Tensor) -> Tensor:
@@ -134,7 +138,9 @@ def _pack(code: Tensor, length: Tensor) -> list[Tensor]:
             shifts = torch.arange(bits, device=code.device, dtype=torch.int32)
             stream = ((values[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
             stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8)).view(-1, 8)
-            out.append((stream << torch.arange(8, device=code.device, dtype=torch.uint8)).sum(1).to(torch.uint8))
+            out.append(
+                (stream << torch.arange(8, device=code.device, dtype=torch.uint8)).sum(1).to(torch.uint8)
+            )
     return out
 
 
