@@ -1,6 +1,7 @@
 """fp16/bf16 merge keeps only what subtracting ΔW cannot undo: the entries that do not round back
 (or a copy of the weight when that is fewer bytes). merge → unmerge stays bit-exact."""
 
+import pytest
 import torch
 from conftest import randomize_lora, tiny_llama
 from hypothesis import given, settings
@@ -169,3 +170,41 @@ def test_a_non_contiguous_half_weight_merges_and_restores():
     assert torch.equal(model[0].base_layer.weight.view(torch.int16), expected.view(torch.int16))
     al.unmerge(model)
     assert torch.equal(model[0].base_layer.weight.view(torch.int16), before.view(torch.int16))
+
+
+def calls_to_delta_weight(model: torch.nn.Module) -> dict[str, int]:
+    """Count each delta's `delta_weight` calls (instance attributes shadow the method)."""
+    counts: dict[str, int] = {}
+    for path, layer in al.model.adapter_layers(model):
+        for name, delta in layer.deltas.items():
+            key, inner = f"{path}/{name}", delta.delta_weight
+
+            def counted(key=key, inner=inner):
+                counts[key] = counts.get(key, 0) + 1
+                return inner()
+
+            delta.delta_weight = counted
+            counts[key] = 0
+    return counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_safe_merge_computes_each_delta_once_and_a_nan_undoes_every_layer_exactly(dtype):
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2).to(dtype)
+    al.inject(model, "lora", r=4, targets="all-linear")
+    randomize_lora(model, std=0.2)
+    before = bits(model)
+    counts = calls_to_delta_weight(model)
+    al.merge(model)  # safe=True by default
+    assert counts and set(counts.values()) == {1}
+    al.unmerge(model)
+    assert bits(model) == before
+    last = [layer for _, layer in al.model.adapter_layers(model)][-1]
+    with torch.no_grad():
+        last.deltas["default"].lora_B.weight[0, 0] = float("nan")
+    before = bits(model)
+    with pytest.raises(al.MergeError, match=r"NaN/Inf; nothing was merged"):
+        al.merge(model)
+    assert bits(model) == before  # the layers merged before the bad one went back bit for bit
+    assert not any(layer.merged for _, layer in al.model.adapter_layers(model))

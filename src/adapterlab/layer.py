@@ -202,8 +202,19 @@ class AdapterLayer(nn.Module):
             acc = acc + w * delta.delta_weight().detach().to(acc.dtype)
         return acc if base is None else acc.to(base.dtype)
 
+    def records_rounding(self, weights: dict[str, float]) -> bool:
+        """Whether merging `weights` keeps a rounding record (an fp16/bf16 weight, no ΔW that reads
+        W): then `merge(weights, finite=True)` checks for NaN/Inf as it merges, and
+        `undo_last_merge` puts the weight back bit for bit."""
+        if not weights or quant.is_quantized(self.base_layer):
+            return False
+        reads_w = any(self.deltas[n].restores_exactly and self.deltas[n].support() is None for n in weights)
+        return base_weight(self.base_layer).dtype not in EXACT_DTYPES and not reads_w
+
     @torch.no_grad()
-    def merge(self, weights: dict[str, float]) -> None:
+    def merge(self, weights: dict[str, float], finite: bool = False) -> None:
+        """W ← W + Σ w·ΔW. `finite`: for a merge that `records_rounding`, refuse (MergeError, the
+        weight unchanged) when the merged weight has NaN/Inf; other merges do not check."""
         twice = [n for n in weights if n in self.merged]
         if twice:
             raise MergeError(f"adapter(s) {twice} are merged already; call unmerge first")
@@ -211,18 +222,18 @@ class AdapterLayer(nn.Module):
             self._merge_quantized(weights)
             return
         base = base_weight(self.base_layer)
-        if (
-            weights
-            and base.dtype not in EXACT_DTYPES
-            and not any(self.deltas[n].restores_exactly and self.deltas[n].support() is None for n in weights)
-        ):  # fp16/bf16: merge in place, chunk by chunk, keeping the rounding record
+        if self.records_rounding(weights):  # fp16/bf16: in place, chunk by chunk, ΔW computed once
             self._check_mergeable(weights)
-            changes = [  # each ΔW once: the sum adds them as merged_weight does (same bits)
+            changes = [  # summed in merged_weight's order (same bits)
                 (w * self.deltas[n].delta_weight().detach().to(torch.float32)).reshape(-1)
                 for n, w in weights.items()
             ]
             with _flat(base) as flat:
-                self._merges.append((dict(weights), rounding.merge_(flat, changes)))
+                record = rounding.merge_(flat, changes)
+                if finite and not record.finite:
+                    rounding.unmerge_(flat, sum(changes, torch.zeros_like(changes[0])), record)
+                    raise MergeError(self.not_finite(weights))
+            self._merges.append((dict(weights), record))
             self.merged.update(weights)
             return
         new = self.merged_weight(weights)
@@ -267,6 +278,26 @@ class AdapterLayer(nn.Module):
         for name, w in weights.items():
             acc += w * self.deltas[name].delta_weight().detach().to(acc.dtype)
         return acc
+
+    @staticmethod
+    def not_finite(weights: dict[str, float]) -> str:
+        """The message of a merge refused for NaN/Inf."""
+        return (
+            f"merging {sorted(weights)} gives NaN/Inf; nothing was merged. "
+            "Check the adapter weights (al.save and inspect them) or pass safe=False"
+        )
+
+    @torch.no_grad()
+    def undo_last_merge(self) -> None:
+        """Undo the latest merge call, bit for bit; only for one that `records_rounding`."""
+        weights, saved = self._merges[-1]
+        if not isinstance(saved, rounding.RoundingRecord):
+            raise MergeError("only a merge that keeps a rounding record (fp16/bf16) can be undone alone")
+        with _flat(base_weight(self.base_layer)) as flat:
+            rounding.unmerge_(flat, self._delta_sum(weights).view(-1), saved)
+        self._merges.pop()
+        for name in weights:
+            del self.merged[name]
 
     def _merge_quantized(self, weights: dict[str, float]) -> None:
         """Dequantize, add Σ w·ΔW in fp32, requantize into new storage; the first merge keeps the

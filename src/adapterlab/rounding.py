@@ -22,6 +22,7 @@ from torch import Tensor
 CHUNK = 1 << 18  # entries per step: bounds the temporaries beyond the weight and its fp32 change
 MAX_CODE = 16  # longest code in bits; an entry that would need more goes to the exceptions
 _MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
+_ALL_ONES = {torch.bfloat16: 0xFF, torch.float16: 0x1F}  # the exponent field of inf and NaN
 
 
 @dataclass
@@ -29,13 +30,15 @@ class RoundingRecord:
     """What undoing one merge needs besides subtracting the change and rounding: `codes` (the
     packed offsets), `where`/`values` (exceptions: flat positions, old entries), or `copy` (the
     whole old weight, when that is fewer bytes; then the other fields are empty). `chunk`: the
-    entries per step the codes were written in (unmerge reads them in the same steps)."""
+    entries per step the codes were written in (unmerge reads them in the same steps); `finite`:
+    whether every merged entry is finite (merge's NaN/Inf check, without another pass)."""
 
     chunk: int
     codes: Tensor
     where: Tensor
     values: Tensor
     copy: Tensor | None = None
+    finite: bool = True
 
     def nbytes(self) -> int:
         """Bytes this record keeps."""
@@ -50,12 +53,15 @@ def merge_(flat: Tensor, changes: list[Tensor], chunk: int = CHUNK) -> RoundingR
     codes: list[Tensor] = []
     where: list[Tensor] = []
     values: list[Tensor] = []
+    finite = True
     for start in range(0, flat.numel(), chunk):
         before, part = flat[start : start + chunk], slice(start, start + chunk)
         total, change = before.to(torch.float32), torch.zeros_like(changes[0][part])
         for c in changes:
             total, change = total + c[part], change + c[part]
         merged = total.to(flat.dtype)
+        # NaN/Inf have every exponent bit set (a max, not isfinite: one kernel fewer paged in)
+        finite = finite and int(_exponent(merged).max()) < _ALL_ONES[flat.dtype]
         ordered, length, bias = _plan(merged, change)
         code = _ordered(before) - ordered + bias
         code = torch.where((length > 0) & (code >= 0) & (code < (1 << length)), code, bias)
@@ -71,12 +77,13 @@ def merge_(flat: Tensor, changes: list[Tensor], chunk: int = CHUNK) -> RoundingR
         torch.cat(codes) if codes else flat.new_empty(0, dtype=torch.uint8),
         torch.cat(where).to(index) if where else flat.new_empty(0, dtype=index),
         torch.cat(values) if values else flat.new_empty(0),
+        finite=finite,
     )
     if record.nbytes() >= flat.numel() * flat.element_size():  # a copy is smaller
         copy = flat.clone()
         unmerge_(copy, sum(changes, torch.zeros_like(changes[0])), record)
         empty = record.where.new_empty(0)  # not slices: those would keep the storage alive
-        record = RoundingRecord(chunk, record.codes.new_empty(0), empty, copy.new_empty(0), copy)
+        record = RoundingRecord(chunk, record.codes.new_empty(0), empty, copy.new_empty(0), copy, finite)
     return record
 
 
@@ -108,13 +115,16 @@ def _plan(merged: Tensor, change: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     the bias that makes the code of the likely offsets run from 0 to 2^length - 1."""
     exact = merged.to(torch.float32) - change
     back = exact.to(merged.dtype)
-    shift = _MANTISSA[merged.dtype]
-    lost = (merged.view(torch.int16).int() & 0x7FFF) >> shift
-    lost = lost - ((back.view(torch.int16).int() & 0x7FFF) >> shift)
+    lost = _exponent(merged) - _exponent(back)
     length = torch.where((lost > 0) & (lost <= MAX_CODE), lost, 0)
     # the old entry lies within half a merged ulp (2^(length-1) old ulps) of `exact`
     bias = ((1 << length) >> 1) - (exact > back.to(torch.float32)).int()
     return _ordered(back), length, bias
+
+
+def _exponent(x: Tensor) -> Tensor:
+    """The exponent fields of fp16/bf16 entries, as int32."""
+    return (x.view(torch.int16).int() & 0x7FFF) >> _MANTISSA[x.dtype]
 
 
 def _ordered(x: Tensor) -> Tensor:
@@ -130,22 +140,25 @@ def _unordered(ordered: Tensor) -> Tensor:
 
 
 def _pack(code: Tensor, length: Tensor) -> list[Tensor]:
-    """The codes of each length (1, 2, ...), in entry order, as little-endian bitstreams."""
+    """The codes of each length (1, 2, ...), in entry order, as little-endian bitstreams. (The bit
+    work runs in int32, as the rest: each extra dtype's kernels are code paged into memory.)"""
     out = []
     for bits in range(1, int(length.max()) + 1 if length.numel() else 1):
         values = code[length == bits]
         if values.numel():
-            shifts = torch.arange(bits, device=code.device, dtype=torch.int32)
-            stream = ((values[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
-            stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8)).view(-1, 8)
-            out.append(
-                (stream << torch.arange(8, device=code.device, dtype=torch.uint8)).sum(1).to(torch.uint8)
-            )
+            stream = ((values[:, None] >> _powers(bits, code)) & 1).reshape(-1)
+            stream = torch.cat([stream, stream.new_zeros(-stream.numel() % 8)]).view(-1, 8)
+            out.append((stream << _powers(8, code)).sum(1, dtype=torch.int32).to(torch.uint8))
     return out
 
 
 def _unpack(stream: Tensor, count: int, bits: int) -> Tensor:
     """`count` codes of `bits` bits each from a bitstream written by `_pack`."""
-    unpacked = (stream[:, None] >> torch.arange(8, device=stream.device, dtype=torch.uint8)) & 1
-    unpacked = unpacked.reshape(-1)[: count * bits].view(count, bits).int()
-    return (unpacked << torch.arange(bits, device=stream.device, dtype=torch.int32)).sum(1, dtype=torch.int32)
+    unpacked = (stream.int()[:, None] >> _powers(8, stream)) & 1
+    unpacked = unpacked.reshape(-1)[: count * bits].view(count, bits)
+    return (unpacked << _powers(bits, stream)).sum(1, dtype=torch.int32)
+
+
+def _powers(n: int, like: Tensor) -> Tensor:
+    """0, 1, ..., n - 1 as int32 shift amounts on `like`'s device."""
+    return torch.arange(n, device=like.device, dtype=torch.int32)
