@@ -28,8 +28,9 @@ _ALL_ONES = {torch.bfloat16: 0xFF, torch.float16: 0x1F}  # the exponent field of
 @dataclass
 class RoundingRecord:
     """What undoing one merge needs besides subtracting the change and rounding: `codes` (the
-    packed offsets), `where`/`values` (exceptions: flat positions, old entries), or `copy` (the
-    whole old weight, when that is fewer bytes; then the other fields are empty). `chunk`: the
+    packed offsets), `where`/`values` (exceptions: flat positions, old entries as int16 bit
+    patterns), or `copy` (the whole old weight, when that is fewer bytes; then the other fields
+    are empty). `chunk`: the
     entries per step the codes were written in (unmerge reads them in the same steps); `finite`:
     whether every merged entry is finite (merge's NaN/Inf check, without another pass)."""
 
@@ -63,27 +64,30 @@ def merge_(flat: Tensor, changes: list[Tensor], chunk: int = CHUNK) -> RoundingR
         # NaN/Inf have every exponent bit set (a max, not isfinite: one kernel fewer paged in)
         finite = finite and int(_exponent(merged).max()) < _ALL_ONES[flat.dtype]
         ordered, length, bias = _plan(merged, change)
+        old = before.view(torch.int16).int()  # bit patterns (int32 throughout: fewer kernels paged in)
         code = _ordered(before) - ordered + bias
         code = torch.where((length > 0) & (code >= 0) & (code < (1 << length)), code, bias)
         restored = _unordered(ordered + torch.where(length > 0, code - bias, 0))
-        wrong = (restored != before.view(torch.int16)).nonzero().reshape(-1)
+        wrong = (restored.int() != old).nonzero().reshape(-1)
         codes += _pack(code, length)
         where.append(wrong + start)
-        values.append(before[wrong])
+        values.append(old[wrong])
         flat[start : start + chunk] = merged
     index = torch.int32 if flat.numel() < 2**31 else torch.int64
     record = RoundingRecord(
         chunk,
         torch.cat(codes) if codes else flat.new_empty(0, dtype=torch.uint8),
         torch.cat(where).to(index) if where else flat.new_empty(0, dtype=index),
-        torch.cat(values) if values else flat.new_empty(0),
+        (torch.cat(values) if values else flat.new_empty(0, dtype=torch.int32)).to(torch.int16),
         finite=finite,
     )
     if record.nbytes() >= flat.numel() * flat.element_size():  # a copy is smaller
         copy = flat.clone()
         unmerge_(copy, sum(changes, torch.zeros_like(changes[0])), record)
         empty = record.where.new_empty(0)  # not slices: those would keep the storage alive
-        record = RoundingRecord(chunk, record.codes.new_empty(0), empty, copy.new_empty(0), copy, finite)
+        record = RoundingRecord(
+            chunk, record.codes.new_empty(0), empty, record.values.new_empty(0), copy, finite
+        )
     return record
 
 
@@ -106,7 +110,7 @@ def unmerge_(flat: Tensor, change: Tensor, record: RoundingRecord) -> None:
                 offset += size
         restored = _unordered(ordered + torch.where(length > 0, code - bias, 0))
         flat[part] = restored.view(flat.dtype)
-    flat[record.where.long()] = record.values
+    flat.view(torch.int16)[record.where.long()] = record.values
 
 
 def _plan(merged: Tensor, change: Tensor) -> tuple[Tensor, Tensor, Tensor]:
