@@ -240,7 +240,9 @@ def routing(model: nn.Module, ids: Sequence[str | None]) -> Iterator[nn.Module]:
 
 def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -> dict[str, float]:
     """Fold active adapters (all of them, or `names`) into the base weights, with their active
-    weights. `safe` checks every merged weight for NaN/Inf before any weight is written.
+    weights. `safe` refuses a merge that gives NaN/Inf, leaving every weight as it was: fp16/bf16
+    layers are checked as they merge (each ΔW computed once) and undone exactly on a refusal, the
+    others before any weight is written.
 
     A quantized base (bitsandbytes 4/8-bit, torchao int8) is dequantized, W + Σ w·ΔW is formed
     in fp32 and requantized; `unmerge` puts the original quantized weight back bit for bit.
