@@ -343,6 +343,29 @@ class AdapterLayer(nn.Module):
         self.merged.clear()
 
 
+def merge_all(layers: list[tuple[str, AdapterLayer, dict[str, float]]], safe: bool) -> None:
+    """Merge each (path, layer, weights). `safe`: refuse NaN/Inf with every weight left as it was.
+    fp16/bf16 layers go first and check as they merge (each ΔW computed once); on a refusal the
+    ones merged so far are undone bit for bit. The others are checked before anything is written."""
+    layers = sorted(layers, key=lambda entry: not entry[1].records_rounding(entry[2]))
+    if safe:
+        for path, layer, weights in layers:
+            if not layer.records_rounding(weights) and not torch.isfinite(layer.merged_weight(weights)).all():
+                raise MergeError(f"at {path!r}: {AdapterLayer.not_finite(weights)}")
+    done: list[AdapterLayer] = []
+    for path, layer, weights in layers:
+        try:
+            layer.merge(weights, finite=safe)
+        except Exception as err:
+            for prior in reversed(done):
+                prior.undo_last_merge()
+            if isinstance(err, MergeError):
+                raise MergeError(f"at {path!r}: {err}") from None
+            raise
+        if layer.records_rounding(weights):
+            done.append(layer)
+
+
 @contextmanager
 def _flat(weight: Tensor) -> Iterator[Tensor]:
     """`weight` as a flat tensor to change in place (a contiguous copy, written back, if it is not

@@ -23,7 +23,7 @@ from . import quant, running_stats
 from .config import AdapterConfig, config_for
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
 from .experts import ExpertWeights, attach, detach
-from .layer import AdapterLayer, Delta
+from .layer import AdapterLayer, Delta, merge_all
 from .sharing import install, require_unshared, shared_targets
 from .targeting import find_targets
 
@@ -253,10 +253,6 @@ def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -
     return _merge_active(model, names, safe)
 
 
-def _not_finite(path: str, weights: dict[str, float]) -> MergeError:
-    return MergeError(f"at {path!r}: {AdapterLayer.not_finite(weights)}")
-
-
 def _merge_active(model: nn.Module, names: list[str] | None, safe: bool) -> dict[str, float]:
     refusal = getattr(model, "merge_refusal", None)  # set by adapters that are not weight deltas (LEVI)
     if refusal:
@@ -284,24 +280,7 @@ def _merge_active(model: nn.Module, names: list[str] | None, safe: bool) -> dict
         if refusal:
             raise MergeError(f"{path!r}: {refusal}; nothing was merged")
     require_unshared(model, [(path, layer) for path, layer, _ in layers])  # tied weights: refused
-    # fp16/bf16 layers check their merged weight as they merge it and undo exactly on NaN/Inf (each
-    # ΔW computed once); the others are checked first, so nothing can fail after they are merged
-    layers.sort(key=lambda entry: not entry[1].records_rounding(entry[2]))
-    if safe:
-        for path, layer, weights in layers:
-            if not layer.records_rounding(weights) and not torch.isfinite(layer.merged_weight(weights)).all():
-                raise _not_finite(path, weights)
-    done: list[AdapterLayer] = []
-    for path, layer, weights in layers:
-        try:
-            layer.merge(weights, finite=safe)
-        except Exception as err:  # nothing half-applied: the layers merged so far go back exactly
-            for prior in reversed(done):
-                prior.undo_last_merge()
-            if isinstance(err, MergeError):
-                raise MergeError(f"at {path!r}: {err}") from None
-            raise
-        done.append(layer)
+    merge_all(layers, safe)
     errors = {path: layer.merge_error for path, layer, _ in layers if layer.merge_error is not None}
     lossy = [
         path
