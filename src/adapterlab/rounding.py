@@ -66,9 +66,9 @@ def merge_(flat: Tensor, changes: list[Tensor], chunk: int = CHUNK) -> RoundingR
         ordered, length, bias = _plan(merged, change)
         old = before.view(torch.int16).int()  # bit patterns (int32 throughout: fewer kernels paged in)
         code = _ordered(before) - ordered + bias
-        code = torch.where((length > 0) & (code >= 0) & (code < (1 << length)), code, bias)
+        code = torch.where((length > 0) & ((code >> length) == 0), code, bias)  # 0 <= code < 2^length
         restored = _unordered(ordered + torch.where(length > 0, code - bias, 0))
-        wrong = (restored.int() != old).nonzero().reshape(-1)
+        wrong = (restored != old).nonzero().reshape(-1)
         codes += _pack(code, length)
         where.append(wrong + start)
         values.append(old[wrong])
@@ -109,7 +109,7 @@ def unmerge_(flat: Tensor, change: Tensor, record: RoundingRecord) -> None:
                 code[chosen] = _unpack(record.codes[offset : offset + size], count, bits)
                 offset += size
         restored = _unordered(ordered + torch.where(length > 0, code - bias, 0))
-        flat[part] = restored.view(flat.dtype)
+        flat[part] = restored.to(torch.int16).view(flat.dtype)
     flat.view(torch.int16)[record.where.long()] = record.values
 
 
@@ -120,7 +120,7 @@ def _plan(merged: Tensor, change: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     exact = merged.to(torch.float32) - change
     back = exact.to(merged.dtype)
     lost = _exponent(merged) - _exponent(back)
-    length = torch.where((lost > 0) & (lost <= MAX_CODE), lost, 0)
+    length = torch.where((lost > 0) & (lost < MAX_CODE + 1), lost, 0)
     # the old entry lies within half a merged ulp (2^(length-1) old ulps) of `exact`
     bias = ((1 << length) >> 1) - (exact > back.to(torch.float32)).int()
     return _ordered(back), length, bias
@@ -138,9 +138,11 @@ def _ordered(x: Tensor) -> Tensor:
 
 
 def _unordered(ordered: Tensor) -> Tensor:
-    """Inverse of `_ordered` (to +0 for 0), as int16 bit patterns; out-of-range values clamp."""
-    magnitude = ordered.abs().clamp(max=0x7FFF)
-    return torch.where(ordered < 0, magnitude - 0x8000, magnitude).to(torch.int16)
+    """Inverse of `_ordered` (to +0 for 0): int16 bit patterns, as int32 (out-of-range values wrap;
+    merge's check catches them)."""
+    negative = ordered < 0
+    magnitude = torch.where(negative, -ordered, ordered) & 0x7FFF
+    return torch.where(negative, magnitude - 0x8000, magnitude)
 
 
 def _pack(code: Tensor, length: Tensor) -> list[Tensor]:
