@@ -115,11 +115,14 @@ def unmerge_(flat: Tensor, change: Tensor, record: RoundingRecord) -> None:
 
 def _plan(merged: Tensor, change: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """What unmerge computes from the merged entries and the change alone: the round trip (as
-    ordered integers), each entry's code length (binades lost, 0 if none or over MAX_CODE) and
-    the bias that makes the code of the likely offsets run from 0 to 2^length - 1."""
+    ordered integers), each entry's code length (binades lost, 0 if none or over MAX_CODE; 2 for
+    a round trip at the bottom of its binade, where the old entry may sit one finer ulp below)
+    and the bias that makes the code of the likely offsets run from 0 to 2^length - 1."""
     exact = merged.to(torch.float32) - change
     back = exact.to(merged.dtype)
     lost = _exponent(merged) - _exponent(back)
+    bottom = (back.view(torch.int16).int() & ((1 << _MANTISSA[merged.dtype]) - 1)) == 0
+    lost = torch.where((lost == 0) & bottom & (_exponent(back) > 0), 2, lost)
     length = torch.where((lost > 0) & (lost < MAX_CODE + 1), lost, 0)
     # the old entry lies within half a merged ulp (2^(length-1) old ulps) of `exact`
     bias = ((1 << length) >> 1) - (exact > back.to(torch.float32)).int()
