@@ -1,5 +1,6 @@
-"""fp16/bf16 merge keeps only what subtracting ΔW cannot undo: the entries that do not round back
-(or a copy of the weight when that is fewer bytes). merge → unmerge stays bit-exact."""
+"""fp16/bf16 merge keeps only what subtracting ΔW cannot undo (rounding.py: k-bit codes where k
+binades were lost, exceptions for the rest, or a copy of the weight when that is fewer bytes).
+merge → unmerge stays bit-exact."""
 
 import pytest
 import torch
