@@ -4,17 +4,17 @@ implements. Merge, unmerge, stacking and the forward pass are written here once,
 
 from __future__ import annotations
 
-from collections.abc import ItemsView, ValuesView
+from collections.abc import ItemsView, Iterator, ValuesView
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from . import quant
+from . import quant, rounding
 from .errors import MergeError, RoutingError
 
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer views
 EXACT_DTYPES = (torch.float32, torch.float64)  # W + d - d returns W to well under 1e-6
 
 
@@ -96,10 +96,12 @@ class AdapterLayer(nn.Module):
         )
         self.merge_error: float | None = None  # quantized bases: max rounding error of the last merge
         self._merge_change = 0.0  # ... and the largest entry of the Σ w·ΔW it merged
-        # per merge call: its weights and the (flat positions, entries) saved to undo it exactly
-        # (fp32/fp64: the supports of deltas that restore exactly; fp16/bf16: the entries that
-        # subtracting Σ w·ΔW does not round back to, or the whole weight if that is fewer bytes)
-        self._merges: list[tuple[dict[str, float], list[tuple[Tensor | None, Tensor]]]] = []
+        # per merge call: its weights and what undoes it exactly: (flat positions, entries) saved
+        # (the supports of deltas that restore exactly, or all of W), or, for fp16/bf16, the
+        # rounding record (rounding.py) of what subtracting Σ w·ΔW and rounding does not give back
+        self._merges: list[
+            tuple[dict[str, float], list[tuple[Tensor | None, Tensor]] | rounding.RoundingRecord]
+        ] = []
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -200,8 +202,19 @@ class AdapterLayer(nn.Module):
             acc = acc + w * delta.delta_weight().detach().to(acc.dtype)
         return acc if base is None else acc.to(base.dtype)
 
+    def records_rounding(self, weights: dict[str, float]) -> bool:
+        """Whether merging `weights` keeps a rounding record (an fp16/bf16 weight, no ΔW that reads
+        W): then `merge(weights, finite=True)` checks for NaN/Inf as it merges, and
+        `undo_last_merge` puts the weight back bit for bit."""
+        if not weights or quant.is_quantized(self.base_layer):
+            return False
+        reads_w = any(self.deltas[n].restores_exactly and self.deltas[n].support() is None for n in weights)
+        return base_weight(self.base_layer).dtype not in EXACT_DTYPES and not reads_w
+
     @torch.no_grad()
-    def merge(self, weights: dict[str, float]) -> None:
+    def merge(self, weights: dict[str, float], finite: bool = False) -> None:
+        """W ← W + Σ w·ΔW. `finite`: for a merge that `records_rounding`, refuse (MergeError, the
+        weight unchanged) when the merged weight has NaN/Inf; other merges do not check."""
         twice = [n for n in weights if n in self.merged]
         if twice:
             raise MergeError(f"adapter(s) {twice} are merged already; call unmerge first")
@@ -209,6 +222,20 @@ class AdapterLayer(nn.Module):
             self._merge_quantized(weights)
             return
         base = base_weight(self.base_layer)
+        if self.records_rounding(weights):  # fp16/bf16: in place, chunk by chunk, ΔW computed once
+            self._check_mergeable(weights)
+            changes = [  # summed in merged_weight's order (same bits)
+                (w * self.deltas[n].delta_weight().detach().to(torch.float32)).reshape(-1)
+                for n, w in weights.items()
+            ]
+            with _flat(base) as flat:
+                record = rounding.merge_(flat, changes)
+                if finite and not record.finite:
+                    rounding.unmerge_(flat, sum(changes, torch.zeros_like(changes[0])), record)
+                    raise MergeError(self.not_finite(weights))
+            self._merges.append((dict(weights), record))
+            self.merged.update(weights)
+            return
         new = self.merged_weight(weights)
         flat, saved = base.detach().reshape(-1), []
         if base.dtype in EXACT_DTYPES:
@@ -216,13 +243,31 @@ class AdapterLayer(nn.Module):
                 if self.deltas[name].restores_exactly:
                     where = self.deltas[name].support()
                     saved.append((where, flat.clone() if where is None else flat[where.long()]))
-        elif any(self.deltas[n].restores_exactly and self.deltas[n].support() is None for n in weights):
-            saved.append((None, flat.clone()))  # ΔW reads W (DoRA): subtracting it later cannot undo
         else:
-            saved.append(_rounding_record(flat, new.reshape(-1), self._delta_sum(weights).reshape(-1)))
+            saved.append((None, flat.clone()))  # ΔW reads W (DoRA): subtracting it later cannot undo
         self._merges.append((dict(weights), saved))
         base.copy_(new)
         self.merged.update(weights)
+
+    def merge_record_bytes(self) -> int:
+        """Bytes this layer keeps to undo its merges exactly (0 when unmerge only subtracts)."""
+        total = 0
+        for _, saved in self._merges:
+            if isinstance(saved, rounding.RoundingRecord):
+                total += saved.nbytes()
+            else:
+                total += sum(
+                    e.numel() * e.element_size() + (0 if w is None else w.numel() * w.element_size())
+                    for w, e in saved
+                )
+        return total
+
+    def _check_mergeable(self, weights: dict[str, float]) -> None:
+        for name in weights:
+            if not self.deltas[name].mergeable:
+                raise MergeError(
+                    f"adapter {name!r} ({type(self.deltas[name]).__name__}) cannot be merged into weights"
+                )
 
     def _delta_sum(self, weights: dict[str, float]) -> Tensor:
         """Σ w·ΔW in fp32 (fp64 for fp64 weights): what unmerge subtracts from an fp16/bf16 weight."""
@@ -233,6 +278,26 @@ class AdapterLayer(nn.Module):
         for name, w in weights.items():
             acc += w * self.deltas[name].delta_weight().detach().to(acc.dtype)
         return acc
+
+    @staticmethod
+    def not_finite(weights: dict[str, float]) -> str:
+        """The message of a merge refused for NaN/Inf."""
+        return (
+            f"merging {sorted(weights)} gives NaN/Inf; nothing was merged. "
+            "Check the adapter weights (al.save and inspect them) or pass safe=False"
+        )
+
+    @torch.no_grad()
+    def undo_last_merge(self) -> None:
+        """Undo the latest merge call, bit for bit; only for one that `records_rounding`."""
+        weights, saved = self._merges[-1]
+        if not isinstance(saved, rounding.RoundingRecord):
+            raise MergeError("only a merge that keeps a rounding record (fp16/bf16) can be undone alone")
+        with _flat(base_weight(self.base_layer)) as flat:
+            rounding.unmerge_(flat, self._delta_sum(weights).view(-1), saved)
+        self._merges.pop()
+        for name in weights:
+            del self.merged[name]
 
     def _merge_quantized(self, weights: dict[str, float]) -> None:
         """Dequantize, add Σ w·ΔW in fp32, requantize into new storage; the first merge keeps the
@@ -253,21 +318,18 @@ class AdapterLayer(nn.Module):
         if self._packed is not None:
             quant.restore(self.base_layer, self._packed)
             self._packed = self.merge_error = None
-        elif base.dtype not in EXACT_DTYPES:  # undo merge calls last-first: subtract, round, patch
-            current = base.detach().reshape(-1)
-            for weights, saved in reversed(self._merges):
-                back = (current.to(torch.float32) - self._delta_sum(weights).reshape(-1)).to(base.dtype)
-                for where, entries in saved:
-                    if where is None:
-                        back = entries
+        elif base.dtype not in EXACT_DTYPES:  # undo merge calls last-first
+            with _flat(base) as flat:
+                for weights, saved in reversed(self._merges):
+                    if isinstance(saved, rounding.RoundingRecord):
+                        rounding.unmerge_(flat, self._delta_sum(weights).view(-1), saved)
                     else:
-                        back[where.long()] = entries
-                current = back
-            base.copy_(current.view(base.shape))
+                        flat.copy_(saved[0][1])
         else:  # undo merge calls last-first: subtract ΔW, or write back the entries saved for it
             acc = base.detach().clone(memory_format=torch.contiguous_format)
             flat = acc.view(-1)
             for weights, saved in reversed(self._merges):
+                assert not isinstance(saved, rounding.RoundingRecord)  # only fp16/bf16 keep those
                 for name, w in weights.items():
                     if not self.deltas[name].restores_exactly:
                         acc -= w * self.deltas[name].delta_weight().detach().to(acc.dtype)
@@ -281,18 +343,37 @@ class AdapterLayer(nn.Module):
         self.merged.clear()
 
 
-def _rounding_record(before: Tensor, merged: Tensor, change: Tensor) -> tuple[Tensor | None, Tensor]:
-    """What undoing `before` → `merged` (= before + `change`, rounded to fp16/bf16) needs besides
-    subtracting `change` and rounding: the flat positions where that does not give `before` back,
-    with `before`'s entries there (usually a few percent: only ties and binade crossings), or, when
-    that would take more bytes than the weight itself, (None, a copy of `before`)."""
-    back = (merged.to(torch.float32) - change).to(before.dtype)
-    bits = _BITS[before.element_size()]  # compare bit patterns: -0.0 vs 0.0 and NaNs count too
-    wrong = (back.view(bits) != before.view(bits)).nonzero().reshape(-1)
-    index = wrong.to(torch.int32) if before.numel() < 2**31 else wrong
-    if (
-        wrong.numel() * (index.element_size() + before.element_size())
-        >= before.numel() * before.element_size()
-    ):
-        return None, before.clone()
-    return index, before[wrong].clone()
+def merge_all(layers: list[tuple[str, AdapterLayer, dict[str, float]]], safe: bool) -> None:
+    """Merge each (path, layer, weights). `safe`: refuse NaN/Inf with every weight left as it was.
+    fp16/bf16 layers go first and check as they merge (each ΔW computed once); on a refusal the
+    ones merged so far are undone bit for bit. The others are checked before anything is written."""
+    layers = sorted(layers, key=lambda entry: not entry[1].records_rounding(entry[2]))
+    if safe:
+        for path, layer, weights in layers:
+            if not layer.records_rounding(weights) and not torch.isfinite(layer.merged_weight(weights)).all():
+                raise MergeError(f"at {path!r}: {AdapterLayer.not_finite(weights)}")
+    done: list[AdapterLayer] = []
+    for path, layer, weights in layers:
+        try:
+            layer.merge(weights, finite=safe)
+        except Exception as err:
+            for prior in reversed(done):
+                prior.undo_last_merge()
+            if isinstance(err, MergeError):
+                raise MergeError(f"at {path!r}: {err}") from None
+            raise
+        if layer.records_rounding(weights):
+            done.append(layer)
+
+
+@contextmanager
+def _flat(weight: Tensor) -> Iterator[Tensor]:
+    """`weight` as a flat tensor to change in place (a contiguous copy, written back, if it is not
+    contiguous)."""
+    data = weight.detach()
+    if data.is_contiguous():
+        yield data.view(-1)
+    else:
+        flat = data.contiguous().view(-1)
+        yield flat
+        data.copy_(flat.view(data.shape))

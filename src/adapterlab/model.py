@@ -23,7 +23,7 @@ from . import quant, running_stats
 from .config import AdapterConfig, config_for
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
 from .experts import ExpertWeights, attach, detach
-from .layer import AdapterLayer, Delta
+from .layer import AdapterLayer, Delta, merge_all
 from .sharing import install, require_unshared, shared_targets
 from .targeting import find_targets
 
@@ -240,7 +240,9 @@ def routing(model: nn.Module, ids: Sequence[str | None]) -> Iterator[nn.Module]:
 
 def merge(model: nn.Module, names: list[str] | None = None, safe: bool = True) -> dict[str, float]:
     """Fold active adapters (all of them, or `names`) into the base weights, with their active
-    weights. `safe` checks every merged weight for NaN/Inf before any weight is written.
+    weights. `safe` refuses a merge that gives NaN/Inf, leaving every weight as it was: fp16/bf16
+    layers are checked as they merge (each ΔW computed once) and undone exactly on a refusal, the
+    others before any weight is written.
 
     A quantized base (bitsandbytes 4/8-bit, torchao int8) is dequantized, W + Σ w·ΔW is formed
     in fp32 and requantized; `unmerge` puts the original quantized weight back bit for bit.
@@ -278,15 +280,7 @@ def _merge_active(model: nn.Module, names: list[str] | None, safe: bool) -> dict
         if refusal:
             raise MergeError(f"{path!r}: {refusal}; nothing was merged")
     require_unshared(model, [(path, layer) for path, layer, _ in layers])  # tied weights: refused
-    if safe:
-        for path, layer, weights in layers:
-            if not torch.isfinite(layer.merged_weight(weights)).all():
-                raise MergeError(
-                    f"merging {sorted(weights)} into {path!r} gives NaN/Inf; nothing was merged. "
-                    "Check the adapter weights (al.save and inspect them) or pass safe=False"
-                )
-    for _, layer, weights in layers:
-        layer.merge(weights)
+    merge_all(layers, safe)
     errors = {path: layer.merge_error for path, layer, _ in layers if layer.merge_error is not None}
     lossy = [
         path
