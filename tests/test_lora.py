@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import adapterlab as al
-from adapterlab.kernels.reference import LoRAAdd, dropout_mask
+from adapterlab.kernels.reference import LoRAAdd, apply_keep, dropout_mask, keep_bits
 
 KINDS = ["linear", "hf_conv1d", "conv1d", "conv2d", "conv3d"]
 
@@ -229,3 +229,24 @@ def test_adapter_trains_in_fp32_on_bf16_base():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert model[0].deltas["default"].lora_B.weight.grad is not None
+
+
+@given(
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    st.integers(0, 2**31 - 1),
+    st.floats(0.05, 0.95),
+)
+def test_apply_keep_is_masked_fill_bit_for_bit(dtype, seed, p):
+    """The integer-AND masking used for dropout equals `masked_fill(~keep, 0)` exactly, also on
+    NaN, ±inf and -0.0, and in place."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randn(33, 17, generator=gen).to(dtype)
+    t[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0]).to(dtype)
+    keep = torch.rand(t.shape, generator=gen) >= p
+    want = t.masked_fill(~keep, 0)
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    got = apply_keep(t, keep)
+    assert torch.equal(got.view(ints), want.view(ints))
+    same = t.clone()
+    assert apply_keep(same, keep, keep_bits(keep, same), out=same) is same
+    assert torch.equal(same.view(ints), want.view(ints))
