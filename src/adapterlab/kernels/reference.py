@@ -248,7 +248,7 @@ def grouped_lora_add(
         rows = (token_ids == g).nonzero().flatten().to(x.device)
         if rows.numel():
             h = x2.index_select(0, rows).to(a.dtype) @ a.t()
-            out2.index_add_(0, rows, (h @ b.t().contiguous()).mul_(s).to(out2.dtype))  # see _expand_into
+            out2.index_add_(0, rows, (h @ b.t()).mul_(s).to(out2.dtype))
     return out
 
 
