@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import adapterlab as al
-from adapterlab.kernels.reference import LoRAAdd, dropout_mask
+from adapterlab.kernels.reference import LoRAAdd, apply_keep, dropout_mask, keep_bits
 
 KINDS = ["linear", "hf_conv1d", "conv1d", "conv2d", "conv3d"]
 
@@ -229,3 +229,93 @@ def test_adapter_trains_in_fp32_on_bf16_base():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert model[0].deltas["default"].lora_B.weight.grad is not None
+
+
+@given(
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    st.integers(0, 2**31 - 1),
+    st.floats(0.05, 0.95),
+)
+def test_apply_keep_is_masked_fill_bit_for_bit(dtype, seed, p):
+    """The integer-AND masking used for dropout equals `masked_fill(~keep, 0)` exactly, also on
+    NaN, ±inf and -0.0, and in place."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randn(33, 17, generator=gen).to(dtype)
+    t[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0]).to(dtype)
+    keep = torch.rand(t.shape, generator=gen) >= p
+    want = t.masked_fill(~keep, 0)
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    got = apply_keep(t, keep)
+    assert torch.equal(got.view(ints), want.view(ints))
+    same = t.clone()
+    assert apply_keep(same, keep, keep_bits(keep, same), out=same) is same
+    assert torch.equal(same.view(ints), want.view(ints))
+
+
+@given(
+    st.integers(1, 6),
+    st.integers(1, 9),
+    st.integers(1, 9),
+    st.integers(1, 4),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([0.0, 0.3]),
+    st.integers(0, 2**31 - 1),
+)
+def test_fused_linear_lora_equals_base_then_lora_add(n, d_in, d_out, r, bias, train_w, p, seed):
+    """The one-node base + LoRA path (plain nn.Linear, training) gives the output and every
+    gradient of the base layer followed by `lora_add`, with the same dropout mask."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(d_in, d_out, bias=bias).requires_grad_(train_w)
+    layer = nn.Sequential(lin)
+    al.inject(layer, "lora", r=r, dropout=p, targets=["0"])
+    randomize_lora(layer)
+    layer.train()
+    delta = layer[0].deltas["default"]
+    x = torch.randn(2, n, d_in, requires_grad=True)
+    g = torch.randn(2, n, d_out)
+    params = [x, *(t for t in layer.parameters() if t.requires_grad)]
+    torch.manual_seed(seed + 1)
+    fused = layer(x)
+    assert type(fused.grad_fn).__name__ == "LinearLoRABackward"
+    want_grads = torch.autograd.grad(fused, params, g)
+    torch.manual_seed(seed + 1)
+    plain = delta(x, lin(x), 1.0)  # the base module, then the delta's own forward (lora_add)
+    assert type(plain.grad_fn).__name__ != "LinearLoRABackward"
+    assert torch.equal(fused, plain)
+    for got, want in zip(torch.autograd.grad(plain, params, g), want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_linear_lora_gradcheck_fp64():
+    from adapterlab.kernels.reference import LinearLoRA
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, bias = (
+        torch.randn(*s, dtype=torch.float64, generator=gen, requires_grad=True)
+        for s in [(2, 3, 4), (5, 4), (5,)]
+    )
+    a = torch.randn(2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(5, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    for p in (0.0, 0.3):
+        keep = dropout_mask(x, p, torch.Generator().manual_seed(5)) if p > 0 else None
+        assert torch.autograd.gradcheck(
+            lambda x, w, bias, a, b, p=p, keep=keep: LinearLoRA.apply(
+                x, w, bias, a, b, 1.5, p, keep, torch.float64
+            ),
+            (x, w, bias, a, b),
+        )
+
+
+def test_fused_path_only_where_it_is_the_same_computation():
+    """Hooks on the base, no_grad and DoRA keep the two-call path (a hook still fires)."""
+    layer = nn.Sequential(nn.Linear(6, 4))
+    al.inject(layer, "lora", r=2, targets=["0"])
+    x = torch.randn(3, 6, requires_grad=True)
+    assert type(layer(x).grad_fn).__name__ == "LinearLoRABackward"
+    calls = []
+    layer[0].base_layer.register_forward_hook(lambda *a: calls.append(1))
+    assert type(layer(x).grad_fn).__name__ != "LinearLoRABackward" and calls == [1]
+    dora = nn.Sequential(nn.Linear(6, 4))
+    al.inject(dora, "lora", r=2, use_dora=True, targets=["0"])
+    assert type(dora(x).grad_fn).__name__ != "LinearLoRABackward"

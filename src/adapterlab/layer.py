@@ -59,6 +59,12 @@ class Delta(nn.Module):
     def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:  # noqa: D102
         raise NotImplementedError
 
+    def forward_with_base(self, base: nn.Module, x: Tensor, scale: float) -> Tensor | None:
+        """`base(x)` plus `scale` times this delta's contribution, computed together (e.g. one
+        autograd node), or None where this delta does not do that for this base and call; the
+        layer then calls the base module and `forward`. Same result as that pair."""
+        return None
+
     def routing_factors(self) -> tuple[Tensor, Tensor, float] | None:
         """(A, B, s) when this delta's contribution is exactly s·x·Aᵀ·Bᵀ right now, so per-sample
         routing can batch it with other adapters in one grouped op; None otherwise."""
@@ -112,6 +118,15 @@ class AdapterLayer(nn.Module):
             return getattr(self.base_layer, name)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if (
+            len(self.active) == 1
+            and not (self.merged or self.disabled or args or kwargs)
+            and self.routes is None
+        ):
+            for name, w in self.active.items():  # the one active adapter, unmerged
+                fused = self.deltas[name].forward_with_base(self.base_layer, x, w)
+                if fused is not None:
+                    return fused
         if (
             not self.disabled
             and self.routes is None

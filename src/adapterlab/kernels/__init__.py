@@ -18,7 +18,7 @@ import functools
 import os
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ConfigError
 from . import reference
@@ -75,6 +75,38 @@ def lora_add(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: floa
     return reference.lora_add(out, x, A, B, scale, p)
 
 
+_PLAIN = (torch.Tensor, nn.Parameter, type(None))
+
+
+def linear_lora(
+    base: nn.Module, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float = 0.0
+) -> Tensor | None:
+    """base(x) + scale · drop_p(x) Aᵀ Bᵀ as one autograd node (`reference.LinearLoRA`: the LoRA
+    input gradient is accumulated into the base's) for a plain nn.Linear `base` without hooks, or
+    None where that path does not apply: another base, a quantized (tensor-subclass) weight,
+    nothing to differentiate, autocast, `torch.compile` (it fuses the two itself) or the Triton
+    backend. On None the caller runs the base layer and `lora_add`, as before."""
+    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        return None
+    W, bias = base.weight, base.bias
+    if (
+        not all(type(t) in _PLAIN for t in (x, W, A, B, bias))  # no quantized / subclass weights
+        or not torch.is_grad_enabled()
+        or torch.is_autocast_enabled(x.device.type)
+        or torch.compiler.is_compiling()
+        or use_triton(x)
+        or not (
+            x.requires_grad
+            or W.requires_grad
+            or A.requires_grad
+            or B.requires_grad
+            or (bias is not None and bias.requires_grad)
+        )
+    ):
+        return None
+    return reference.linear_lora(x, W, bias, A, B, scale, p)
+
+
 def grouped_lora_add(
     out: Tensor, x: Tensor, token_ids: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list[float]
 ) -> Tensor:
@@ -104,6 +136,7 @@ __all__ = [
     "BACKENDS",
     "GROUPED_MIN_TOKENS",
     "grouped_lora_add",
+    "linear_lora",
     "lora_add",
     "sparse_linear_add",
     "use_triton",

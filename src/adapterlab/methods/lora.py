@@ -26,7 +26,7 @@ from .. import quant
 from ..config import AdapterConfig, check_number, register
 from ..errors import ConfigError, HotswapError, UnsupportedModuleError
 from ..experts import ExpertWeights
-from ..kernels import lora_add
+from ..kernels import linear_lora, lora_add
 from ..layer import Delta, base_weight
 from ..targeting import is_conv, is_embedding, is_hf_conv1d, is_linear
 from . import lora_hotswap, lora_peft
@@ -339,6 +339,10 @@ class LinearLoRA(LowRankDelta):
     def forward(self, x: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
         p = self.dropout if self.training else 0.0
         return lora_add(out, x, self.lora_A.weight, self.lora_B.weight, self.scaling * scale, p)
+
+    def forward_with_base(self, base: nn.Module, x: Tensor, scale: float) -> Tensor | None:
+        p = self.dropout if self.training else 0.0
+        return linear_lora(base, x, self.lora_A.weight, self.lora_B.weight, self.scaling * scale, p)
 
 
 def _conv_nd_fn(ndim: int):

@@ -132,6 +132,9 @@ class _DoRA(Delta):
     def routing_factors(self) -> tuple[Tensor, Tensor, float] | None:
         return None
 
+    def forward_with_base(self, base: nn.Module, x: Tensor, scale: float) -> Tensor | None:
+        return None  # not LinearLoRA's fused base + LoRA: DoRA rescales the base output
+
     def _input(self, x: Tensor) -> Tensor:
         return x
 
