@@ -266,13 +266,13 @@ def run(
 
 
 def targets(train: dict, infer: dict) -> list[dict]:
-    rows = []
-    for p in ("0", "0.1"):
-        ours = train[f"ours_p{p}"]
-        rows += [
-            {"name": f"train step p={p} <= 1.2x floor", "value": ours["x_floor"], "limit": 1.2},
-            {"name": f"train step p={p} <= 0.9x peft", "value": ours["x_peft"], "limit": 0.9},
-        ]
+    # issue #18's table: p=0 <= 1.12x floor and <= 0.90x peft; p=0.1 <= 1.20x floor; unmerged <= 1.05x base
+    rows = [
+        {"name": "train step p=0 <= 1.12x floor", "value": train["ours_p0"]["x_floor"], "limit": 1.12},
+        {"name": "train step p=0 <= 0.90x peft", "value": train["ours_p0"]["x_peft"], "limit": 0.9},
+        {"name": "train step p=0.1 <= 1.20x floor", "value": train["ours_p0.1"]["x_floor"], "limit": 1.2},
+        {"name": "train step p=0.1 <= 0.90x peft", "value": train["ours_p0.1"]["x_peft"], "limit": 0.9},
+    ]
     rows += [
         {
             "name": "saved activations p=0.1 <= 0.75x peft",
@@ -284,7 +284,7 @@ def targets(train: dict, infer: dict) -> list[dict]:
             "value": train["ours_p0"]["saved_x_peft"],
             "limit": 1.0,
         },
-        {"name": "unmerged inference <= 1.12x base", "value": infer["ours"]["x_base"], "limit": 1.12},
+        {"name": "unmerged inference <= 1.05x base", "value": infer["ours"]["x_base"], "limit": 1.05},
         {"name": "merged inference <= 1.02x base", "value": infer["ours_merged"]["x_base"], "limit": 1.02},
     ]
     for row in rows:
