@@ -84,6 +84,36 @@ def _expand_into(out: Tensor, h: Tensor, B: Tensor, alpha: float) -> tuple[Tenso
     return out + (h @ bt).mul_(alpha).to(out.dtype).view(out.shape), False
 
 
+def _column_major(t: Tensor) -> Tensor:
+    """`t` stored column-major (transposed contiguous): MKL's skinny products g·B and gh·A with the
+    rank-r factors run 1.5–4× faster on that layout than on the row-major parameters."""
+    return t.t().contiguous().t()
+
+
+def _factor_grads(
+    g2: Tensor,
+    xd: Tensor,
+    A: Tensor,
+    B: Tensor,
+    h: Tensor,
+    keep: Tensor | None,
+    alpha: float,
+    need_A: bool,
+    need_B: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The LoRA factors' side of a backward, shared by `LoRAAdd` and `LinearLoRA`: gh = α·g·B
+    (the gradient of (x ⊙ keep)Aᵀ, (N, r)), dA and dB when needed, and the keep-mask's bits (one
+    conversion for dA and dx). `g2` and `xd` are 2-D in the adapter's dtype, `h` = (x ⊙ keep)Aᵀ."""
+    dtype = h.dtype
+    gh = (g2 @ _column_major(B.to(dtype))).mul_(alpha)
+    dB = (g2.t() @ h).mul_(alpha).to(B.dtype) if need_B else None
+    bits = None if keep is None else keep_bits(keep, xd)
+    dA = None
+    if need_A:
+        dA = (gh.t() @ (xd if keep is None else apply_keep(xd, keep, bits))).to(A.dtype)
+    return gh, dA, dB, bits
+
+
 class LoRAAdd(torch.autograd.Function):
     """out + scale · dropout(x) Aᵀ Bᵀ, with the products in `dtype` (the adapter's, or autocast's:
     see `compute_dtype`). Dropout is given as its boolean keep-mask `keep` (None: no dropout; see
@@ -125,18 +155,12 @@ class LoRAAdd(torch.autograd.Function):
         dtype = h.dtype
         with torch.autocast(grad.device.type, enabled=False):
             g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
-            # the rank-r factors as column-major (transposed contiguous) matrices: MKL's skinny
-            # products g·B and gh·A run 1.5–4× faster than on the row-major parameters
-            a = A.to(dtype).t().contiguous().t()
-            gh = (g2 @ B.to(dtype).t().contiguous().t()).mul_(ctx.alpha)  # d(x ⊙ keep)Aᵀ, (N, r)
-            dA = dB = dx = None
-            if ctx.needs_input_grad[3]:
-                dB = (g2.t() @ h).mul_(ctx.alpha).to(B.dtype)
-            bits = None if keep is None else keep_bits(keep, x2)  # one conversion for dA and dx
-            if ctx.needs_input_grad[2]:
-                dA = (gh.t() @ (x2 if keep is None else apply_keep(x2, keep, bits))).to(A.dtype)
+            gh, dA, dB, bits = _factor_grads(
+                g2, x2, A, B, h, keep, ctx.alpha, ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+            )
+            dx = None
             if ctx.needs_input_grad[1]:
-                dx2 = gh @ a
+                dx2 = gh @ _column_major(A.to(dtype))
                 if keep is not None:
                     apply_keep(dx2, keep, bits, out=dx2)
                 dx = dx2.to(ctx.x_dtype).view(ctx.x_shape)
@@ -203,17 +227,14 @@ class LinearLoRA(torch.autograd.Function):
         dtype = h.dtype
         g = grad.reshape(-1, grad.shape[-1])
         g2 = g if g.dtype == dtype else g.to(dtype)
-        gh = (g2 @ B.to(dtype).t().contiguous().t()).mul_(ctx.alpha)  # see LoRAAdd.backward
-        dx = dW = db = dA = dB = None
-        if ctx.needs_input_grad[4]:
-            dB = (g2.t() @ h).mul_(ctx.alpha).to(B.dtype)
         xd = x2 if x2.dtype == dtype else x2.to(dtype)
-        bits = None if keep is None else keep_bits(keep, xd)
-        if ctx.needs_input_grad[3]:
-            dA = (gh.t() @ (xd if keep is None else apply_keep(xd, keep, bits))).to(A.dtype)
+        gh, dA, dB, bits = _factor_grads(
+            g2, xd, A, B, h, keep, ctx.alpha, ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        )
+        dx = dW = db = None
         if ctx.needs_input_grad[0]:
             dx2 = g @ W
-            a = A.to(dtype).t().contiguous().t()
+            a = _column_major(A.to(dtype))
             if keep is None and dx2.dtype == dtype:
                 dx2.addmm_(gh, a)
             else:
