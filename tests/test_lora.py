@@ -319,3 +319,42 @@ def test_fused_path_only_where_it_is_the_same_computation():
     dora = nn.Sequential(nn.Linear(6, 4))
     al.inject(dora, "lora", r=2, use_dora=True, targets=["0"])
     assert type(dora(x).grad_fn).__name__ != "LinearLoRABackward"
+
+
+@given(
+    st.integers(1, 40),
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.integers(1, 4),
+    st.booleans(),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.integers(0, 2**31 - 1),
+)
+def test_inference_fold_is_the_merged_layer_and_leaves_the_weight(m, d_in, d_out, r, bias, dtype, seed):
+    """Inference with enough tokens runs one GEMM with W + s·B·A: the merged layer's output, the
+    unfolded output to rounding, W untouched; fewer tokens, half dtypes or a gradient to compute
+    never fold."""
+    from adapterlab.kernels import reference
+
+    torch.manual_seed(seed)
+    layer = nn.Sequential(nn.Linear(d_in, d_out, bias=bias)).to(dtype)
+    al.inject(layer, "lora", r=r, targets=["0"])
+    randomize_lora(layer, std=0.3)
+    lin, delta = layer[0].base_layer, layer[0].deltas["default"]
+    w0, x = lin.weight.detach().clone(), torch.randn(m, d_in, dtype=dtype)
+    folds = m * (d_in + d_out) >= 2 * d_in * d_out
+    assert reference.folds_cheaper(x, lin.weight, delta.lora_A.weight) == folds
+    assert not reference.folds_cheaper(x.bfloat16(), lin.weight.bfloat16(), delta.lora_A.weight.bfloat16())
+    with torch.no_grad():
+        got = layer(x)
+        unfolded = delta(x, lin(x), 1.0)
+        merged = nn.functional.linear(x, lin.weight + delta.delta_weight(), lin.bias)
+        a, b = delta.lora_A.weight, delta.lora_B.weight
+        folded = reference.folded_linear(x, lin.weight, lin.bias, a, b, delta.scaling)
+    assert torch.equal(got, folded) == folds or torch.equal(folded, unfolded)
+    assert torch.equal(lin.weight, w0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, unfolded, rtol=tol, atol=tol)
+    torch.testing.assert_close(got, merged, rtol=tol, atol=tol)
+    x.requires_grad_()
+    assert type(layer(x).grad_fn).__name__ == "LinearLoRABackward"  # training never folds

@@ -89,3 +89,65 @@ def test_bad_routing_input_is_refused_and_leaves_state():
     al.unmerge(model)
     assert all(layer.routes is None for _, layer in al.model.adapter_layers(model))
     assert al.active(model) == {"a": 1.0, "b": 1.0, "c": 1.0}
+
+
+@given(
+    samples=st.integers(1, 5),
+    tokens=st.integers(1, 6),
+    k=st.integers(1, 9),
+    n=st.integers(1, 9),
+    ranks=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    seed=st.integers(0, 999),
+    grad=st.booleans(),
+)
+def test_per_sample_products_match_the_per_adapter_loop(samples, tokens, k, n, ranks, seed, grad):
+    """The batched per-sample path gives each sample its adapter's update (none for -1), and the
+    gradients of x, out and every factor, as a loop over the adapters in fp64 does."""
+    from adapterlab.kernels.reference import per_sample_lora_add
+
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.randint(-1, len(ranks), (samples,), generator=gen)
+    x = torch.randn(samples, tokens, k, generator=gen, dtype=torch.float64)
+    out = torch.randn(samples, tokens, n, generator=gen, dtype=torch.float64)
+    As = [torch.randn(r, k, generator=gen, dtype=torch.float64) for r in ranks]
+    Bs = [torch.randn(n, r, generator=gen, dtype=torch.float64) for r in ranks]
+    scales = [0.5 + g for g in range(len(ranks))]
+    leaves = [t.clone().requires_grad_(grad) for t in (x, out, *As, *Bs)]
+    with torch.set_grad_enabled(grad):
+        lx, lout, la, lb = leaves[0], leaves[1], leaves[2 : 2 + len(ranks)], leaves[2 + len(ranks) :]
+        got = per_sample_lora_add(lout if grad else lout.clone(), lx, slots, la, lb, scales)
+    want = out.clone()
+    for g, (a, b, s) in enumerate(zip(As, Bs, scales, strict=True)):
+        rows = (slots == g).nonzero().flatten()
+        want[rows] += s * x[rows] @ a.t() @ b.t()
+    torch.testing.assert_close(got.detach(), want)
+    if grad:
+
+        def fn(x, out, *factors):
+            return per_sample_lora_add(out, x, slots, factors[: len(ranks)], factors[len(ranks) :], scales)
+
+        assert torch.autograd.gradcheck(fn, tuple(leaves))
+
+
+def test_long_samples_take_the_batched_path_and_match_each_adapter_alone(monkeypatch):
+    """Samples of ≥ 2·r tokens (here r ≤ 8, 17 tokens) run the per-sample batched products."""
+    from adapterlab.kernels import reference
+
+    calls = []
+    batched = reference.per_sample_lora_add
+    monkeypatch.setattr(reference, "per_sample_lora_add", lambda *a: calls.append(1) or batched(*a))
+    x = torch.randint(0, 96, (4, 17), generator=torch.Generator().manual_seed(3))
+    ids = ["c", None, "a", "b"]
+    with torch.no_grad(), al.routing(MODEL, ids):
+        routed = MODEL(input_ids=x).logits
+    assert len(calls) == 14  # every adapted linear of the 2-layer Llama
+    for i, name in enumerate(ids):
+        with torch.no_grad():
+            if name is None:
+                with al.disabled(MODEL):
+                    alone = MODEL(input_ids=x[i : i + 1]).logits
+            else:
+                al.set_active(MODEL, [name])
+                alone = MODEL(input_ids=x[i : i + 1]).logits
+        assert torch.allclose(routed[i : i + 1], alone, atol=1e-5), (i, name)
+    al.set_active(MODEL, NAMES)

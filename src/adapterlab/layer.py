@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import ItemsView, Iterator, ValuesView
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +85,23 @@ else:
     DeltaDict = nn.ModuleDict
 
 
+class Routes(NamedTuple):
+    """One batch's per-sample routing at one layer (set by `al.routing`): the batch size, the
+    sample rows of each adapter this layer holds, and, per sample, the index into `groups` of its
+    adapter (-1: none). Built once per batch, not per forward."""
+
+    size: int
+    groups: list[tuple[str, Tensor]]
+    slots: Tensor
+
+    @classmethod
+    def of(cls, size: int, groups: list[tuple[str, Tensor]]) -> Routes:
+        slots = torch.full((size,), -1, dtype=torch.long)
+        for g, (_, rows) in enumerate(groups):
+            slots[rows] = g
+        return cls(size, groups, slots)
+
+
 class AdapterLayer(nn.Module):
     """A base module plus named deltas. Attribute access falls through to the base module, so code
     that reads `layer.weight` or `layer.in_features` keeps working."""
@@ -96,7 +113,7 @@ class AdapterLayer(nn.Module):
         self.active: dict[str, float] = {}  # adapter name -> weight, in the order they apply
         self.merged: dict[str, float] = {}  # adapter name -> weight it was merged with
         self.disabled = False
-        self.routes: tuple[int, list[tuple[str, Tensor]]] | None = None  # (batch size, [(name, rows)])
+        self.routes: Routes | None = None  # per-sample adapters of the current batch (al.routing)
         self._packed: tuple[Any, ...] | None = (
             None  # quantized bases: the pre-merge packed weight (quant.stash)
         )
@@ -160,7 +177,7 @@ class AdapterLayer(nn.Module):
 
     def _routed(self, x: Tensor, out: Tensor) -> Tensor:
         """Per-sample adapters: each adapter's rows of the batch get its delta, others none."""
-        size, routes = self.routes  # type: ignore[misc]
+        size, routes, slots = self.routes  # type: ignore[misc]
         if x.shape[0] != size:
             raise RoutingError(
                 f"routing ids have length {size} but the batch has {x.shape[0]} samples "
@@ -168,38 +185,22 @@ class AdapterLayer(nn.Module):
             )
         factors = [self.deltas[name].routing_factors() for name, _ in routes]
         lowrank = [f for f in factors if f is not None]
-        if (
-            routes
-            and len(lowrank) == len(factors)
-            and not (
-                torch.is_grad_enabled()
-                and any(t.requires_grad for t in [x, *(t for f in lowrank for t in f[:2])])
+        if routes and len(lowrank) == len(factors):  # all plain low-rank products: one op for the batch
+            from . import kernels
+
+            return kernels.routed_lora_add(
+                out,
+                x,
+                slots,
+                [a for a, _, _ in lowrank],
+                [b for _, b, _ in lowrank],
+                [s for *_, s in lowrank],
             )
-        ):
-            return self._routed_grouped(x, out, routes, lowrank)
         for name, rows in routes:
             rows = rows.to(x.device)
             # `out` is this layer's fresh output and no op saves it, so rows are written in place
             out.index_copy_(0, rows, self.deltas[name](x.index_select(0, rows), out.index_select(0, rows)))
         return out
-
-    def _routed_grouped(
-        self,
-        x: Tensor,
-        out: Tensor,
-        routes: list[tuple[str, Tensor]],
-        factors: list[tuple[Tensor, Tensor, float]],
-    ) -> Tensor:
-        """All routed adapters are plain low-rank products: one grouped op for the whole batch."""
-        from . import kernels
-
-        sample = torch.full((x.shape[0],), -1, dtype=torch.long)
-        for g, (_, rows) in enumerate(routes):
-            sample[rows] = g
-        tokens = sample.to(x.device).repeat_interleave(x.numel() // (x.shape[0] * x.shape[-1]))
-        return kernels.grouped_lora_add(
-            out, x, tokens, [a for a, _, _ in factors], [b for _, b, _ in factors], [s for _, _, s in factors]
-        )
 
     # -- merge ----------------------------------------------------------------------------------
     def merged_weight(self, weights: dict[str, float]) -> Tensor:

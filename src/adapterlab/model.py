@@ -23,7 +23,7 @@ from . import quant, running_stats
 from .config import AdapterConfig, config_for
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
 from .experts import ExpertWeights, attach, detach
-from .layer import AdapterLayer, Delta, merge_all
+from .layer import AdapterLayer, Delta, Routes, merge_all
 from .sharing import install, require_unshared, shared_targets
 from .targeting import find_targets
 
@@ -230,7 +230,7 @@ def routing(model: nn.Module, ids: Sequence[str | None]) -> Iterator[nn.Module]:
     index = {name: torch.tensor(r, dtype=torch.long) for name, r in rows.items()}
     layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
-        layer.routes = (len(ids), [(n, r) for n, r in index.items() if n in layer.deltas])
+        layer.routes = Routes.of(len(ids), [(n, r) for n, r in index.items() if n in layer.deltas])
     try:
         yield model
     finally:

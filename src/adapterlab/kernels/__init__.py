@@ -81,30 +81,28 @@ _PLAIN = (torch.Tensor, nn.Parameter, type(None))
 def linear_lora(
     base: nn.Module, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float = 0.0
 ) -> Tensor | None:
-    """base(x) + scale · drop_p(x) Aᵀ Bᵀ as one autograd node (`reference.LinearLoRA`: the LoRA
-    input gradient is accumulated into the base's) for a plain nn.Linear `base` without hooks, or
-    None where that path does not apply: another base, a quantized (tensor-subclass) weight,
-    nothing to differentiate, autocast, `torch.compile` (it fuses the two itself) or the Triton
-    backend. On None the caller runs the base layer and `lora_add`, as before."""
+    """base(x) + scale · drop_p(x) Aᵀ Bᵀ for a plain nn.Linear `base` without hooks, or None where
+    no special path applies (another base, a quantized / subclass weight, autocast,
+    `torch.compile`, the Triton backend): the caller then runs the base layer and `lora_add`.
+
+    Training: one autograd node (`reference.LinearLoRA`: the LoRA input gradient is accumulated into
+    the base's). Inference in fp32/fp64 with enough tokens (`reference.folds_cheaper`): one GEMM with
+    the transient weight W + scale·B·A (`reference.folded_linear`), the merged layer's output."""
     if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
         return None
     W, bias = base.weight, base.bias
     if (
         not all(type(t) in _PLAIN for t in (x, W, A, B, bias))  # no quantized / subclass weights
-        or not torch.is_grad_enabled()
         or torch.is_autocast_enabled(x.device.type)
         or torch.compiler.is_compiling()
         or use_triton(x)
-        or not (
-            x.requires_grad
-            or W.requires_grad
-            or A.requires_grad
-            or B.requires_grad
-            or (bias is not None and bias.requires_grad)
-        )
     ):
         return None
-    return reference.linear_lora(x, W, bias, A, B, scale, p)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, W, A, B, bias)):
+        return reference.linear_lora(x, W, bias, A, B, scale, p)
+    if p == 0 and reference.folds_cheaper(x, W, A):
+        return reference.folded_linear(x, W, bias, A, B, scale)
+    return None
 
 
 def grouped_lora_add(
@@ -116,6 +114,26 @@ def grouped_lora_add(
         from .lora import grouped_lora_add as triton_grouped
 
         return triton_grouped(out, x, token_ids, As, Bs, scales)
+    return reference.grouped_lora_add(out, x, token_ids, As, Bs, scales)
+
+
+def routed_lora_add(
+    out: Tensor, x: Tensor, slots: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list[float]
+) -> Tensor:
+    """out + scales[g]·x_i·A_gᵀ·B_gᵀ for every sample i (dim 0) with g = slots[i] (-1: none), for
+    inference and training. Per-sample batched products (`reference.per_sample_lora_add`) wherever
+    gradients are needed or a sample holds enough tokens for them (≥ 2·r: gathering each sample's
+    factors costs less than gathering its rows of x and scattering into `out`); otherwise the
+    token-grouped op, on CUDA the Triton kernel from `GROUPED_MIN_TOKENS` tokens."""
+    samples = x.shape[0]
+    per_sample = x.numel() // max(1, samples * x.shape[-1])
+    tokens = samples * per_sample
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *As, *Bs))
+    if not grad and use_triton(x, auto=tokens >= GROUPED_MIN_TOKENS):
+        return grouped_lora_add(out, x, slots.to(x.device).repeat_interleave(per_sample), As, Bs, scales)
+    if grad or per_sample >= 2 * max(a.shape[0] for a in As):
+        return reference.per_sample_lora_add(out, x, slots, As, Bs, scales)
+    token_ids = slots.to(x.device).repeat_interleave(per_sample)
     return reference.grouped_lora_add(out, x, token_ids, As, Bs, scales)
 
 
@@ -138,6 +156,7 @@ __all__ = [
     "grouped_lora_add",
     "linear_lora",
     "lora_add",
+    "routed_lora_add",
     "sparse_linear_add",
     "use_triton",
 ]
