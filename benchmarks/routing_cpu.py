@@ -3,8 +3,10 @@
 Llama (hidden 512, intermediate 1376, 4 layers, 8 heads, vocab 2048), 8 LoRA adapters r=16 on
 every linear layer, batch 32×64 with the samples spread round-robin over the adapters. Variants run
 interleaved, round by round (order rotating), in one process; we report medians and the median of
-per-round ratios to the base. Also: one adapter for the whole batch (no routing), and ours'
-training step (forward + backward) routed vs one adapter for the whole batch, interleaved.
+per-round ratios to the base. Rounds run only when the CPUs are idle and are rerun where other
+processes (or the hypervisor: steal time) took over 0.1 core (`lora_cpu.interleaved`). Also: one
+adapter for the whole batch (no routing), and ours' training step (forward + backward) routed vs
+one adapter for the whole batch, interleaved the same way.
 
     python benchmarks/routing_cpu.py [--rounds 15] [--quick]
 """
@@ -12,12 +14,15 @@ training step (forward + backward) routed vs one adapter for the whole batch, in
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+from lora_cpu import interleaved, median_ratio  # quiet-round selection, shared with lora_cpu.py
 
 N_ADAPTERS, RANK, BATCH, SEQ = 8, 16, 32, 64
 
@@ -43,12 +48,6 @@ def randomize(model, seed: int = 1) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -96,14 +95,8 @@ def main() -> None:
     }
     al.set_active(ours, [names[0]])
     theirs.set_adapter(names[0])
-    times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
-        for fn in variants.values():  # warm-up
-            fn()
-        for r in range(rounds):
-            order = list(variants)[r % len(variants) :] + list(variants)[: r % len(variants)]
-            for k in order:
-                times[k].append(timed(variants[k]))
+        times, infer_stats = interleaved(variants, rounds, warmup=1, budget_s=3 * rounds)
 
     def routed_train_step():
         ours.zero_grad(set_to_none=True)
@@ -118,17 +111,11 @@ def main() -> None:
         p.requires_grad_(".deltas." in n)
     ours.train()
     steps = {"routed": routed_train_step, "single": single_train_step}
-    train: dict[str, list[float]] = {k: [] for k in steps}
-    for fn in steps.values():  # warm-up
-        fn()
-    for r in range(max(4, rounds // 2)):  # interleaved, order alternating
-        for k in list(steps)[r % 2 :] + list(steps)[: r % 2]:
-            train[k].append(timed(steps[k]))
-    train_ratio = statistics.median(a / b for a, b in zip(train["routed"], train["single"], strict=True))
+    train_rounds = max(4, rounds // 2)
+    train, train_stats = interleaved(steps, train_rounds, warmup=1, budget_s=6 * train_rounds)
+    train_ratio = median_ratio(train["routed"], train["single"])
 
-    ratio = {
-        k: statistics.median(t / b for t, b in zip(times[k], times["base"], strict=True)) for k in variants
-    }
+    ratio = {k: median_ratio(times[k], times["base"]) for k in variants}
     result = {
         "config": {
             "batch": batch,
@@ -139,7 +126,13 @@ def main() -> None:
             "torch": torch.__version__,
             "peft": peft.__version__,
             "threads": 2,
+            "commit": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python " + " ".join(sys.argv),
         },
+        "rounds": {"inference": infer_stats, "train": train_stats},
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "ratio_to_base": ratio,
         "train_step_s": {k: statistics.median(v) for k, v in train.items()},
