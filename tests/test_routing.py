@@ -25,12 +25,8 @@ def routed_model(build=tiny_llama):
 MODEL = routed_model()
 
 
-@given(st.lists(st.sampled_from(NAMES + [None]), min_size=1, max_size=6))
-def test_each_sample_matches_its_adapter_alone(ids):
-    x = torch.randint(0, 96, (len(ids), 7), generator=torch.Generator().manual_seed(len(ids)))
+def assert_each_sample_matches_its_adapter_alone(x, ids, routed):
     with torch.no_grad():
-        with al.routing(MODEL, ids):
-            routed = MODEL(input_ids=x).logits
         for i, name in enumerate(ids):
             if name is None:
                 with al.disabled(MODEL):
@@ -40,6 +36,14 @@ def test_each_sample_matches_its_adapter_alone(ids):
                 alone = MODEL(input_ids=x[i : i + 1]).logits
             assert torch.allclose(routed[i : i + 1], alone, atol=1e-5), (i, name)
     al.set_active(MODEL, NAMES)
+
+
+@given(st.lists(st.sampled_from(NAMES + [None]), min_size=1, max_size=6))
+def test_each_sample_matches_its_adapter_alone(ids):
+    x = torch.randint(0, 96, (len(ids), 7), generator=torch.Generator().manual_seed(len(ids)))
+    with torch.no_grad(), al.routing(MODEL, ids):
+        routed = MODEL(input_ids=x).logits
+    assert_each_sample_matches_its_adapter_alone(x, ids, routed)
 
 
 def test_routing_on_gpt2_conv1d():
@@ -141,13 +145,4 @@ def test_long_samples_take_the_batched_path_and_match_each_adapter_alone(monkeyp
     with torch.no_grad(), al.routing(MODEL, ids):
         routed = MODEL(input_ids=x).logits
     assert len(calls) == 14  # every adapted linear of the 2-layer Llama
-    for i, name in enumerate(ids):
-        with torch.no_grad():
-            if name is None:
-                with al.disabled(MODEL):
-                    alone = MODEL(input_ids=x[i : i + 1]).logits
-            else:
-                al.set_active(MODEL, [name])
-                alone = MODEL(input_ids=x[i : i + 1]).logits
-        assert torch.allclose(routed[i : i + 1], alone, atol=1e-5), (i, name)
-    al.set_active(MODEL, NAMES)
+    assert_each_sample_matches_its_adapter_alone(x, ids, routed)

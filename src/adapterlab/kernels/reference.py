@@ -315,7 +315,7 @@ def per_sample_lora_add(
         zeros = [x.new_zeros((r, k), dtype=dtype)], [x.new_zeros((r, n), dtype=dtype)]
         a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, r - a.shape[0])) for a in As] + zeros[0])
         bt = torch.stack(
-            [F.pad((b.to(dtype).t() * s), (0, 0, 0, r - b.shape[1])) for b, s in zip(Bs, scales, strict=True)]
+            [F.pad((b.t() * s).to(dtype), (0, 0, 0, r - b.shape[1])) for b, s in zip(Bs, scales, strict=True)]
             + zeros[1]
         )
         pick = torch.where(slots < 0, len(As), slots).to(x.device)
