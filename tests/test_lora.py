@@ -187,6 +187,18 @@ def test_no_grad_forward_equals_autograd_forward():
         assert torch.allclose(with_grad, without, atol=1e-6)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_drops_p_of_every_16_bit_slice(p):
+    """Each entry's 16 bits come from one quarter of an int64 draw: every quarter (entry index mod 4)
+    must drop at rate p (a draw over [0, 2⁶³) would keep every fourth entry), and a seed repeats."""
+    n = 400_000
+    keep = dropout_mask(torch.empty(n), p, torch.Generator().manual_seed(7))
+    assert torch.equal(keep, dropout_mask(torch.empty(n), p, torch.Generator().manual_seed(7)))
+    sigma = (p * (1 - p) / (n // 4)) ** 0.5
+    for quarter in range(4):
+        assert abs(keep[quarter::4].float().mean().item() - (1 - p)) < 5 * sigma, quarter
+
+
 def test_dropout_only_in_training():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16))
