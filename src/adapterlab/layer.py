@@ -95,11 +95,11 @@ class Routes(NamedTuple):
     slots: Tensor
 
     @classmethod
-    def of(cls, size: int, groups: list[tuple[str, Tensor]]) -> Routes:
+    def of(cls, size: int, groups: list[tuple[str, Tensor]], device: torch.device | None = None) -> Routes:
         slots = torch.full((size,), -1, dtype=torch.long)
         for g, (_, rows) in enumerate(groups):
             slots[rows] = g
-        return cls(size, groups, slots)
+        return cls(size, groups, slots.to(device))
 
 
 class AdapterLayer(nn.Module):

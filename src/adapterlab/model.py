@@ -230,7 +230,9 @@ def routing(model: nn.Module, ids: Sequence[str | None]) -> Iterator[nn.Module]:
     index = {name: torch.tensor(r, dtype=torch.long) for name, r in rows.items()}
     layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
-        layer.routes = Routes.of(len(ids), [(n, r) for n, r in index.items() if n in layer.deltas])
+        groups = [(n, r) for n, r in index.items() if n in layer.deltas]
+        device = next((t.device for t in layer.parameters()), None)  # the slots live beside the layer
+        layer.routes = Routes.of(len(ids), groups, device)
     try:
         yield model
     finally:

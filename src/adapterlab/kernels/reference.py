@@ -277,7 +277,7 @@ def folds_cheaper(x: Tensor, W: Tensor, A: Tensor) -> bool:
     if W.dtype not in FOLD_DTYPES or A.dtype != W.dtype or x.dtype != W.dtype or W.dim() != 2:
         return False
     n, k = W.shape
-    return (x.numel() // k) * (n + k) >= 2 * n * k
+    return n * k > 0 and (x.numel() // k) * (n + k) >= 2 * n * k
 
 
 def folded_linear(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
