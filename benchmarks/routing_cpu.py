@@ -14,15 +14,13 @@ one adapter for the whole batch, interleaved the same way.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from lora_cpu import interleaved, median_ratio  # quiet-round selection, shared with lora_cpu.py
+from lora_cpu import environment, interleaved, median_ratio  # quiet rounds and provenance, as lora_cpu.py
 
 N_ADAPTERS, RANK, BATCH, SEQ = 8, 16, 32, 64
 
@@ -117,21 +115,10 @@ def main() -> None:
 
     ratio = {k: median_ratio(times[k], times["base"]) for k in variants}
     result = {
-        "config": {
-            "batch": batch,
-            "seq": seq,
-            "adapters": N_ADAPTERS,
-            "rank": RANK,
-            "rounds": rounds,
-            "torch": torch.__version__,
-            "peft": peft.__version__,
-            "threads": 2,
-            "commit": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-            ).stdout.strip(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python " + " ".join(sys.argv),
-        },
+        "config": environment(
+            "python " + " ".join(sys.argv),
+            {"batch": batch, "seq": seq, "adapters": N_ADAPTERS, "rank": RANK, "rounds": rounds},
+        ),
         "rounds": {"inference": infer_stats, "train": train_stats},
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "ratio_to_base": ratio,

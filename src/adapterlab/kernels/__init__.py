@@ -127,14 +127,13 @@ def routed_lora_add(
     token-grouped op, on CUDA the Triton kernel from `GROUPED_MIN_TOKENS` tokens."""
     samples = x.shape[0]
     per_sample = x.numel() // max(1, samples * x.shape[-1])
-    tokens = samples * per_sample
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *As, *Bs))
-    if not grad and use_triton(x, auto=tokens >= GROUPED_MIN_TOKENS):
-        return grouped_lora_add(out, x, slots.to(x.device).repeat_interleave(per_sample), As, Bs, scales)
-    if grad or per_sample >= 2 * max(a.shape[0] for a in As):
+    if grad or (
+        per_sample >= 2 * max(a.shape[0] for a in As)
+        and not use_triton(x, auto=samples * per_sample >= GROUPED_MIN_TOKENS)
+    ):
         return reference.per_sample_lora_add(out, x, slots, As, Bs, scales)
-    token_ids = slots.to(x.device).repeat_interleave(per_sample)
-    return reference.grouped_lora_add(out, x, token_ids, As, Bs, scales)
+    return grouped_lora_add(out, x, slots.to(x.device).repeat_interleave(per_sample), As, Bs, scales)
 
 
 def sparse_linear_add(
