@@ -1,10 +1,12 @@
-"""What the reproduction scripts share: the provenance fields of their results and their command
-line (`--tiny`: a smoke run in seconds that writes nothing; `--out`: where the results JSON goes)."""
+"""What the reproduction scripts share: the provenance fields of their results, the spread of a
+figure over seeds, and their command line (`--tiny`: a smoke run in seconds that writes nothing;
+`--out`: where the results JSON goes)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,11 @@ def provenance(start: float) -> dict[str, Any]:
         "seconds": time.time() - start,
         "cpu_seconds": time.process_time(),
     }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, min and max of one figure over the seeds."""
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
 
 
 def main(

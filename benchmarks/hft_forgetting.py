@@ -155,27 +155,33 @@ def finetune(s: Setup, variant: str, pretrained: nn.Module, seed: int) -> dict:
     return {"trainable": sum(p.numel() for p in params), "curve": curve}
 
 
+def read_at_targets(curve: dict, targets: tuple[float, ...], new, retention) -> dict:
+    """Per accuracy target: the first checkpoint whose new-task accuracy `new(point)` reaches it, with
+    `retention(point)` there (None if never reached); and the same at the last checkpoint ("end")."""
+
+    def at(step: int) -> dict:
+        return {"step": step, "new": new(curve[step]), "retention": retention(curve[step])}
+
+    out: dict = {}
+    for target in targets:
+        hit = next((st for st in sorted(curve) if new(curve[st]) >= target), None)
+        out[str(target)] = None if hit is None else at(hit)
+    out["end"] = at(max(curve))
+    return out
+
+
 def at_targets(curve: dict[int, list[float]], pre_old: float) -> dict:
     """Retention of the old tasks at the first checkpoint reaching each new-task accuracy target."""
-    out: dict = {}
-    for target in TARGETS:
-        hit = next((st for st in sorted(curve) if curve[st][NEW] >= target), None)
-        out[str(target)] = (
-            None
-            if hit is None
-            else {
-                "step": hit,
-                "new": curve[hit][NEW],
-                "retention": statistics.mean(curve[hit][:NEW]) / pre_old,
-            }
-        )
-    last = max(curve)
-    out["end"] = {
-        "step": last,
-        "new": curve[last][NEW],
-        "retention": statistics.mean(curve[last][:NEW]) / pre_old,
-    }
-    return out
+    return read_at_targets(
+        curve, TARGETS, lambda acc: acc[NEW], lambda acc: statistics.mean(acc[:NEW]) / pre_old
+    )
+
+
+def targets_line(variant: str, at: dict) -> str:
+    """One log line: the step and retention at each target of `read_at_targets`."""
+    return f"  {variant:12s} " + "  ".join(
+        f"{k}: " + ("-" if a is None else f"step {a['step']} ret {a['retention']:.2f}") for k, a in at.items()
+    )
 
 
 def step_times(s: Setup, pretrained: nn.Module) -> dict[str, float]:
@@ -198,21 +204,22 @@ def step_times(s: Setup, pretrained: nn.Module) -> dict[str, float]:
     return {v: statistics.median(t) * 1e3 for v, t in times.items()}
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
-
-
-def summarize(records: list[dict], variants: tuple[str, ...]) -> dict:
+def summarize(
+    records: list[dict],
+    variants: tuple[str, ...],
+    targets: tuple[float, ...] = TARGETS,
+    keys=("retention", "step"),
+) -> dict:
+    """Per variant: trainable parameters, and per target how many seeds reached it and the spread
+    of each of `keys` over those seeds."""
     summary: dict = {}
     for v in variants:
         rows = [r["runs"][v]["at"] for r in records]
         entry: dict = {"trainable": records[0]["runs"][v]["trainable"]}
-        for key in [str(t) for t in TARGETS] + ["end"]:
+        for key in [str(t) for t in targets] + ["end"]:
             got = [row[key] for row in rows if row[key] is not None]
-            entry[key] = {
-                "reached": len(got),
-                "retention": spread([g["retention"] for g in got]) if got else None,
-                "step": spread([g["step"] for g in got]) if got else None,
+            entry[key] = {"reached": len(got)} | {
+                k: _repro.spread([g[k] for g in got]) if got else None for k in keys
             }
         summary[v] = entry
     return summary
@@ -235,13 +242,7 @@ def run(s: Setup, log=print) -> dict:
             r = finetune(s, v, pretrained, seed)
             r["at"] = at_targets(r["curve"], pre_old)
             rec["runs"][v] = r
-            log(
-                f"  {v:12s} "
-                + "  ".join(
-                    f"{k}: " + ("-" if a is None else f"step {a['step']} ret {a['retention']:.2f}")
-                    for k, a in r["at"].items()
-                )
-            )
+            log(targets_line(v, r["at"]))
         records.append(rec)
     assert pretrained is not None
     times = step_times(s, pretrained)

@@ -41,6 +41,7 @@ import adapterlab as al
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import _common as C  # noqa: E402  (the generated tasks and the tiny tokenizer)
+from hft_forgetting import read_at_targets, summarize, targets_line  # noqa: E402  (the HFT toy's readers)
 
 VARIANTS = ("full", "full_slow", "full_layers", "hft")
 TARGETS = (0.8, 0.9, 0.95)
@@ -154,21 +155,7 @@ def finetune(s: Setup, variant: str, encoder: nn.Module, tokenizer, task, ev: di
 
 
 def at_targets(curve: dict[int, dict[str, float]], pre_topic: float) -> dict:
-    out: dict = {}
-    for target in TARGETS:
-        hit = next((st for st in sorted(curve) if curve[st]["sentiment"] >= target), None)
-        out[str(target)] = (
-            None
-            if hit is None
-            else {"step": hit, "new": curve[hit]["sentiment"], "retention": curve[hit]["topic"] / pre_topic}
-        )
-    last = max(curve)
-    out["end"] = {
-        "step": last,
-        "new": curve[last]["sentiment"],
-        "retention": curve[last]["topic"] / pre_topic,
-    }
-    return out
+    return read_at_targets(curve, TARGETS, lambda acc: acc["sentiment"], lambda acc: acc["topic"] / pre_topic)
 
 
 def step_times(s: Setup, encoder: nn.Module, tokenizer, task) -> dict[str, float]:
@@ -190,10 +177,6 @@ def step_times(s: Setup, encoder: nn.Module, tokenizer, task) -> dict[str, float
             if r >= 2:
                 times[v].append(time.perf_counter() - start)
     return {v: statistics.median(t) * 1e3 for v, t in times.items()}
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
 
 
 def run(s: Setup, log=print) -> dict:
@@ -226,34 +209,15 @@ def run(s: Setup, log=print) -> dict:
             r = finetune(s, v, encoder, tokenizer, sentiment, ev, seed)
             r["at"] = at_targets(r["curve"], pre["topic"])
             rec["runs"][v] = r
-            log(
-                f"  {v:12s} "
-                + "  ".join(
-                    f"{k}: " + ("-" if a is None else f"step {a['step']} ret {a['retention']:.2f}")
-                    for k, a in r["at"].items()
-                )
-            )
+            log(targets_line(v, r["at"]))
         records.append(rec)
     times = step_times(s, encoder, tokenizer, sentiment)
     log(f"step ms: {times}")
-    summary: dict = {}
-    for v in s.variants:
-        rows = [r["runs"][v]["at"] for r in records]
-        entry: dict = {"trainable": records[0]["runs"][v]["trainable"]}
-        for key in [str(t) for t in TARGETS] + ["end"]:
-            got = [row[key] for row in rows if row[key] is not None]
-            entry[key] = {
-                "reached": len(got),
-                "retention": spread([g["retention"] for g in got]) if got else None,
-                "step": spread([g["step"] for g in got]) if got else None,
-                "new": spread([g["new"] for g in got]) if got else None,
-            }
-        summary[v] = entry
     return {
         "setup": asdict(s),
         "model": "tiny random BERT" if s.tiny else "sentence-transformers/all-MiniLM-L6-v2",
         "records": records,
-        "summary": summary,
+        "summary": summarize(records, s.variants, TARGETS, keys=("retention", "step", "new")),
         "step_ms": times,
         "step_ratio_hft_vs_full": times["hft"] / times["full"],
         **_repro.provenance(start),

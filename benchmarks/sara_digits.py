@@ -30,7 +30,6 @@ Claims tested (Hu et al., ICLR 2025), one pre-trained model per seed:
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,10 +210,6 @@ def finetune(
     return out
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
-
-
 def run(s: Setup, log=print) -> dict:
     torch.set_num_threads(1)
     start = time.time()
@@ -239,14 +234,14 @@ def run(s: Setup, log=print) -> dict:
             )
         seeds.append(rec)
     summary: dict = {
-        "pretrained_old": spread([r["pretrained"]["old"] for r in seeds]),
+        "pretrained_old": _repro.spread([r["pretrained"]["old"] for r in seeds]),
         "prune": {
-            how: {f: spread([r["prune"][how][f] for r in seeds]) for f in seeds[0]["prune"][how]}
+            how: {f: _repro.spread([r["prune"][how][f] for r in seeds]) for f in seeds[0]["prune"][how]}
             for how in seeds[0]["prune"]
         },
         "finetune": {
             v: {
-                k: spread([r["finetune"][v][k] for r in seeds])
+                k: _repro.spread([r["finetune"][v][k] for r in seeds])
                 for k in ("new", "old", "new_10way", "old_10way")
             }
             for v in seeds[0]["finetune"]
@@ -254,13 +249,13 @@ def run(s: Setup, log=print) -> dict:
         "rank": [
             {
                 "lambda_rel": lam,
-                "lambda": spread([r["rank"][i]["lambda"] for r in seeds]),
-                "erank": spread([r["rank"][i]["hidden_dw"]["erank"] for r in seeds]),
-                "rank_1pct": spread([r["rank"][i]["hidden_dw"]["rank_1pct"] for r in seeds]),
-                "nuclear": spread([r["rank"][i]["hidden_dw"]["nuclear"] for r in seeds]),
-                "final_loss": spread([r["rank"][i]["final_loss"] for r in seeds]),
-                "new": spread([r["rank"][i]["new"] for r in seeds]),
-                "old": spread([r["rank"][i]["old"] for r in seeds]),
+                "lambda": _repro.spread([r["rank"][i]["lambda"] for r in seeds]),
+                "erank": _repro.spread([r["rank"][i]["hidden_dw"]["erank"] for r in seeds]),
+                "rank_1pct": _repro.spread([r["rank"][i]["hidden_dw"]["rank_1pct"] for r in seeds]),
+                "nuclear": _repro.spread([r["rank"][i]["hidden_dw"]["nuclear"] for r in seeds]),
+                "final_loss": _repro.spread([r["rank"][i]["final_loss"] for r in seeds]),
+                "new": _repro.spread([r["rank"][i]["new"] for r in seeds]),
+                "old": _repro.spread([r["rank"][i]["old"] for r in seeds]),
             }
             for i, lam in enumerate(s.lambdas)
         ],
