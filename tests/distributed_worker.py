@@ -168,16 +168,22 @@ def save_on_rank0(rec: Recorder, run: str, model: nn.Module, target: Path) -> No
     if rec.rank == 0:
         existed = target.exists()
         al.save(model, target)
-        st = (target / "adapter_model.safetensors").stat()
-        rec.report["saves"][run] = {
-            "dir": target.name,
-            "existed_before": existed,
-            "ino": st.st_ino,
-            "mtime_ns": st.st_mtime_ns,
-        }
-        loaded = al.load(tiny_llama(), target)
-        rec.tensors.update({f"{run}/loaded/{k}": v for k, v in adapter_tensors(loaded).items()})
+        record_save(rec, run, target, existed)
     dist.barrier()
+
+
+def record_save(rec: Recorder, run: str, target: Path, existed: bool) -> None:
+    """Rank 0, after a save to `target`: the file's identity in the report, and the adapter loaded
+    back into a fresh model among the recorded tensors (`RUN/loaded/KEY`)."""
+    st = (target / "adapter_model.safetensors").stat()
+    rec.report["saves"][run] = {
+        "dir": target.name,
+        "existed_before": existed,
+        "ino": st.st_ino,
+        "mtime_ns": st.st_mtime_ns,
+    }
+    loaded = al.load(tiny_llama(), target)
+    rec.tensors.update({f"{run}/loaded/{k}": v for k, v in adapter_tensors(loaded).items()})
 
 
 def ddp_runs(rec: Recorder, out: Path) -> None:
@@ -286,16 +292,8 @@ def fsdp_runs(rec: Recorder, out: Path) -> None:
         facts = [None] * rec.world
         dist.all_gather_object(facts, {"returned": str(returned), "existed_before": existed})
         if rec.rank == 0:
-            st = (target / "adapter_model.safetensors").stat()
-            rec.report["saves"][run] = {
-                "dir": target.name,
-                "existed_before": existed,
-                "ino": st.st_ino,
-                "mtime_ns": st.st_mtime_ns,
-            }
+            record_save(rec, run, target, existed)
             rec.report.setdefault("fsdp_save", {})[run] = {"target": str(target), "ranks": facts}
-            loaded = al.load(tiny_llama(), target)
-            rec.tensors.update({f"{run}/loaded/{k}": v for k, v in adapter_tensors(loaded).items()})
             rec.single_run(run, method, list(batches), nuclear=method == "sara")
         dist.barrier()
 
