@@ -312,11 +312,12 @@ def per_sample_lora_add(
     samples, k, n = x.shape[0], x.shape[-1], out.shape[-1]
     r = max(a.shape[0] for a in As)
     with torch.autocast(x.device.type, enabled=False):
-        zeros = [x.new_zeros((r, k), dtype=dtype)], [x.new_zeros((r, n), dtype=dtype)]
-        a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, r - a.shape[0])) for a in As] + zeros[0])
+        a = torch.stack(
+            [F.pad(a.to(dtype), (0, 0, 0, r - a.shape[0])) for a in As] + [x.new_zeros((r, k), dtype=dtype)]
+        )
         bt = torch.stack(
             [F.pad((b.t() * s).to(dtype), (0, 0, 0, r - b.shape[1])) for b, s in zip(Bs, scales, strict=True)]
-            + zeros[1]
+            + [x.new_zeros((r, n), dtype=dtype)]
         )
         pick = torch.where(slots < 0, len(As), slots).to(x.device)
         h = torch.bmm(x.reshape(samples, -1, k).to(dtype), a.index_select(0, pick).transpose(1, 2))
