@@ -82,7 +82,7 @@ def test_affinity_term_reaches_the_spab_adapters():
     hr = torch.rand(2, 3, 16, 16)
     for target, expect_grad in ((wrong, True), (teacher, False)):
         student = plateau.make_student("dsclora", teacher, seed=0)
-        plateau.kd_loss(teacher, (0.0, 0.0, 0.08), target)(student, lr, hr).backward()
+        plateau.dsclora_loss(teacher, (0.0, 0.0, 0.08), target)(student, lr, hr).backward()
         grads = [p.grad for n, p in student.named_parameters() if n.startswith("blocks.") and "lora_B" in n]
         assert grads and all(g is not None for g in grads)
         assert any(g.abs().sum() > 0 for g in grads) == expect_grad

@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import adapterlab as al  # noqa: E402
 from dsclora import data  # noqa: E402
 from dsclora.model import SPAN, block_names, dsclora_placement, inject_convlora, param_count, trainable  # noqa: E402
-from dsclora.run import LossFn, evaluate, l1_loss, train  # noqa: E402
+from dsclora.run import LossFn, dsclora_loss, evaluate, l1_loss, train  # noqa: E402
 
 VARIANTS = (
     "continued",
@@ -125,27 +125,6 @@ def load_images(setup: Setup) -> tuple[list[Tensor], list[Tensor]]:
     raise al.ConfigError(f"images={setup.images!r}; use 'skimage' or 'synthetic'")
 
 
-def kd_loss(teacher: nn.Module, lambdas: tuple[float, float, float], affinity_teacher: nn.Module) -> LossFn:
-    """λ1·L1(SR, HR) + λ2·L1(SR, SR_teacher) + λ3·Σ_blocks mean|A_s − A_t|, the affinity target
-    taken from `affinity_teacher` (the teacher itself, or the control's untrained net)."""
-    l_rec, l_ts, l_ad = lambdas
-
-    def loss(student: nn.Module, lr: Tensor, hr: Tensor) -> Tensor:
-        with torch.no_grad():
-            t_sr = teacher(lr)
-        if not l_ad:
-            sr = student(lr)
-            return l_rec * F.l1_loss(sr, hr) + l_ts * F.l1_loss(sr, t_sr)
-        with torch.no_grad(), al.losses.capture(affinity_teacher, block_names(affinity_teacher)) as t_feats:
-            affinity_teacher(lr)
-        with al.losses.capture(student, block_names(student)) as s_feats:
-            sr = student(lr)
-        affinity = al.losses.spatial_affinity_loss(list(s_feats.values()), list(t_feats.values()))
-        return l_rec * F.l1_loss(sr, hr) + l_ts * F.l1_loss(sr, t_sr) + l_ad * affinity
-
-    return loss
-
-
 @torch.no_grad()
 def affinity_distance(student: nn.Module, teacher: nn.Module, lr: Tensor) -> float:
     """Σ over the SPAB outputs of mean|A_student − A_teacher| on the LR batch `lr`."""
@@ -180,13 +159,13 @@ def variant_loss(variant: str, teacher: SPAN, wrong: SPAN, setup: Setup) -> Loss
     if variant in ("continued", "convlora"):
         return l1_loss
     if variant == "convlora_pixel":
-        return kd_loss(teacher, (l_rec, l_ts, 0.0), teacher)
+        return dsclora_loss(teacher, (l_rec, l_ts, 0.0), teacher)
     if variant == "convlora_affinity":
-        return kd_loss(teacher, (l_rec, 0.0, l_ad), teacher)
+        return dsclora_loss(teacher, (l_rec, 0.0, l_ad), teacher)
     if variant == "dsclora":
-        return kd_loss(teacher, setup.lambdas, teacher)
+        return dsclora_loss(teacher, setup.lambdas, teacher)
     if variant == "dsclora_wrong_teacher":
-        return kd_loss(teacher, setup.lambdas, wrong)
+        return dsclora_loss(teacher, setup.lambdas, wrong)
     raise al.ConfigError(f"unknown variant {variant!r}; use one of {VARIANTS}")
 
 

@@ -135,13 +135,20 @@ def l1_loss(model: nn.Module, lr: Tensor, hr: Tensor) -> Tensor:
     return F.l1_loss(model(lr), hr)
 
 
-def dsclora_loss(teacher: nn.Module, lambdas: tuple[float, float, float]) -> LossFn:
-    """λ1·L1(SR, HR) + λ2·L1(SR, SR_teacher) + λ3·spatial affinity of the SPAB outputs (λ3 = 0: no capture)."""
+def dsclora_loss(
+    teacher: nn.Module, lambdas: tuple[float, float, float], affinity_teacher: nn.Module | None = None
+) -> LossFn:
+    """λ1·L1(SR, HR) + λ2·L1(SR, SR_teacher) + λ3·spatial affinity of the SPAB outputs (λ3 = 0: no
+    capture), the affinity target taken from `affinity_teacher` (default: the teacher itself, read
+    in the same forward; plateau.py's control passes an untrained net)."""
     l_rec, l_ts, l_ad = lambdas
+    source = teacher if affinity_teacher is None else affinity_teacher
 
     def loss(student: nn.Module, lr: Tensor, hr: Tensor) -> Tensor:
-        with torch.no_grad(), al.losses.capture(teacher, block_names(teacher)) as t_feats:
+        with torch.no_grad(), al.losses.capture(source, block_names(source)) as t_feats:
             t_sr = teacher(lr)
+            if l_ad and source is not teacher:
+                source(lr)
         if not l_ad:
             sr = student(lr)
             return l_rec * F.l1_loss(sr, hr) + l_ts * F.l1_loss(sr, t_sr)
